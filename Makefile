@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine: `make course` and `make test` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: course test lab bench clean-venv
+
+# (Re)install when requirements or the package metadata change.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -c "import torch, torchvision, timm, tlkit; print('installed: torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	touch $(STAMP)
+
+# Run every notebook in order with papermill into outputs/, then print a summary.
+course: $(STAMP)
+	$(PY) -m tlkit.course
+
+# Unit tests, papermill runs with small parameters, and nbval over the notebooks as committed.
+test: $(STAMP)
+	$(PY) -m pytest tests
+	$(PY) -m pytest --nbval-lax notebooks
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks
+
+bench: $(STAMP)
+	$(PY) bench/feature_cache.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,38 @@
+"""Shared fixtures: small image folders made on the fly, and a fixed thread count."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(2)
+
+
+def write_images(folder: Path, n: int, color: tuple[int, int, int], seed: int, size: int = 24) -> None:
+    """``n`` noisy images around ``color`` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        pixels = np.clip(rng.normal(color, 40, size=(size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i:03d}.png")
+
+
+@pytest.fixture
+def class_folder(tmp_path: Path) -> Path:
+    """One folder of class folders (no train/val split): red 12, green 12, blue 12 images."""
+    for k, (name, color) in enumerate({"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}.items()):
+        write_images(tmp_path / "flat" / name, 12, color, seed=k)
+    return tmp_path / "flat"
+
+
+@pytest.fixture
+def split_folder(tmp_path: Path) -> Path:
+    """An ImageFolder root with train/ and val/."""
+    for k, (name, color) in enumerate({"ants": (120, 60, 20), "bees": (220, 200, 40)}.items()):
+        write_images(tmp_path / "split" / "train" / name, 8, color, seed=k)
+        write_images(tmp_path / "split" / "val" / name, 4, color, seed=10 + k)
+    return tmp_path / "split"

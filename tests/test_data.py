@@ -1,0 +1,88 @@
+import urllib.error
+from collections import Counter
+
+import pytest
+import torch
+
+import tlkit
+from tlkit.data import HYMENOPTERA_URL
+from tlkit.models import IMAGENET_NORM
+
+
+def test_digits_split_is_stratified_and_deterministic():
+    a = tlkit.load_dataset("digits", seed=0)
+    b = tlkit.load_dataset("digits", seed=0)
+    c = tlkit.load_dataset("digits", seed=1)
+    assert len(a.train) + len(a.val) == 1797 and a.classes == [str(i) for i in range(10)]
+    assert a.val.indices == b.val.indices and a.val.indices != c.val.indices
+    assert not set(a.train.indices) & set(a.val.indices)
+    val_counts = Counter(a.val.targets)
+    assert max(val_counts.values()) - min(val_counts.values()) <= 2
+    image, label = a.train[0]
+    assert image.mode == "RGB" and image.size == (8, 8) and 0 <= label < 10
+
+
+def test_samples_per_class_limits_train_only():
+    splits = tlkit.load_dataset("digits", seed=0, samples_per_class=3)
+    assert Counter(splits.train.targets) == {k: 3 for k in range(10)}
+    assert len(splits.val) == 360
+    with pytest.raises(ValueError, match="samples_per_class"):
+        tlkit.limit_per_class(splits.train, 0, seed=0)
+
+
+def test_flat_class_folder_is_split_by_seed(class_folder):
+    splits = tlkit.load_dataset(str(class_folder), seed=0, val_fraction=0.25)
+    assert splits.classes == ["blue", "green", "red"]
+    assert splits.summary()["val"] == {"blue": 3, "green": 3, "red": 3}
+    assert splits.train[0][0].mode == "RGB"
+
+
+def test_train_val_folders_are_used_as_given(split_folder):
+    splits = tlkit.load_dataset(str(split_folder))
+    assert splits.summary() == {"train": {"ants": 8, "bees": 8}, "val": {"ants": 4, "bees": 4}}
+
+
+def test_train_and_val_with_different_classes_is_an_error(split_folder):
+    (split_folder / "val" / "wasps").mkdir()
+    with pytest.raises(tlkit.DatasetUnavailableError, match="different class folders"):
+        tlkit.load_dataset(str(split_folder))
+
+
+def test_unknown_dataset_names_the_registered_ones(tmp_path):
+    with pytest.raises(tlkit.DatasetUnavailableError, match="Unknown dataset 'nope'.*digits, hymenoptera"):
+        tlkit.load_dataset("nope", data_root=tmp_path)
+
+
+def test_failed_download_says_where_to_put_the_data(monkeypatch, tmp_path):
+    import torchvision.datasets.utils as tvu
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
+    with pytest.raises(tlkit.DatasetUnavailableError) as info:
+        tlkit.load_dataset("hymenoptera", data_root=tmp_path)
+    assert HYMENOPTERA_URL in str(info.value) and str(tmp_path) in str(info.value)
+    assert "dataset='digits'" in str(info.value)
+
+
+def test_downloaded_dataset_already_on_disk_is_used(split_folder, tmp_path):
+    split_folder.rename(tmp_path / "hymenoptera_data")
+    splits = tlkit.load_dataset("hymenoptera", data_root=tmp_path)
+    assert splits.classes == ["ants", "bees"] and len(splits.train) == 16
+
+
+def test_eval_transform_is_deterministic_and_train_preset_can_augment(class_folder):
+    image = tlkit.load_dataset(str(class_folder)).train[0][0]
+    eval_tf = tlkit.eval_transform(32, IMAGENET_NORM)
+    x = eval_tf(image)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert torch.equal(x, eval_tf(image))
+    assert tlkit.is_deterministic(tlkit.train_transform(32, IMAGENET_NORM, "none"))
+    assert not tlkit.is_deterministic(tlkit.train_transform(32, IMAGENET_NORM, "basic"))
+
+
+def test_loader_order_depends_only_on_seed():
+    ds = torch.utils.data.TensorDataset(torch.arange(20), torch.zeros(20, dtype=torch.long))
+    order = lambda seed: torch.cat([x for x, _ in tlkit.make_loader(ds, None, 5, shuffle=True, seed=seed)]).tolist()
+    assert order(3) == order(3) and order(3) != order(4)

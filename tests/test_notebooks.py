@@ -1,0 +1,46 @@
+"""Papermill runs of every notebook with small parameters, asserting on the metrics each one writes."""
+
+from pathlib import Path
+
+import pytest
+
+from tlkit.course import course_notebooks, run_notebook, summary_table
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def test_every_notebook_is_numbered_and_has_a_parameters_cell():
+    import nbformat
+
+    notebooks = course_notebooks(NOTEBOOKS)
+    assert notebooks and notebooks[0].name == "01_feature_extraction.ipynb"
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        assert nb.metadata["kernelspec"]["name"] == "python3"
+        first_code = next(c for c in nb.cells if c.cell_type == "code")
+        assert "parameters" in first_code.metadata.get("tags", []), path.name
+        for name in ("dataset", "backbone", "weights", "image_size", "batch_size", "epochs", "lr", "seed", "device", "results_path"):
+            assert f"\n{name} = " in "\n" + first_code.source, f"{path.name} lacks parameter {name}"
+
+
+@pytest.mark.notebook
+def test_notebook_01_pretrained_beats_random_init(tmp_path):
+    run = run_notebook(
+        NOTEBOOKS / "01_feature_extraction.ipynb", tmp_path,
+        {"samples_per_class": 5, "epochs": 15, "scratch_epochs": 3, "data_curve": [], "image_size": 48},
+    )
+    assert run.error == "", run.error
+    m = run.metrics
+    assert m["dataset"] == "digits" and m["samples_per_class"] == 5
+    assert 0.0 <= m["val_acc"] <= 1.0
+    assert m["val_acc"] > m["val_acc_random_init_all_blocks"] + 0.1
+    assert m["val_acc"] > m["val_acc_random_init_frozen"]
+    assert (tmp_path / "figures" / "01" / "curves.png").stat().st_size > 0
+    assert "01_feature_extraction.ipynb" in summary_table([run])
+
+
+@pytest.mark.notebook
+def test_a_bad_parameter_fails_the_run_with_its_message(tmp_path):
+    run = run_notebook(NOTEBOOKS / "01_feature_extraction.ipynb", tmp_path, {"backbone": "resnet1800"})
+    assert "Unknown backbone 'resnet1800'" in run.error
+    assert "FAILED" in run.headline()

@@ -1,0 +1,101 @@
+"""Run the course: every numbered notebook in order with papermill, then a one-screen summary.
+
+Usage: python -m tlkit.course [--notebooks DIR] [--output-dir DIR] [--only PATTERN] [-p NAME VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class NotebookRun:
+    """Outcome of one executed notebook."""
+
+    notebook: str
+    seconds: float
+    metrics: dict
+    error: str = ""
+
+    def headline(self) -> str:
+        """The first accuracy in the notebook's metrics, or its error."""
+        if self.error:
+            return f"FAILED: {self.error}"
+        accs = [(k, v) for k, v in self.metrics.items() if "acc" in k and isinstance(v, (int, float))]
+        return f"{accs[0][0]} = {accs[0][1]:.3f}" if accs else "(no accuracy reported)"
+
+
+def course_notebooks(folder: Path, only: str = "*") -> list[Path]:
+    """Numbered notebooks (``NN_name.ipynb``) in order."""
+    return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb") if p.match(only if only.endswith(".ipynb") else f"{only}*"))
+
+
+def parse_value(text: str) -> object:
+    """A command-line parameter value: JSON if it parses (numbers, lists, null, true), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def run_notebook(notebook: Path, output_dir: Path, parameters: dict | None = None) -> NotebookRun:
+    """Execute ``notebook`` with papermill into ``output_dir``; it writes its metrics to ``<name>.json`` there."""
+    import papermill as pm
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results = output_dir / f"{notebook.stem}.json"
+    results.unlink(missing_ok=True)
+    params = {"results_path": str(results.resolve()), "output_dir": str(output_dir.resolve()), "progress": False}
+    params.update(parameters or {})
+    start = time.perf_counter()
+    error = ""
+    try:
+        pm.execute_notebook(
+            str(notebook), str(output_dir / notebook.name), parameters=params,
+            cwd=str(notebook.parent), kernel_name="python3", progress_bar=False,
+        )
+    except Exception as err:  # papermill raises PapermillExecutionError with the cell's traceback
+        error = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    seconds = time.perf_counter() - start
+    metrics = json.loads(results.read_text()) if results.exists() and not error else {}
+    return NotebookRun(notebook.name, seconds, metrics, error)
+
+
+def summary_table(runs: list[NotebookRun]) -> str:
+    """A plain-text table: notebook, wall time, headline metric."""
+    width = max([len(r.notebook) for r in runs] + [8])
+    lines = [f"{'notebook':<{width}}  {'wall time':>9}  headline", "-" * (width + 40)]
+    lines += [f"{r.notebook:<{width}}  {r.seconds:>8.1f}s  {r.headline()}" for r in runs]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--notebooks", type=Path, default=Path("notebooks"))
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs"))
+    parser.add_argument("--only", default="*", help="run only notebooks whose name starts with this (e.g. 01)")
+    parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="parameter for every notebook")
+    args = parser.parse_args(argv)
+    notebooks = course_notebooks(args.notebooks, args.only)
+    if not notebooks:
+        print(f"No notebooks matching {args.only!r} in {args.notebooks}/", file=sys.stderr)
+        return 2
+    params = {name: parse_value(value) for name, value in args.p}
+    runs = []
+    for nb in notebooks:
+        print(f"running {nb} ...", flush=True)
+        runs.append(run_notebook(nb, args.output_dir, params))
+        print(f"  {runs[-1].seconds:.1f}s  {runs[-1].headline()}", flush=True)
+    print()
+    print(summary_table(runs))
+    print(f"\nExecuted notebooks, figures and metrics are in {args.output_dir}/")
+    return 1 if any(r.error for r in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Training curves (live in a notebook), confusion matrices and image grids."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+
+from .train import History
+
+
+def plot_history(history: History, title: str = "", fig: Figure | None = None) -> Figure:
+    """Loss and accuracy per epoch, train vs val, side by side."""
+    fig = fig if fig is not None else plt.figure(figsize=(10, 3.6))
+    fig.clear()
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
+        ax.plot(history.epoch, getattr(history, f"train_{metric}"), "o-", label="train")
+        ax.plot(history.epoch, getattr(history, f"val_{metric}"), "o-", label="val")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+class LiveCurves:
+    """Redraws the training curves in place during training (pass as ``fit(on_epoch_end=...)``).
+
+    Redraws at most every ``min_interval`` seconds (drawing costs more than an epoch on cached
+    features), always draws the final state, and saves it as PNG when ``save_path`` is given.
+    """
+
+    def __init__(self, title: str = "", save_path: str | Path | None = None, min_interval: float = 1.0) -> None:
+        self.title = title
+        self.save_path = Path(save_path) if save_path is not None else None
+        self.min_interval = min_interval
+        self.fig = plt.figure(figsize=(10, 3.6))
+        plt.close(self.fig)  # shown through the display handle only, not again at cell end
+        self._handle = None
+        self._last_draw = float("-inf")
+
+    def __call__(self, history: History) -> None:
+        if time.monotonic() - self._last_draw >= self.min_interval:
+            self._draw(history)
+
+    def end(self, history: History) -> None:
+        """Draw the final curves and save them."""
+        self._draw(history)
+        if self.save_path is not None:
+            save_figure(self.fig, self.save_path)
+
+    def _draw(self, history: History) -> None:
+        plot_history(history, self.title, self.fig)
+        self._last_draw = time.monotonic()
+        if not self._inline():
+            return
+        from IPython.display import display
+
+        if self._handle is None:
+            self._handle = display(self.fig, display_id=True)
+        else:
+            self._handle.update(self.fig)
+
+    @staticmethod
+    def _inline() -> bool:
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            return False
+        shell = get_ipython()
+        return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Save ``fig`` as PNG, creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str], *, normalize: str | None = None, title: str = "") -> Figure:
+    """Confusion matrix (scikit-learn), optionally normalized over 'true' rows, 'pred' columns or 'all'."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    size = max(4.0, 0.45 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay.from_predictions(
+        y_true, y_pred, labels=list(range(len(classes))), display_labels=list(classes),
+        normalize=normalize, ax=ax, colorbar=False, values_format=".2f" if normalize else "d",
+    )
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def show_images(
+    images: Sequence[Image.Image],
+    titles: Sequence[str] | None = None,
+    *,
+    ncols: int = 8,
+    title_colors: Sequence[str] | None = None,
+    suptitle: str = "",
+) -> Figure:
+    """A grid of images with a title under each (e.g. label, or prediction vs truth)."""
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, int(np.ceil(n / ncols)))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.6 * ncols, 1.8 * nrows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= n:
+            continue
+        ax.imshow(images[k], cmap="gray" if images[k].mode == "L" else None)
+        if titles is not None:
+            ax.set_title(titles[k], fontsize=8, color=title_colors[k] if title_colors else "black")
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def compare_histories(histories: dict[str, History], metric: str = "val_acc", title: str = "") -> Figure:
+    """One curve per run of ``metric`` against epoch."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, history in histories.items():
+        ax.plot(history.epoch, getattr(history, metric), "o-", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,99 @@
+"""Whole training recipes in one call, for comparisons and batch runs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .data import DatasetSplits, eval_transform, make_loader
+from .models import TransferModel, create_model, freeze, parameter_counts, unfreeze
+from .train import History, extract_features, fit, fit_head, set_seed
+
+
+@dataclass
+class RunResult:
+    """What one recipe produced: the trained model, its history and the figures to compare."""
+
+    name: str
+    model: TransferModel
+    history: History
+    seconds: float
+    trainable_params: int
+
+    @property
+    def val_acc(self) -> float:
+        """Validation accuracy after the last epoch (not the best epoch: that would be picked on val)."""
+        return self.history.val_acc[-1]
+
+    def row(self) -> dict[str, float | int | str]:
+        """One table row: name, trainable parameters, seconds, final val accuracy."""
+        return {
+            "run": self.name,
+            "trainable params": self.trainable_params,
+            "train seconds": round(self.seconds, 1),
+            "val acc": round(self.val_acc, 4),
+        }
+
+
+def linear_probe(
+    splits: DatasetSplits,
+    *,
+    backbone: str,
+    weights: str | None,
+    image_size: int,
+    batch_size: int,
+    epochs: int,
+    lr: float,
+    seed: int,
+    device: torch.device | str = "cpu",
+    name: str = "",
+    progress: bool = False,
+    on_epoch_end: Callable[[History], None] | None = None,
+) -> RunResult:
+    """Freeze the whole backbone, cache its features once, train a new linear head on them."""
+    set_seed(seed)
+    model = freeze(create_model(backbone, len(splits.classes), weights))
+    transform = eval_transform(image_size, model.normalization)
+    start = time.perf_counter()
+    train = extract_features(model, make_loader(splits.train, transform, batch_size, shuffle=False), device, progress=progress)
+    val = extract_features(model, make_loader(splits.val, transform, batch_size, shuffle=False), device, progress=progress)
+    history = fit_head(
+        model, train, val, epochs=epochs, batch_size=batch_size, seed=seed, lr=lr,
+        device=device, progress=progress, on_epoch_end=on_epoch_end,
+    )
+    model.to(device)  # the backbone stayed where extraction put it; keep model and head together
+    seconds = time.perf_counter() - start
+    return RunResult(name or f"{weights or 'random'} frozen + head", model, history, seconds, parameter_counts(model)["total"]["trainable"])
+
+
+def train_all(
+    splits: DatasetSplits,
+    *,
+    backbone: str,
+    weights: str | None,
+    image_size: int,
+    batch_size: int,
+    epochs: int,
+    lr: float,
+    seed: int,
+    device: torch.device | str = "cpu",
+    name: str = "",
+    progress: bool = False,
+    on_epoch_end: Callable[[History], None] | None = None,
+) -> RunResult:
+    """Train every block of ``backbone`` (from ``weights``, or from random init when None) with a new head."""
+    set_seed(seed)
+    model = unfreeze(create_model(backbone, len(splits.classes), weights))
+    transform = eval_transform(image_size, model.normalization)
+    train_loader = make_loader(splits.train, transform, batch_size, shuffle=True, seed=seed)
+    val_loader = make_loader(splits.val, transform, batch_size, shuffle=False)
+    start = time.perf_counter()
+    history = fit(
+        model, train_loader, val_loader, epochs=epochs, lr=lr, device=device,
+        progress=progress, on_epoch_end=on_epoch_end,
+    )
+    seconds = time.perf_counter() - start
+    return RunResult(name or f"{weights or 'random'} init, all blocks train", model, history, seconds, parameter_counts(model)["total"]["trainable"])

@@ -1,0 +1,28 @@
+"""The metrics file a notebook writes for batch runs: one flat JSON object of numbers and strings."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping
+
+
+def write_results(path: str | Path | None, metrics: Mapping[str, object]) -> dict[str, float | int | str]:
+    """Check that ``metrics`` is flat (numbers and strings, accuracies in [0, 1]) and write it as JSON to ``path``."""
+    flat: dict[str, float | int | str] = {}
+    for key, value in metrics.items():
+        if hasattr(value, "item"):  # numpy / torch scalars
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError(f"results[{key!r}] = {value!r}: only numbers and strings go into the results file.")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"results[{key!r}] is {value}: not a finite number.")
+        if "acc" in key and isinstance(value, (int, float)) and not 0.0 <= value <= 1.0:
+            raise ValueError(f"results[{key!r}] = {value}: accuracies are fractions in [0, 1].")
+        flat[key] = value
+    if path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
+    return flat
