@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from .models import Normalization
@@ -319,8 +319,9 @@ def make_loader(
     seed: int = 0,
     num_workers: int = 0,
     pin_memory: bool = False,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
-    """A DataLoader whose shuffling order depends only on ``seed``."""
+    """A DataLoader whose shuffling order depends only on ``seed`` (or a ``sampler`` instead of shuffling)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     source = ds if transform is None else TransformedDataset(ds, transform)
@@ -328,7 +329,8 @@ def make_loader(
     return DataLoader(
         source,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         generator=generator,
         num_workers=num_workers,
         pin_memory=pin_memory,

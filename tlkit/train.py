@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
@@ -176,6 +176,7 @@ def fit(
     on_epoch_end: Callable[[History], None] | None = None,
     progress: bool = True,
     history: History | None = None,
+    loss_fn: nn.Module | None = None,
 ) -> History:
     """Train ``model`` for ``epochs`` (train then validate each epoch) and return its History.
 
@@ -184,6 +185,8 @@ def fit(
     the weights of the epoch with the best validation accuracy. On CUDA, autocast (bf16 where
     supported, else fp16 with a GradScaler) is used. ``on_epoch_end(history)`` runs after every
     epoch; if it also has an ``end(history)`` method, that runs once after the last epoch.
+    ``loss_fn`` defaults to cross-entropy (used for training; validation always reports
+    plain cross-entropy so runs stay comparable).
     """
     _check_positive(epochs=epochs, lr=lr)
     device = torch.device(device)
@@ -195,7 +198,8 @@ def fit(
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = _make_scheduler(scheduler, optimizer, epochs)
     scaler = torch.amp.GradScaler("cuda") if _amp_dtype(device) == torch.float16 else None
-    loss_fn = nn.CrossEntropyLoss()
+    train_loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
+    val_loss_fn = nn.CrossEntropyLoss()
     history = History() if history is None else history
     first = history.epoch[-1] + 1 if history.epoch else 1
     best_loss, stale, best_acc, best_state = float("inf"), 0, -1.0, None
@@ -204,11 +208,11 @@ def fit(
         lr_now = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = _run_epoch(
             model, train_loader, device, optimizer=optimizer, scaler=scaler,
-            loss_fn=loss_fn, desc=f"train {epoch}", progress=progress,
+            loss_fn=train_loss_fn, desc=f"train {epoch}", progress=progress,
         )
         val_loss, val_acc = _run_epoch(
             model, val_loader, device, optimizer=None, scaler=None,
-            loss_fn=loss_fn, desc=f"val {epoch}", progress=progress,
+            loss_fn=val_loss_fn, desc=f"val {epoch}", progress=progress,
         )
         history.append(
             epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
@@ -305,12 +309,13 @@ def fit_head(
     epochs: int,
     batch_size: int,
     seed: int = 0,
+    sampler: Sampler | None = None,
     **fit_kwargs,
 ) -> History:
     """Train only ``model.head`` on cached features (same loop and batching as ``fit`` on images)."""
     if not below_head_frozen(model):
         raise ValueError("fit_head trains the head alone: freeze every block below the head first (tlkit.freeze(model)).")
-    train_loader = make_loader(train_features, None, batch_size, shuffle=True, seed=seed)
+    train_loader = make_loader(train_features, None, batch_size, shuffle=sampler is None, seed=seed, sampler=sampler)
     val_loader = make_loader(val_features, None, batch_size, shuffle=False)
     return fit(model.head, train_loader, val_loader, epochs=epochs, **fit_kwargs)
 
