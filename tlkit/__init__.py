@@ -3,6 +3,7 @@
 The public API is what this module exports; submodules hold the details.
 """
 
+from .checkpoints import Checkpoint, CheckpointError, load_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
 from .data import (
     REGISTERED_DATASETS,
     DatasetSplits,
@@ -17,6 +18,7 @@ from .data import (
     stratified_split,
     train_transform,
 )
+from .incremental import DistillationLoss, expand_head, select_classes, with_classes, with_replay
 from .models import (
     OFFLINE_BACKBONE,
     TransferModel,

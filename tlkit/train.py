@@ -6,6 +6,7 @@ import copy
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from .checkpoints import load_checkpoint, save_checkpoint
 from .data import make_loader
 
 # Transforms that give the same output for the same input: a pipeline of only these allows caching.
@@ -177,6 +179,9 @@ def fit(
     progress: bool = True,
     history: History | None = None,
     loss_fn: nn.Module | None = None,
+    checkpoint_path: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    classes: Sequence[str] | None = None,
 ) -> History:
     """Train ``model`` for ``epochs`` (train then validate each epoch) and return its History.
 
@@ -187,6 +192,11 @@ def fit(
     epoch; if it also has an ``end(history)`` method, that runs once after the last epoch.
     ``loss_fn`` defaults to cross-entropy (used for training; validation always reports
     plain cross-entropy so runs stay comparable).
+
+    ``checkpoint_path``: after every epoch, the whole training state (model, optimizer, scheduler,
+    scaler, history, RNG states, the train loader's shuffling state, ``classes``) is saved there
+    atomically. ``resume_from``: load such a checkpoint first and train ``epochs`` more epochs;
+    with the same data, loaders and seed this continues exactly as an uninterrupted run would.
     """
     _check_positive(epochs=epochs, lr=lr)
     device = torch.device(device)
@@ -200,9 +210,19 @@ def fit(
     scaler = torch.amp.GradScaler("cuda") if _amp_dtype(device) == torch.float16 else None
     train_loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
     val_loss_fn = nn.CrossEntropyLoss()
+    if checkpoint_path is not None and classes is None:
+        raise ValueError("fit(checkpoint_path=...) needs classes=[class names] to store in the checkpoint.")
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from, model, classes=classes, optimizer=optimizer, scheduler=sched, scaler=scaler)
+        history = History(**ckpt.history)
+        if ckpt.loader_rng is not None and train_loader.generator is not None:
+            train_loader.generator.set_state(ckpt.loader_rng)
     history = History() if history is None else history
     first = history.epoch[-1] + 1 if history.epoch else 1
-    best_loss, stale, best_acc, best_state = float("inf"), 0, -1.0, None
+    # Early stopping state follows from the history, so a resumed run stops where a whole run would.
+    best_loss = min(history.val_loss, default=float("inf"))
+    stale = len(history.val_loss) - 1 - int(np.argmin(history.val_loss)) if history.val_loss else 0
+    best_acc, best_state = -1.0, None
     for epoch in tqdm(range(first, first + epochs), desc="epochs", disable=not progress):
         start = time.perf_counter()
         lr_now = optimizer.param_groups[0]["lr"]
@@ -224,6 +244,11 @@ def fit(
             sched.step()
         if restore_best and val_acc > best_acc:
             best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
+        if checkpoint_path is not None:
+            save_checkpoint(
+                checkpoint_path, model, classes=list(classes), epoch=epoch, history=history.to_dict(),
+                optimizer=optimizer, scheduler=sched, scaler=scaler, loader_rng=train_loader.generator,
+            )
         if on_epoch_end is not None:
             on_epoch_end(history)
         if val_loss < best_loss:

@@ -1,0 +1,200 @@
+"""Checkpoints: one file with everything needed to resume training exactly, written atomically, loaded safely."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT = "tlkit-checkpoint-1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, unsafe, or does not fit the model it is loaded into."""
+
+
+@dataclass
+class Checkpoint:
+    """The contents of a checkpoint file, as plain Python objects."""
+
+    model: dict[str, torch.Tensor]
+    classes: list[str]
+    backbone: str
+    weights: str | None
+    epoch: int
+    history: dict[str, list]
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    scaler: dict | None = None
+    rng: dict[str, Any] | None = None
+    loader_rng: torch.Tensor | None = None
+    tlkit_version: str = ""
+
+
+def rng_states() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as tensors and plain values (loadable with weights_only=True)."""
+    version, mt, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what ``rng_states`` returned."""
+    py = states["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    npy = states["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    classes: list[str],
+    epoch: int,
+    history: dict[str, list] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: torch.amp.GradScaler | None = None,
+    loader_rng: torch.Generator | None = None,
+) -> Path:
+    """Write a checkpoint atomically: to a temporary file in the same folder, then renamed over ``path``.
+
+    An interrupted save leaves the previous file at ``path`` untouched. ``loader_rng`` is the
+    train loader's generator, whose state decides the next epoch's shuffling order.
+    """
+    from . import __version__
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "tlkit_version": __version__,
+        "model": model.state_dict(),
+        "classes": list(classes),
+        "backbone": getattr(model, "backbone", type(model).__name__),
+        "weights": getattr(model, "weights", None),
+        "epoch": int(epoch),
+        "history": history or {},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_states(),
+        "loader_rng": loader_rng.get_state() if loader_rng is not None else None,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Load a checkpoint file with ``torch.load(weights_only=True)``: tensors and plain data only, never pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"No checkpoint at {path}.")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"{path} could not be loaded safely ({type(err).__name__}: {str(err).splitlines()[0]}). It is truncated, "
+            f"not a checkpoint, or holds pickled objects other than tensors and plain data, which tlkit refuses to run."
+        ) from err
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a tlkit checkpoint (expected format {FORMAT!r}); save it with tlkit.save_checkpoint.")
+    return Checkpoint(
+        model=raw["model"], classes=raw["classes"], backbone=raw["backbone"], weights=raw["weights"],
+        epoch=raw["epoch"], history=raw["history"], optimizer=raw["optimizer"], scheduler=raw["scheduler"],
+        scaler=raw["scaler"], rng=raw["rng"], loader_rng=raw.get("loader_rng"), tlkit_version=raw["tlkit_version"],
+    )
+
+
+def check_compatible(ckpt: Checkpoint, model: nn.Module, classes: list[str] | None = None) -> None:
+    """Raise CheckpointError saying what differs if ``ckpt`` does not fit ``model`` (and ``classes``)."""
+    problems = []
+    backbone = getattr(model, "backbone", type(model).__name__)
+    if ckpt.backbone != backbone:
+        problems.append(f"backbone: checkpoint has {ckpt.backbone!r}, model is {backbone!r}")
+    if classes is not None and list(classes) != list(ckpt.classes):
+        problems.append(f"classes: checkpoint has {ckpt.classes}, expected {list(classes)}")
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(ckpt.model))
+    extra = sorted(set(ckpt.model) - set(ours))
+    shapes = [f"{k}: {tuple(ckpt.model[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
+              if k in ckpt.model and ckpt.model[k].shape != v.shape]
+    if missing:
+        problems.append(f"{len(missing)} tensors missing from the checkpoint (e.g. {missing[:3]})")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensors in the checkpoint (e.g. {extra[:3]})")
+    if shapes:
+        problems.append("shapes differ (checkpoint vs model): " + "; ".join(shapes[:3]))
+    if problems:
+        raise CheckpointError("The checkpoint does not fit this model:\n- " + "\n- ".join(problems))
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    classes: list[str] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: torch.amp.GradScaler | None = None,
+    restore_rng: bool = True,
+) -> Checkpoint:
+    """Load ``path`` into ``model`` (and optimizer, scheduler, scaler, RNG states) after checking they fit."""
+    ckpt = read_checkpoint(path)
+    check_compatible(ckpt, model, classes)
+    model.load_state_dict(ckpt.model)
+    for target, state, name in ((optimizer, ckpt.optimizer, "optimizer"), (scheduler, ckpt.scheduler, "scheduler"), (scaler, ckpt.scaler, "scaler")):
+        if target is None:
+            continue
+        if state is None:
+            raise CheckpointError(f"{path} holds no {name} state to resume from.")
+        try:
+            target.load_state_dict(state)
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"The {name} state in {path} does not fit this {name}: {err}") from err
+    if restore_rng and ckpt.rng is not None:
+        set_rng_states(ckpt.rng)
+    return ckpt
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, Checkpoint]:
+    """Rebuild the TransferModel a checkpoint was saved from (backbone, classes) and load its weights."""
+    from .models import create_model
+
+    ckpt = read_checkpoint(path)
+    model = create_model(ckpt.backbone, len(ckpt.classes), weights=None)
+    head = ckpt.model.get("head.weight", ckpt.model.get("head.1.weight"))
+    if head is None:
+        raise CheckpointError(f"{path} has no head weights ('head.weight'): it was not saved from a tlkit model.")
+    check_compatible(ckpt, model)
+    model.load_state_dict(ckpt.model)
+    model.weights = ckpt.weights
+    return model, ckpt

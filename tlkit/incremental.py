@@ -1,0 +1,107 @@
+"""Continuing a trained model on new data: class subsets, replay, head expansion, distillation (LwF)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset
+
+from .data import LabeledImages, limit_per_class
+
+
+def select_classes(ds: LabeledImages, classes: Sequence[str]) -> LabeledImages:
+    """The images of ``ds`` whose class is in ``classes``, relabelled by position in ``classes``."""
+    unknown = [c for c in classes if c not in ds.classes]
+    if unknown:
+        raise ValueError(f"Classes {unknown} are not in the dataset, whose classes are {ds.classes}.")
+    new_label = {ds.classes.index(c): k for k, c in enumerate(classes)}
+    relabelled = [new_label.get(t, -1) for t in ds._all_targets]
+    kept = [j for j in ds.indices if relabelled[j] >= 0]
+    return LabeledImages(ds._load, relabelled, classes, kept)
+
+
+def with_classes(ds: LabeledImages, classes: Sequence[str]) -> LabeledImages:
+    """Same images, labels re-indexed into a longer class list (old classes first, new ones appended)."""
+    missing = [c for c in ds.classes if c not in classes]
+    if missing:
+        raise ValueError(f"Classes {missing} of the dataset are missing from {list(classes)}.")
+    position = {k: list(classes).index(c) for k, c in enumerate(ds.classes)}
+    return LabeledImages(ds._load, [position.get(t, -1) if t >= 0 else -1 for t in ds._all_targets], classes, ds.indices)
+
+
+def with_replay(new: LabeledImages, old: LabeledImages, per_class: int, seed: int) -> Dataset:
+    """New data plus a stratified replay sample of ``per_class`` old images per class (0: new data only)."""
+    if per_class == 0:
+        return new
+    if new.classes != old.classes:
+        raise ValueError("Replay needs both datasets labelled in the same class list: use with_classes first.")
+    return ConcatDataset([new, limit_per_class(old, per_class, seed)])
+
+
+def _head_linear(model: nn.Module) -> tuple[nn.Module, str]:
+    """The head's final Linear layer and its name inside ``model.head``."""
+    head = model.head
+    if isinstance(head, nn.Linear):
+        return head, ""
+    if isinstance(head, nn.Sequential) and isinstance(head[-1], nn.Linear):
+        return head[-1], str(len(head) - 1)
+    raise ValueError(f"Cannot expand a head of type {type(head).__name__}: expected Linear or Sequential ending in Linear.")
+
+
+def expand_head(model: nn.Module, num_new: int, new_bias: float = -10.0) -> nn.Module:
+    """Grow the head from K to K + ``num_new`` outputs; the K old rows keep their weights and biases exactly.
+
+    New rows start with zero weights and bias ``new_bias``: new classes start improbable, so what
+    the model predicts for old classes does not change until it is trained on the new ones.
+    """
+    if num_new < 1:
+        raise ValueError(f"num_new must be at least 1, got {num_new}.")
+    old, name = _head_linear(model)
+    new = nn.Linear(old.in_features, old.out_features + num_new).to(old.weight.device, old.weight.dtype)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.bias.fill_(new_bias)
+        new.weight[: old.out_features] = old.weight
+        new.bias[: old.out_features] = old.bias
+    new.weight.requires_grad_(old.weight.requires_grad)
+    new.bias.requires_grad_(old.bias.requires_grad)
+    if name:
+        model.head[int(name)] = new
+    else:
+        model.head = new
+    return model
+
+
+class DistillationLoss(nn.Module):
+    """Cross-entropy on the labels plus Learning-without-Forgetting distillation on the old classes' logits.
+
+    ``teacher`` is the frozen model from before the new classes; its logits on the same batch
+    (caught with a forward pre-hook on ``student``) are the soft targets for the student's first
+    K outputs: ``alpha * T^2 * KL(softmax(teacher / T) || softmax(student[:, :K] / T))``.
+    Call ``remove()`` when training is done.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, temperature: float = 2.0, alpha: float = 1.0) -> None:
+        super().__init__()
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.temperature, self.alpha = temperature, alpha
+        self._inputs: torch.Tensor | None = None
+        self._hook = student.register_forward_pre_hook(self._remember)
+
+    def _remember(self, module: nn.Module, args: tuple) -> None:
+        self._inputs = args[0]
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(logits, target)
+        with torch.no_grad():
+            old = self.teacher(self._inputs).float()
+        t = self.temperature
+        kd = F.kl_div(F.log_softmax(logits[:, : old.shape[1]].float() / t, 1), F.softmax(old / t, 1), reduction="batchmean")
+        return ce + self.alpha * t * t * kd
+
+    def remove(self) -> None:
+        """Detach the hook from the student."""
+        self._hook.remove()
