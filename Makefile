@@ -28,6 +28,8 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/feature_cache.py
+	$(PY) bench/fit_overhead.py
+	$(PY) bench/data_pipeline.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -57,3 +57,23 @@ def test_distillation_is_zero_when_student_matches_teacher_and_grows_otherwise()
     logits = student(x)
     assert loss(logits, y).item() > torch.nn.functional.cross_entropy(logits, y).item() + 1e-3
     loss.remove()
+
+
+@pytest.mark.notebook
+def test_notebook_05_reports_forgetting_for_every_run(tmp_path):
+    from pathlib import Path
+
+    from tlkit.course import run_notebook
+
+    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "05_adding_samples.ipynb"
+    run = run_notebook(notebook, tmp_path, {"samples_per_class": 4, "new_samples_per_class": 4, "replay_per_class": 2,
+                                            "epochs": 2, "image_size": 32})
+    assert run.error == "", run.error
+    m = run.metrics
+    assert m["old_classes"] == 7 and m["new_classes"] == 3
+    for key in ("naive_fine_tuning", "replay", "head_only", "LwF"):
+        assert 0.0 <= m[f"old_acc_{key}"] <= 1.0 and 0.0 <= m[f"new_acc_{key}"] <= 1.0
+        assert m[f"forgetting_{key}"] == pytest.approx(m["old_acc_before"] - m[f"old_acc_{key}"])
+    saved = tlkit.read_checkpoint(tmp_path / "05_first_model.pt")
+    assert saved.classes == [str(d) for d in range(7)] and saved.optimizer is not None
+    assert (tmp_path / "figures" / "05" / "stage3_forgetting.png").stat().st_size > 0

@@ -3,12 +3,36 @@
 The public API is what this module exports; submodules hold the details.
 """
 
+import sys
+
 from .checkpoints import Checkpoint, CheckpointError, load_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
+from .augment import (
+    MIXES,
+    PRESETS,
+    AugmentationDisablesCacheWarning,
+    BatchTransform,
+    DeviceBatches,
+    InMemoryImages,
+    augment_on_device,
+    augmentation_grid,
+    augmented_loader,
+    batch_mix,
+    device_loader,
+    feature_cache_allowed,
+    fine_tune_augmented,
+    mix_collate,
+    preset_table,
+    show_batch,
+    to_pil,
+    train_preset,
+)
 from .data import (
     REGISTERED_DATASETS,
     DatasetSplits,
     DatasetUnavailableError,
     LabeledImages,
+    SkippedFilesWarning,
+    UnreadableImageError,
     class_counts,
     eval_transform,
     image_folder,
@@ -16,15 +40,30 @@ from .data import (
     load_dataset,
     make_loader,
     stratified_split,
+    to_rgb,
     train_transform,
 )
-from .incremental import DistillationLoss, expand_head, select_classes, with_classes, with_replay
+from .feature_store import cached_features, features_key
+from .incremental import (
+    AccuracyTracker,
+    ContinuedRun,
+    DistillationLoss,
+    continue_training,
+    expand_head,
+    group_accuracy,
+    select_classes,
+    with_classes,
+    with_replay,
+    without,
+)
 from .models import (
+    MIN_IMAGE_SIZE,
     OFFLINE_BACKBONE,
     TransferModel,
     WeightsUnavailableError,
     available_backbones,
     block_names,
+    check_image_size,
     create_model,
     freeze,
     imagenet_categories,
@@ -33,11 +72,74 @@ from .models import (
     trainable_blocks,
     unfreeze,
 )
-from .plots import LiveCurves, compare_histories, plot_confusion_matrix, plot_history, save_figure, show_images
+from .finetune import (
+    BN_MODES,
+    STRATEGIES,
+    Callbacks,
+    GradualUnfreezing,
+    add_conv_block,
+    apply_strategy,
+    blocks_below_head,
+    feature_map_shape,
+    fine_tune,
+    freeze_batchnorm,
+    group_table,
+    lr_multipliers,
+    make_optimizer,
+    param_groups,
+    plot_val_accuracy,
+    run_strategy,
+    trainable_tensor_names,
+    unfreeze_blocks,
+    unfreeze_into,
+    unfreeze_last_blocks,
+    unfreeze_last_tensors,
+)
+from .imbalance import (
+    REMEDIES,
+    FocalLoss,
+    LogitAdjustedLoss,
+    Remedy,
+    RemedyRun,
+    adjust_probabilities,
+    class_weights,
+    effective_number_weights,
+    fit_head_with_remedy,
+    label_counts,
+    logit_adjusted_loss,
+    logit_offsets,
+    long_tail_counts,
+    long_tail_subset,
+    make_long_tailed,
+    make_remedy,
+    oversampling_sampler,
+    plot_class_counts,
+    undersample,
+    validate_remedies,
+)
+from .metrics import (
+    average_precision_per_class,
+    classification_metrics,
+    per_class_recall,
+    per_class_report,
+    plot_per_class_recall,
+    plot_pr_curves,
+    reweighted_accuracy,
+)
+from .plots import (
+    LiveCurves,
+    compare_histories,
+    plot_confusion_matrix,
+    plot_history,
+    plot_tracked,
+    save_figure,
+    show_images,
+)
 from .recipes import RunResult, linear_probe, train_all
 from .results import write_results
 from .train import (
     History,
+    TrainingInterrupted,
     below_head_frozen,
     evaluate,
     extract_features,
@@ -49,7 +151,9 @@ from .train import (
     predict_images,
     set_seed,
 )
+from .widgets import FreezePanel
 
 __version__ = "0.1.0"
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+# Everything imported above, and nothing else (the submodules stay reachable as tlkit.<module>).
+__all__ = sorted(name for name, value in globals().items() if not name.startswith("_") and not isinstance(value, type(sys)))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 FORMAT = "tlkit-checkpoint-1"
+_REQUIRED_KEYS = ("model", "classes", "backbone", "weights", "epoch", "history", "optimizer", "scheduler", "scaler", "rng", "tlkit_version")
 
 
 class CheckpointError(RuntimeError):
@@ -120,18 +123,35 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"No checkpoint at {path}.")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refused something that is not a tensor or plain data
+        raise CheckpointError(
+            f"{path} could not be loaded safely: it holds pickled Python objects ({_refused_part(err)}) that could run "
+            f"code when loaded, and tlkit loads only tensors and plain data. It is not a tlkit checkpoint (or it was "
+            f"altered): do not load it with torch.load(weights_only=False) unless you trust its source."
+        ) from err
     except Exception as err:
         raise CheckpointError(
-            f"{path} could not be loaded safely ({type(err).__name__}: {str(err).splitlines()[0]}). It is truncated, "
-            f"not a checkpoint, or holds pickled objects other than tensors and plain data, which tlkit refuses to run."
+            f"{path} could not be loaded safely ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): "
+            f"it is truncated or corrupted (e.g. an interrupted copy), or not a PyTorch file. Copy it again, or save a new one."
         ) from err
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a tlkit checkpoint (expected format {FORMAT!r}); save it with tlkit.save_checkpoint.")
+    missing = [key for key in _REQUIRED_KEYS if key not in raw]
+    if missing:
+        raise CheckpointError(f"{path} is an incomplete tlkit checkpoint (no {', '.join(missing)}); save it again with tlkit.save_checkpoint.")
     return Checkpoint(
         model=raw["model"], classes=raw["classes"], backbone=raw["backbone"], weights=raw["weights"],
         epoch=raw["epoch"], history=raw["history"], optimizer=raw["optimizer"], scheduler=raw["scheduler"],
         scaler=raw["scaler"], rng=raw["rng"], loader_rng=raw.get("loader_rng"), tlkit_version=raw["tlkit_version"],
     )
+
+
+def _refused_part(err: pickle.UnpicklingError) -> str:
+    """The global or opcode torch's weights-only unpickler refused, from its error message."""
+    found = re.search(r"GLOBAL ([\w.]+)|Unsupported operand (\d+)", str(err))
+    if found is None:
+        return "not tensors or plain data"
+    return f"global {found.group(1)}" if found.group(1) else f"pickle opcode {found.group(2)}"
 
 
 def check_compatible(ckpt: Checkpoint, model: nn.Module, classes: list[str] | None = None) -> None:
@@ -154,7 +174,10 @@ def check_compatible(ckpt: Checkpoint, model: nn.Module, classes: list[str] | No
     if shapes:
         problems.append("shapes differ (checkpoint vs model): " + "; ".join(shapes[:3]))
     if problems:
-        raise CheckpointError("The checkpoint does not fit this model:\n- " + "\n- ".join(problems))
+        raise CheckpointError(
+            "The checkpoint does not fit this model:\n- " + "\n- ".join(problems) + "\nBuild the model it was saved "
+            "from (tlkit.model_from_checkpoint(path) does, from its backbone and classes), or train a new one."
+        )
 
 
 def load_checkpoint(

