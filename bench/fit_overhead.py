@@ -24,7 +24,7 @@ import tlkit
 
 def bare_loop(model, train_loader, val_loader, *, epochs: int, lr: float, device: torch.device, channels_last: bool) -> float:
     """The plain-PyTorch loop of the tutorials, with the same AMP as tlkit.fit; returns the final val accuracy."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)  # fit's default
     amp = torch.bfloat16 if device.type == "cuda" else None
     loss_fn = nn.CrossEntropyLoss()
     model.to(device)

@@ -11,6 +11,24 @@ from PIL import Image
 
 torch.set_num_threads(2)
 
+TOY_CLASSES = ["a", "b", "c", "d"]
+
+
+def toy_tensors(seed: int = 0) -> tuple[torch.utils.data.TensorDataset, torch.utils.data.TensorDataset]:
+    """64 train and 32 val random 32 px images whose 4 labels follow from their pixel means (learnable)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(96, 3, 32, 32, generator=g)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long() + 2 * (x[:, 0].mean(dim=(1, 2)) > 0).long()
+    return torch.utils.data.TensorDataset(x[:64], y[:64]), torch.utils.data.TensorDataset(x[64:], y[64:])
+
+
+def toy_lite0():
+    """EfficientNet-Lite0 (ImageNet) with a 4-class head, frozen up to stage6, same init every call."""
+    import tlkit
+
+    tlkit.set_seed(0)
+    return tlkit.freeze(tlkit.create_model("efficientnet_lite0", 4, weights="imagenet"), up_to="stage6")
+
 
 def write_images(folder: Path, n: int, color: tuple[int, int, int], seed: int, size: int = 24) -> None:
     """``n`` noisy images around ``color`` in ``folder``."""

@@ -9,33 +9,19 @@ import pytest
 import torch
 
 import tlkit
+from conftest import TOY_CLASSES, toy_lite0, toy_tensors
 from tlkit.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
 
 
-def _toy_data(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(96, 3, 32, 32, generator=g)
-    y = (x.mean(dim=(1, 2, 3)) > 0).long() + 2 * (x[:, 0].mean(dim=(1, 2)) > 0).long()
-    return torch.utils.data.TensorDataset(x[:64], y[:64]), torch.utils.data.TensorDataset(x[64:], y[64:])
-
-
-def _model():
-    tlkit.set_seed(0)
-    return tlkit.freeze(tlkit.create_model("efficientnet_lite0", 4, weights="imagenet"), up_to="stage6")
-
-
-CLASSES = ["a", "b", "c", "d"]
-
-
 def _run(tmp_path, epochs, resume=None, ckpt_name="ckpt.pt"):
-    train, val = _toy_data()
-    model = _model()
+    train, val = toy_tensors()
+    model = toy_lite0()
     tlkit.set_seed(123)
     loader = tlkit.make_loader(train, None, 16, shuffle=True, seed=7)
     val_loader = tlkit.make_loader(val, None, 16, shuffle=False)
     sched = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
     history = tlkit.fit(model, loader, val_loader, epochs=epochs, lr=3e-3, scheduler=sched, progress=False,
-                        checkpoint_path=tmp_path / ckpt_name, resume_from=resume, classes=CLASSES)
+                        checkpoint_path=tmp_path / ckpt_name, resume_from=resume, classes=TOY_CLASSES)
     return model, history
 
 
@@ -53,7 +39,7 @@ def test_two_plus_two_epochs_equal_four_in_one_go(tmp_path):
 def test_checkpoint_holds_the_training_state(tmp_path):
     _run(tmp_path, 1)
     ckpt = read_checkpoint(tmp_path / "ckpt.pt")
-    assert ckpt.classes == CLASSES and ckpt.backbone == "efficientnet_lite0" and ckpt.weights == "imagenet"
+    assert ckpt.classes == TOY_CLASSES and ckpt.backbone == "efficientnet_lite0" and ckpt.weights == "imagenet"
     assert ckpt.epoch == 1 and ckpt.history["epoch"] == [1] and ckpt.tlkit_version == tlkit.__version__
     assert ckpt.optimizer["state"] and ckpt.scheduler["last_epoch"] == 1 and ckpt.loader_rng is not None
     model, _ = model_from_checkpoint(tmp_path / "ckpt.pt")
@@ -62,7 +48,7 @@ def test_checkpoint_holds_the_training_state(tmp_path):
 
 def test_checkpoint_from_other_classes_or_architecture_says_what_differs(tmp_path):
     model = tlkit.create_model("efficientnet_lite0", 4, weights=None)
-    save_checkpoint(tmp_path / "c.pt", model, classes=CLASSES, epoch=1)
+    save_checkpoint(tmp_path / "c.pt", model, classes=TOY_CLASSES, epoch=1)
     with pytest.raises(CheckpointError, match=r"classes: checkpoint has \['a', 'b', 'c', 'd'\], expected \['a', 'b'\]"):
         load_checkpoint(tmp_path / "c.pt", tlkit.create_model("efficientnet_lite0", 2, weights=None), classes=["a", "b"])
     with pytest.raises(CheckpointError, match="shapes differ.*head.weight: \\(4, 1280\\) vs \\(2, 1280\\)"):

@@ -9,21 +9,8 @@ import torch
 from torch import nn
 
 import tlkit
+from conftest import TOY_CLASSES, toy_lite0, toy_tensors
 from tlkit.train import History, TrainingInterrupted
-
-CLASSES = ["a", "b", "c", "d"]
-
-
-def _toy_data():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(96, 3, 32, 32, generator=g)
-    y = (x.mean(dim=(1, 2, 3)) > 0).long() + 2 * (x[:, 0].mean(dim=(1, 2)) > 0).long()
-    return torch.utils.data.TensorDataset(x[:64], y[:64]), torch.utils.data.TensorDataset(x[64:], y[64:])
-
-
-def _model():
-    tlkit.set_seed(0)
-    return tlkit.freeze(tlkit.create_model("efficientnet_lite0", 4, weights="imagenet"), up_to="stage6")
 
 
 class InterruptAt(nn.Module):
@@ -41,13 +28,13 @@ class InterruptAt(nn.Module):
 
 
 def _fit(tmp_path, epochs, *, loss_fn=None, resume=False, **kwargs):
-    train, val = _toy_data()
-    model = _model()
+    train, val = toy_tensors()
+    model = toy_lite0()
     tlkit.set_seed(123)
     loader = tlkit.make_loader(train, None, 16, shuffle=True, seed=7)  # 4 batches per epoch
     val_loader = tlkit.make_loader(val, None, 16, shuffle=False)
     history = tlkit.fit(
-        model, loader, val_loader, epochs=epochs, lr=3e-3, progress=False, loss_fn=loss_fn, classes=CLASSES,
+        model, loader, val_loader, epochs=epochs, lr=3e-3, progress=False, loss_fn=loss_fn, classes=TOY_CLASSES,
         checkpoint_path=tmp_path / "ckpt.pt", resume_from=tmp_path / "ckpt.pt" if resume else None, **kwargs,
     )
     return model, history

@@ -92,3 +92,19 @@ def test_results_file_is_flat_and_checked(tmp_path):
         tlkit.write_results(None, {"val_acc": 93.0})
     with pytest.raises(TypeError, match="only numbers and strings"):
         tlkit.write_results(None, {"history": [1, 2]})
+
+
+def test_fit_trains_on_the_batches_the_loader_gives_alone():
+    data = torch.utils.data.TensorDataset(torch.randn(40, 3), torch.arange(40) % 2)
+    expected = [y.tolist() for _, y in tlkit.make_loader(data, None, 8, shuffle=True, seed=3)]
+    seen = []
+
+    def recording_loss(logits, y):
+        seen.append(y.tolist())
+        return torch.nn.functional.cross_entropy(logits, y)
+
+    for progress in (False, True):  # the progress bar must not iterate the loader an extra time
+        seen.clear()
+        loader = tlkit.make_loader(data, None, 8, shuffle=True, seed=3)
+        tlkit.fit(torch.nn.Linear(3, 2), loader, loader, epochs=1, progress=progress, loss_fn=recording_loss)
+        assert seen == expected

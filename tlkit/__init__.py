@@ -1,6 +1,7 @@
 """tlkit: the helper package of the transfer-learning course.
 
-The public API is what this module exports; submodules hold the details.
+The public API is what this module exports; submodules hold the details. Batch runs of the notebooks
+live in ``tlkit.sweep`` (``python -m tlkit.sweep``), imported only when used.
 """
 
 import sys

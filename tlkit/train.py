@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -123,6 +123,20 @@ def is_deterministic(transform: Callable | None) -> bool:
     return all(isinstance(step, _DETERMINISTIC_TRANSFORMS) for step in steps)
 
 
+def _with_progress(loader: Iterable, desc: str, progress: bool) -> Iterator:
+    """Iterate ``loader`` once under a tqdm bar updated by hand.
+
+    tqdm.auto's bar calls ``iter()`` on what it wraps when it is created: for a DataLoader that is a
+    second pass, which draws from its shuffling generator (other batches than the loader gives alone)
+    and starts its workers once more.
+    """
+    total = len(loader) if hasattr(loader, "__len__") else None
+    with tqdm(total=total, desc=desc, leave=False, disable=not progress) as bar:
+        for batch in loader:
+            yield batch
+            bar.update()
+
+
 def _amp_dtype(device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         return None
@@ -205,7 +219,7 @@ def _run_epoch(
     amp_dtype = _amp_dtype(device)
     total_loss, correct, seen = 0.0, 0, 0
     with torch.set_grad_enabled(training):
-        for step, (x, y) in enumerate(tqdm(loader, desc=desc, leave=False, disable=not progress)):
+        for step, (x, y) in enumerate(_with_progress(loader, desc, progress)):
             if stop is not None and stop.requested:
                 raise _Stopped
             x = x.to(device, non_blocking=True)
@@ -435,7 +449,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device | str = "
     device = torch.device(device)
     model.to(device).eval()
     probs, labels = [], []
-    for x, y in tqdm(loader, desc="predict", leave=False, disable=not progress):
+    for x, y in _with_progress(loader, "predict", progress):
         probs.append(model(x.to(device)).float().softmax(1).cpu())
         labels.append(y)
     return torch.cat(probs), torch.cat(labels)
@@ -484,7 +498,7 @@ def extract_features(model: nn.Module, loader: DataLoader, device: torch.device 
     model.to(device).eval()
     amp_dtype = _amp_dtype(device)
     feats, labels = [], []
-    for x, y in tqdm(loader, desc="features", leave=False, disable=not progress):
+    for x, y in _with_progress(loader, "features", progress):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             feats.append(model.forward_features(x.to(device, non_blocking=True)).float().cpu())
         labels.append(y)
