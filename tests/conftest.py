@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-torch.set_num_threads(2)
+# make test runs two processes with OMP_NUM_THREADS=1; alone, tests use 2 threads like the notebooks.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 TOY_CLASSES = ["a", "b", "c", "d"]
 
