@@ -25,8 +25,8 @@ from torchvision.transforms import v2
 from .data import DatasetSplits, LabeledImages, TransformedDataset, eval_transform, make_loader
 from .models import Normalization, block_names, create_model, freeze, parameter_counts
 from .plots import show_images
-from .recipes import RunResult
-from .train import below_head_frozen, extract_features, fit, fit_head, set_seed
+from .recipes import RunResult, train_head_on_features
+from .train import below_head_frozen, fit, set_seed
 
 PRESETS = ("none", "basic", "strong", "trivialaugment", "randaugment")
 MIXES = ("mixup", "cutmix", "mixup_or_cutmix")
@@ -308,12 +308,8 @@ def fine_tune_augmented(
     norm, val_batch = model.normalization, max(batch_size, 128)
     start = time.perf_counter()
     if feature_cache_allowed(model, augment, mix=mix, cache_features=cache_features):
-        plain = eval_transform(image_size, norm)
-        train = extract_features(model, make_loader(splits.train, plain, batch_size, shuffle=False), device, progress=progress)
-        val = extract_features(model, make_loader(splits.val, plain, val_batch, shuffle=False), device, progress=progress)
-        history = fit_head(model, train, val, epochs=epochs, batch_size=batch_size, seed=seed, lr=lr,
-                           device=device, progress=progress, on_epoch_end=on_epoch_end)
-        model.to(device)
+        history = train_head_on_features(model, splits, image_size, batch_size=batch_size, epochs=epochs, lr=lr, seed=seed,
+                                         device=device, val_batch_size=val_batch, progress=progress, on_epoch_end=on_epoch_end)
     else:
         mixer = batch_mix(mix, len(splits.classes)) if mix is not None else None
         if augment_on_device(on_device, device):

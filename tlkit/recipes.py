@@ -38,6 +38,33 @@ class RunResult:
         }
 
 
+def train_head_on_features(
+    model: TransferModel,
+    splits: DatasetSplits,
+    image_size: int,
+    *,
+    batch_size: int,
+    epochs: int,
+    lr: float,
+    seed: int,
+    device: torch.device | str = "cpu",
+    val_batch_size: int | None = None,
+    progress: bool = False,
+    on_epoch_end: Callable[[History], None] | None = None,
+) -> History:
+    """Run ``model``'s frozen backbone once over both splits (eval transform), then train its head on those features."""
+    transform = eval_transform(image_size, model.normalization)
+    train = extract_features(model, make_loader(splits.train, transform, batch_size, shuffle=False), device, progress=progress)
+    val = extract_features(model, make_loader(splits.val, transform, val_batch_size or batch_size, shuffle=False),
+                           device, progress=progress)
+    history = fit_head(
+        model, train, val, epochs=epochs, batch_size=batch_size, seed=seed, lr=lr,
+        device=device, progress=progress, on_epoch_end=on_epoch_end,
+    )
+    model.to(device)  # the backbone stayed where extraction put it; keep model and head together
+    return history
+
+
 def linear_probe(
     splits: DatasetSplits,
     *,
@@ -56,15 +83,11 @@ def linear_probe(
     """Freeze the whole backbone, cache its features once, train a new linear head on them."""
     set_seed(seed)
     model = freeze(create_model(backbone, len(splits.classes), weights))
-    transform = eval_transform(image_size, model.normalization)
     start = time.perf_counter()
-    train = extract_features(model, make_loader(splits.train, transform, batch_size, shuffle=False), device, progress=progress)
-    val = extract_features(model, make_loader(splits.val, transform, batch_size, shuffle=False), device, progress=progress)
-    history = fit_head(
-        model, train, val, epochs=epochs, batch_size=batch_size, seed=seed, lr=lr,
+    history = train_head_on_features(
+        model, splits, image_size, batch_size=batch_size, epochs=epochs, lr=lr, seed=seed,
         device=device, progress=progress, on_epoch_end=on_epoch_end,
     )
-    model.to(device)  # the backbone stayed where extraction put it; keep model and head together
     seconds = time.perf_counter() - start
     return RunResult(name or f"{weights or 'random'} frozen + head", model, history, seconds, parameter_counts(model)["total"]["trainable"])
 
