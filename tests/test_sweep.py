@@ -43,6 +43,9 @@ def test_values_are_read_like_papermill_and_json():
     assert parse_value("[]") == [] and parse_value("[5, 20]") == [5, 20] and parse_value('["none"]') == ["none"]
     assert parse_value("resnet18") == "resnet18" and parse_value("../data/my photos") == "../data/my photos"
     assert parse_value("__import__('os')") == "__import__('os')"  # text, never evaluated
+    from tlkit.course import parse_value as course_parse_value
+
+    assert course_parse_value is parse_value  # python -m tlkit.course -p reads values the same way
 
 
 def test_grid_options_split_at_commas_or_read_as_json():

@@ -35,8 +35,19 @@ def course_notebooks(folder: Path, only: str = "*") -> list[Path]:
     return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb") if p.match(only if only.endswith(".ipynb") else f"{only}*"))
 
 
+# papermill's -p spells these the Python way.
+_PYTHON_WORDS = {"True": True, "False": False, "None": None}
+
+
 def parse_value(text: str) -> object:
-    """A command-line parameter value: JSON if it parses (numbers, lists, null, true), else the string."""
+    """One parameter value as papermill's ``-p`` reads it (True/False/None, int, float), else JSON (lists, dicts), else the text."""
+    if text in _PYTHON_WORDS:
+        return _PYTHON_WORDS[text]
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
     try:
         return json.loads(text)
     except json.JSONDecodeError:

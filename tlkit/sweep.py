@@ -26,13 +26,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .course import NotebookRun, parse_value as parse_json_value, run_notebook
+from .course import NotebookRun, parse_value, run_notebook  # the -p values of python -m tlkit.course and of a sweep read alike
 from .plots import save_figure
 
 # The sweep points these at each run's own folder, so that runs never overwrite each other's files.
 PER_RUN_PARAMETERS = ("results_path", "output_dir")
-# papermill's -p spells these the Python way.
-_PYTHON_WORDS = {"True": True, "False": False, "None": None}
 
 
 class SweepError(ValueError):
@@ -40,18 +38,6 @@ class SweepError(ValueError):
 
 
 # --- parsing the command line --------------------------------------------------------------------------
-
-
-def parse_value(text: str) -> object:
-    """One parameter value as papermill's ``-p`` reads it (True/False/None, int, float), else JSON (lists, dicts), else the text."""
-    if text in _PYTHON_WORDS:
-        return _PYTHON_WORDS[text]
-    for number in (int, float):
-        try:
-            return number(text)
-        except ValueError:
-            pass
-    return parse_json_value(text)
 
 
 def parse_grid_option(text: str) -> tuple[str, list]:
