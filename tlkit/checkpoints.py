@@ -86,8 +86,6 @@ def save_checkpoint(
     """
     from . import __version__
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "tlkit_version": __version__,
@@ -103,10 +101,17 @@ def save_checkpoint(
         "rng": rng_states(),
         "loader_rng": loader_rng.get_state() if loader_rng is not None else None,
     }
+    return save_atomically(payload, path)
+
+
+def save_atomically(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename it: ``path`` is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
+            torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .checkpoints import save_atomically
 from .train import extract_features
 
 _FORMAT = b"tlkit-features-1"
@@ -74,17 +73,5 @@ def cached_features(
         except Exception as err:  # a damaged cache file is recomputed, never trusted
             warnings.warn(f"Ignoring the damaged feature cache {path} ({err}); computing the features again.", stacklevel=2)
     computed = extract_features(model, loader, device, progress=progress)
-    _save_atomically(path, computed.tensors)
+    save_atomically(tuple(computed.tensors), path)
     return computed
-
-
-def _save_atomically(path: Path, tensors: tuple[torch.Tensor, ...]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(tuple(tensors), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
