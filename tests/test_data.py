@@ -1,5 +1,11 @@
+import contextlib
+import functools
+import http.server
+import shutil
+import threading
 import urllib.error
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,7 +55,7 @@ def test_train_and_val_with_different_classes_is_an_error(split_folder):
 
 
 def test_unknown_dataset_names_the_registered_ones(tmp_path):
-    with pytest.raises(tlkit.DatasetUnavailableError, match="Unknown dataset 'nope'.*digits, hymenoptera"):
+    with pytest.raises(tlkit.DatasetUnavailableError, match="Unknown dataset 'nope'.*clothing, clothing_full, digits, hymenoptera"):
         tlkit.load_dataset("nope", data_root=tmp_path)
 
 
@@ -63,7 +69,7 @@ def test_failed_download_says_where_to_put_the_data(monkeypatch, tmp_path):
     with pytest.raises(tlkit.DatasetUnavailableError) as info:
         tlkit.load_dataset("hymenoptera", data_root=tmp_path)
     assert HYMENOPTERA_URL in str(info.value) and str(tmp_path) in str(info.value)
-    assert "dataset='digits'" in str(info.value)
+    assert "dataset='clothing'" in str(info.value)
 
 
 def test_downloaded_dataset_already_on_disk_is_used(split_folder, tmp_path):
@@ -86,3 +92,62 @@ def test_loader_order_depends_only_on_seed():
     ds = torch.utils.data.TensorDataset(torch.arange(20), torch.zeros(20, dtype=torch.long))
     order = lambda seed: torch.cat([x for x, _ in tlkit.make_loader(ds, None, 5, shuffle=True, seed=seed)]).tolist()
     assert order(3) == order(3) and order(3) != order(4)
+
+
+def test_bundled_clothing_photos_load_offline_with_a_test_split_and_their_long_tail():
+    splits = tlkit.load_dataset("clothing")
+    assert splits.name == "clothing" and len(splits.classes) == 10 and splits.test is not None
+    counts = splits.summary()
+    assert sum(counts["validation" if "validation" in counts else "val"].values()) == 341
+    assert sum(counts["test"].values()) == 372
+    train = counts["train"]
+    assert max(train.values()) / min(train.values()) > 5  # the natural long tail is kept (t-shirt vs skirt)
+    image, label = splits.train[0]
+    assert image.mode == "RGB" and min(image.size) == 160 and 0 <= label < 10
+
+
+def test_bundled_photos_are_small_files_with_their_licence():
+    folder = tlkit.data.BUNDLED_CLOTHING
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert (folder / "LICENSE").read_text().startswith("Creative Commons Legal Code")
+    assert "CC0" in (folder / "README.md").read_text()
+    assert max(p.stat().st_size for p in files) < 2**20
+    assert sum(p.stat().st_size for p in files) < 12 * 2**20
+
+
+@contextlib.contextmanager
+def served_folder(folder: Path):
+    """An HTTP server on the loopback address serving ``folder``, stopped on exit."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_clothing_full_downloads_the_archive_once_through_the_download_path(monkeypatch, tmp_path, split_folder):
+    source = tmp_path / "src" / "clothing-dataset-small-master"
+    shutil.copytree(split_folder, source)
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.make_archive(str(served / "master"), "zip", root_dir=tmp_path / "src")
+    data_root = tmp_path / "data"
+    with served_folder(served) as url:
+        monkeypatch.setattr(tlkit.data, "CLOTHING_URL", f"{url}/master.zip")
+        splits = tlkit.load_dataset("clothing_full", data_root=data_root)
+    assert splits.name == "clothing_full" and splits.classes == ["ants", "bees"] and len(splits.train) == 16
+    # a second load needs neither the server nor a network
+    assert len(tlkit.load_dataset("clothing_full", data_root=data_root).val) == 8
+
+
+def test_clothing_full_offline_names_the_archive_and_the_bundled_set(monkeypatch, tmp_path):
+    with served_folder(tmp_path) as url:  # serves nothing called missing.zip: a 404
+        monkeypatch.setattr(tlkit.data, "CLOTHING_URL", f"{url}/missing.zip")
+        with pytest.raises(tlkit.DatasetUnavailableError) as info:
+            tlkit.load_dataset("clothing_full", data_root=tmp_path / "data")
+    message = str(info.value)
+    assert "missing.zip" in message and str(tmp_path / "data") in message and "dataset='clothing'" in message

@@ -27,6 +27,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
 SPLIT_FOLDERS = ("train", "val", "validation", "valid", "test")
 HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
+# The whole clothing set (CC0) as its author's GitHub archive; the course bundles a compact copy of it.
+CLOTHING_URL = "https://github.com/alexeygrigorev/clothing-dataset-small/archive/refs/heads/master.zip"
+BUNDLED_CLOTHING = Path(__file__).parent / "_bundled" / "clothing"
 _LISTED_AT_MOST = 20
 
 
@@ -398,14 +401,24 @@ def image_folder(root: str | Path, *, val_fraction: float = 0.2, seed: int = 0) 
     return DatasetSplits(root.name, train, val, classes, test)
 
 
-def _download_hymenoptera(data_root: Path) -> Path:
+def _download_archive(name: str, url: str, data_root: Path, unpacks_to: str) -> Path:
+    """The folder ``unpacks_to`` in ``data_root``, downloading and unpacking ``url`` there the first time."""
     from torchvision.datasets.utils import download_and_extract_archive
 
-    target = data_root / "hymenoptera_data"
+    target = data_root / unpacks_to
     if not target.is_dir():
-        with _explain_download_failure("hymenoptera", HYMENOPTERA_URL, data_root):
-            download_and_extract_archive(HYMENOPTERA_URL, download_root=str(data_root))
+        with _explain_download_failure(name, url, data_root):
+            download_and_extract_archive(url, download_root=str(data_root), filename=f"{unpacks_to}.zip")
     return target
+
+
+def _download_hymenoptera(data_root: Path) -> Path:
+    return _download_archive("hymenoptera", HYMENOPTERA_URL, data_root, "hymenoptera_data")
+
+
+def _download_clothing(data_root: Path) -> Path:
+    # GitHub names the archive's top folder <repository>-<branch>.
+    return _download_archive("clothing_full", CLOTHING_URL, data_root, "clothing-dataset-small-master")
 
 
 @contextlib.contextmanager
@@ -416,8 +429,8 @@ def _explain_download_failure(name: str, url: str, folder: Path) -> Iterator[Non
     except (urllib.error.URLError, OSError, RuntimeError) as err:
         raise DatasetUnavailableError(
             f"Could not download dataset '{name}' from {url} ({err}). With no network, download it "
-            f"elsewhere and unpack it into {folder}/, or use dataset='digits' (ships with scikit-learn) "
-            f"or the path of an image folder of your own."
+            f"elsewhere and unpack it into {folder}/, or use dataset='clothing' (photos bundled with tlkit), "
+            f"'digits' (ships with scikit-learn) or the path of an image folder of your own."
         ) from err
 
 
@@ -454,7 +467,7 @@ def _torchvision_splits(name: str, data_root: Path, seed: int, val_fraction: flo
     return DatasetSplits(name, train, val, classes, wrap(split_names[2]))
 
 
-REGISTERED_DATASETS = ("digits", "hymenoptera", "cifar10", "oxford_pets", "flowers102")
+REGISTERED_DATASETS = ("clothing", "clothing_full", "digits", "hymenoptera", "cifar10", "oxford_pets", "flowers102")
 
 
 def _unknown_dataset_message(dataset: str) -> str:
@@ -473,7 +486,7 @@ def _unknown_dataset_message(dataset: str) -> str:
 
 
 def load_dataset(
-    dataset: str = "digits",
+    dataset: str = "clothing",
     *,
     data_root: str | Path = "data",
     seed: int = 0,
@@ -482,13 +495,19 @@ def load_dataset(
 ) -> DatasetSplits:
     """Load a registered dataset by name (downloading into ``data_root`` if needed) or an image folder by path.
 
-    ``samples_per_class`` keeps at most that many training images per class (val is untouched).
+    The default, ``"clothing"``, is the photo set bundled with tlkit (10 classes, natural long tail, with a
+    test split); ``"clothing_full"`` downloads the whole set once. ``samples_per_class`` keeps at most that many training images per class (val is untouched).
     """
     _check_val_fraction(val_fraction)
     if samples_per_class is not None:
         _check_samples_per_class(samples_per_class)
     data_root = Path(data_root).expanduser()
-    if dataset == "digits":
+    if dataset == "clothing":
+        splits = image_folder(BUNDLED_CLOTHING, val_fraction=val_fraction, seed=seed)
+    elif dataset == "clothing_full":
+        splits = image_folder(_download_clothing(data_root), val_fraction=val_fraction, seed=seed)
+        splits.name = "clothing_full"
+    elif dataset == "digits":
         everything = digits_dataset()
         train_pos, val_pos = stratified_split(everything.targets, val_fraction, seed)
         splits = DatasetSplits("digits", everything.subset(train_pos), everything.subset(val_pos), everything.classes)

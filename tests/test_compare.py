@@ -1,0 +1,79 @@
+"""Mean ± std over seeds, the tie rule and the sentences that rank methods."""
+
+from __future__ import annotations
+
+import pytest
+
+import tlkit
+from tlkit.compare import is_tie
+
+
+def runs(values: dict[str, list[float]], metric: str = "val acc") -> list[dict]:
+    return [{"run": name, "seed": seed, metric: v} for name, vs in values.items() for seed, v in enumerate(vs)]
+
+
+def test_summarize_seeds_gives_mean_sample_std_and_count_in_first_seen_order():
+    summary = tlkit.summarize_seeds(runs({"b": [0.5, 0.7], "a": [0.9, 0.9, 0.6]}), "run", ["val acc"])
+    assert list(summary.index) == ["b", "a"]
+    assert summary.loc["b", "val acc"] == pytest.approx(0.6)
+    assert summary.loc["b", "val acc std"] == pytest.approx(0.1414, abs=1e-4)
+    assert summary.loc["a", "seeds"] == 3
+    shown = tlkit.mean_std_table(summary, ["val acc"])
+    assert shown.loc["b", "val acc"] == "0.600 ± 0.141"
+
+
+def test_one_seed_has_zero_spread_and_says_so():
+    summary = tlkit.summarize_seeds(runs({"a": [0.8], "b": [0.7]}), "run", ["val acc"])
+    assert summary.loc["a", "val acc std"] == 0.0
+    assert "on one seed" in tlkit.versus_sentence(summary, "a", "b", "val acc")
+
+
+def test_tie_rule_uses_the_larger_spread():
+    assert is_tie(0.80, 0.01, 0.78, 0.03)
+    assert not is_tie(0.80, 0.01, 0.78, 0.015)
+
+
+def test_versus_sentence_follows_the_order_and_the_tie():
+    clear = tlkit.summarize_seeds(runs({"pre": [0.74, 0.75, 0.73], "rand": [0.24, 0.25, 0.26]}), "run", ["val acc"])
+    assert tlkit.versus_sentence(clear, "rand", "pre", "val acc").startswith("pre (0.740 ± 0.010) beats rand")
+    assert "by 49.0 points" in tlkit.versus_sentence(clear, "pre", "rand", "val acc")
+    flipped = tlkit.summarize_seeds(runs({"pre": [0.24, 0.25, 0.26], "rand": [0.74, 0.75, 0.73]}), "run", ["val acc"])
+    assert tlkit.versus_sentence(flipped, "pre", "rand", "val acc").startswith("rand (0.740")
+    close = tlkit.summarize_seeds(runs({"pre": [0.70, 0.76, 0.73], "rand": [0.72, 0.71, 0.73]}), "run", ["val acc"])
+    sentence = tlkit.versus_sentence(close, "pre", "rand", "val acc")
+    assert " tie " in sentence and "beats" not in sentence
+
+
+def test_lower_is_better_reverses_the_winner():
+    summary = tlkit.summarize_seeds(runs({"a": [1.0, 1.1], "b": [2.0, 2.1]}, "loss"), "run", ["loss"])
+    assert tlkit.versus_sentence(summary, "b", "a", "loss", higher_is_better=False).startswith("a (1.050")
+    assert tlkit.ranking_sentence(summary, "loss", higher_is_better=False).startswith("Highest mean loss over 2 seeds: a")
+
+
+def test_ranking_sentence_names_the_best_its_ties_and_the_beaten():
+    summary = tlkit.summarize_seeds(
+        runs({"head": [0.70, 0.71, 0.72], "last": [0.80, 0.82, 0.81], "full": [0.79, 0.83, 0.75]}), "run", ["val acc"])
+    sentence = tlkit.ranking_sentence(summary, "val acc")
+    assert sentence.startswith("Highest mean val acc over 3 seeds: last (0.810")
+    assert "tied with it: full" in sentence
+    assert "It beats head by 10.0 points." in sentence
+    apart = tlkit.summarize_seeds(runs({"head": [0.70, 0.71, 0.72], "last": [0.80, 0.81, 0.82]}), "run", ["val acc"])
+    assert "No other method is within its spread." in tlkit.ranking_sentence(apart, "val acc")
+
+
+def test_headline_metrics_pair_each_mean_with_its_std():
+    summary = tlkit.summarize_seeds(runs({"pretrained, frozen + head": [0.7, 0.8]}), "run", ["val acc"])
+    flat = tlkit.headline_metrics(summary, "val acc", "val_acc")
+    assert flat == {"val_acc_pretrained_frozen_head": pytest.approx(0.75),
+                    "val_acc_pretrained_frozen_head_std": pytest.approx(0.0707, abs=1e-4)}
+
+
+@pytest.mark.parametrize("bad", [3, "0,1,2", [], [0, 0], [-1], [1.5], [True]])
+def test_bad_seeds_say_how_to_pass_them(bad):
+    with pytest.raises(ValueError, match="seeds must"):
+        tlkit.check_seeds(bad)
+
+
+def test_missing_metric_is_named():
+    with pytest.raises(KeyError, match="val acc"):
+        tlkit.summarize_seeds([{"run": "a"}], "run", ["val acc"])

@@ -1,0 +1,129 @@
+"""Comparisons over seeds: mean ± std per method, ties, and the sentences that rank methods.
+
+Every sentence a notebook prints to rank or judge methods comes from ``ranking_sentence`` or
+``versus_sentence`` on the measured table, never from text written before the run. The rule for a
+tie: two methods tie when the difference of their means is not larger than the larger of their two
+standard deviations over seeds (the spread), since a smaller difference could come from the seed alone.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Mapping, Sequence
+
+import pandas as pd
+
+SEEDS_COLUMN = "seeds"
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """``seeds`` as a list of distinct whole numbers, with an error that says how to pass them."""
+    if isinstance(seeds, (int, str)) or not isinstance(seeds, Sequence) or not seeds:
+        raise ValueError(f"seeds must be a non-empty list of whole numbers such as [0, 1, 2], got {seeds!r} "
+                         f"(with papermill: -y 'seeds: [0, 1, 2]').")
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**32]
+    if bad or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct whole numbers in [0, 2**32), got {list(seeds)!r}.")
+    return list(seeds)
+
+
+def summarize_seeds(rows: Sequence[Mapping[str, object]], by: str, metrics: Sequence[str]) -> pd.DataFrame:
+    """Mean and standard deviation of each metric per value of ``by``, in first-seen order.
+
+    ``rows`` holds one mapping per run (e.g. ``{"run": "head", "seed": 0, "val acc": 0.74}``). The result has
+    a column per metric (the mean), ``"<metric> std"`` (sample std over seeds, 0 for one seed) and ``"seeds"``.
+    """
+    if not rows:
+        raise ValueError("summarize_seeds needs at least one run.")
+    table = pd.DataFrame(list(rows))
+    missing = [c for c in (by, *metrics) if c not in table.columns]
+    if missing:
+        raise KeyError(f"Columns {missing} are not in the runs; they have {list(table.columns)}.")
+    grouped = table.groupby(by, sort=False)[list(metrics)]
+    means, stds = grouped.mean(), grouped.std(ddof=1).fillna(0.0)
+    summary = pd.DataFrame(index=means.index)
+    for metric in metrics:
+        summary[metric] = means[metric]
+        summary[f"{metric} std"] = stds[metric]
+    summary[SEEDS_COLUMN] = grouped.size()
+    return summary
+
+
+def mean_std_table(summary: pd.DataFrame, metrics: Sequence[str], digits: int = 3) -> pd.DataFrame:
+    """The summary for reading: one ``"mean ± std"`` text column per metric, plus the number of seeds."""
+    shown = pd.DataFrame(index=summary.index)
+    for metric in metrics:
+        shown[metric] = [f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(summary[metric], summary[f"{metric} std"])]
+    shown[SEEDS_COLUMN] = summary[SEEDS_COLUMN]
+    return shown
+
+
+def is_tie(mean_a: float, std_a: float, mean_b: float, std_b: float) -> bool:
+    """True when the difference of the means is not larger than the larger standard deviation."""
+    return abs(mean_a - mean_b) <= max(std_a, std_b)
+
+
+def _points(difference: float, metric: str) -> str:
+    # Accuracies and other fractions read best as points; anything else as a plain difference.
+    return f"{100 * difference:.1f} points" if "acc" in metric or "recall" in metric or "f1" in metric else f"{difference:.3g}"
+
+
+def _described(summary: pd.DataFrame, name: str, metric: str) -> str:
+    return f"{name} ({summary.loc[name, metric]:.3f} ± {summary.loc[name, f'{metric} std']:.3f})"
+
+
+def versus_sentence(summary: pd.DataFrame, a: str, b: str, metric: str, *, higher_is_better: bool = True) -> str:
+    """One sentence on ``a`` against ``b``: which is better by how much, or that they tie within the spread."""
+    for name in (a, b):
+        if name not in summary.index:
+            raise KeyError(f"{name!r} is not in the table; it has {list(summary.index)}.")
+    mean_a, std_a = summary.loc[a, metric], summary.loc[a, f"{metric} std"]
+    mean_b, std_b = summary.loc[b, metric], summary.loc[b, f"{metric} std"]
+    seeds = int(min(summary.loc[a, SEEDS_COLUMN], summary.loc[b, SEEDS_COLUMN]))
+    over = f"over {seeds} seeds" if seeds > 1 else "on one seed (no spread: run more seeds to judge)"
+    if is_tie(mean_a, std_a, mean_b, std_b):
+        return (f"{_described(summary, a, metric)} and {_described(summary, b, metric)} tie on {metric} {over}: the "
+                f"difference, {_points(abs(mean_a - mean_b), metric)}, is within the spread.")
+    a_better = (mean_a > mean_b) == higher_is_better
+    winner, loser = (a, b) if a_better else (b, a)
+    return (f"{_described(summary, winner, metric)} beats {_described(summary, loser, metric)} on {metric} {over}, "
+            f"by {_points(abs(mean_a - mean_b), metric)}, more than the spread.")
+
+
+def ranking_sentence(summary: pd.DataFrame, metric: str, *, higher_is_better: bool = True) -> str:
+    """Which method is best on ``metric`` (by mean), which ones tie with it, and which it beats."""
+    if summary.empty:
+        raise ValueError("ranking_sentence needs at least one method.")
+    order = summary[metric].sort_values(ascending=not higher_is_better, kind="stable").index.tolist()
+    best = order[0]
+    if len(order) == 1:
+        return f"Only {_described(summary, best, metric)} was measured."
+    mean, std = summary.loc[best, metric], summary.loc[best, f"{metric} std"]
+    ties = [n for n in order[1:] if is_tie(mean, std, summary.loc[n, metric], summary.loc[n, f"{metric} std"])]
+    beaten = [n for n in order[1:] if n not in ties]
+    seeds = int(summary[SEEDS_COLUMN].min())
+    over = f"over {seeds} seeds" if seeds > 1 else "on one seed, so without a spread"
+    sentence = f"Highest mean {metric} {over}: {_described(summary, best, metric)}."
+    if ties:
+        sentence += (f" Within its spread, so tied with it: {', '.join(_described(summary, n, metric) for n in ties)}.")
+    else:
+        sentence += " No other method is within its spread."
+    if beaten:
+        gaps = [f"{n} by {_points(abs(mean - summary.loc[n, metric]), metric)}" for n in beaten]
+        sentence += f" It beats {', '.join(gaps)}."
+    return sentence
+
+
+def headline_metrics(summary: pd.DataFrame, metric: str, prefix: str) -> dict[str, float]:
+    """``{prefix}_{name}`` (the mean) and ``{prefix}_{name}_std`` for each method, for the results file.
+
+    Keys are lower case with every run of other characters turned into one ``_``.
+    """
+    out: dict[str, float] = {}
+    for name in summary.index:
+        key = re.sub(r"[^0-9a-z]+", "_", f"{prefix}_{name}".lower()).strip("_")
+        out[key] = float(summary.loc[name, metric])
+        std = float(summary.loc[name, f"{metric} std"])
+        out[f"{key}_std"] = std if math.isfinite(std) else 0.0
+    return out
