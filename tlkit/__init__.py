@@ -27,6 +27,7 @@ from .augment import (
     to_pil,
     train_preset,
 )
+from .compare import check_seeds, headline_metrics, mean_std_table, ranking_sentence, summarize_seeds, versus_sentence
 from .data import (
     REGISTERED_DATASETS,
     DatasetSplits,
