@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: course test lab bench clean-venv
+.PHONY: course test test-fast lab bench clean-venv
 
 # (Re)install when requirements or the package metadata change.
 $(STAMP): requirements.txt pyproject.toml
@@ -24,6 +24,10 @@ course: $(STAMP)
 TEST_JOBS ?= 2
 test: $(STAMP)
 	OMP_NUM_THREADS=$(if $(filter 0,$(TEST_JOBS)),$${OMP_NUM_THREADS:-2},1) $(PY) -m pytest -n $(TEST_JOBS) --dist loadfile --durations=10 --nbval-lax notebooks tests
+
+# Unit tests only (no notebooks, no papermill runs, no browser), on the same TEST_JOBS processes as make test.
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=$(if $(filter 0,$(TEST_JOBS)),$${OMP_NUM_THREADS:-2},1) $(PY) -m pytest -n $(TEST_JOBS) --dist loadfile --durations=10 -m "not notebook and not browser" tests
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks

@@ -150,7 +150,8 @@ def lab(tmp_path: Path) -> Iterator[dict[str, str]]:
     pytest.importorskip("playwright.sync_api", reason="the playwright package is missing: pip install -r requirements.txt")
     root = tmp_path / "lab"
     root.mkdir()
-    overrides = {"device": "cpu", "samples_per_class": 2, "progress": False, "data_root": str(tmp_path / "data"),
+    # lr: the notebook's LR-finder cell (which fills lr = None) is not part of the widget's cells
+    overrides = {"device": "cpu", "samples_per_class": 2, "progress": False, "lr": 1e-3, "data_root": str(tmp_path / "data"),
                  "output_dir": str(tmp_path / "outputs"), "results_path": str(tmp_path / "outputs" / "02.json")}
     nbformat.write(widget_notebook(NOTEBOOK_02, overrides), root / "freeze_panel.ipynb")
     token, port = secrets.token_hex(16), free_port()

@@ -77,3 +77,9 @@ def test_bad_seeds_say_how_to_pass_them(bad):
 def test_missing_metric_is_named():
     with pytest.raises(KeyError, match="val acc"):
         tlkit.summarize_seeds([{"run": "a"}], "run", ["val acc"])
+
+
+def test_ranking_sentence_names_methods_run_on_fewer_seeds():
+    rows = runs({"pre": [0.74, 0.75, 0.73], "rand": [0.24, 0.25, 0.26]}) + [{"run": "scratch", "seed": 0, "val acc": 0.18}]
+    sentence = tlkit.ranking_sentence(tlkit.summarize_seeds(rows, "run", ["val acc"]), "val acc")
+    assert sentence.startswith("Highest mean val acc over 3 seeds (fewer for scratch: 1): pre (0.740")

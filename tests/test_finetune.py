@@ -171,13 +171,15 @@ def test_notebook_02_writes_one_accuracy_per_strategy(tmp_path):
     compare = ["head", "last_block", "gradual", "conv_block"]
     run = run_notebook(
         NOTEBOOKS / "02_partial_unfreezing.ipynb", tmp_path,
-        {"samples_per_class": 3, "image_size": 32, "epochs": 2, "strategy": "gradual", "compare": compare, "bn_row": "head"},
+        {"samples_per_class": 3, "image_size": 32, "epochs": 2, "strategy": "gradual", "compare": compare,
+         "compare_once": ["full"], "bn_row": "head", "seeds": [0, 1]},
     )
     assert run.error == "", run.error
     m = run.metrics
-    assert m["strategy"] == "gradual" and m["samples_per_class"] == 3
-    for name in compare + ["head_bn_frozen"]:
-        assert 0.0 <= m[f"val_acc_{name}"] <= 1.0
-    assert m["val_acc"] == m["val_acc_gradual"]
-    assert m["trainable_params_head"] == 1280 * 10 + 10
+    assert m["strategy"] == "gradual" and m["samples_per_class"] == 3 and m["seeds"] == 2
+    for name in compare + ["head_bn_frozen", "full"]:
+        assert 0.0 <= m[f"val_acc_{name}"] <= 1.0 and m[f"val_acc_{name}_std"] >= 0.0
+    assert m["val_acc_full_std"] == 0.0  # compare_once runs on one seed
+    assert 1e-6 <= m["lr_suggestion_head"] <= 1.0 and m["lr"] == m["lr_suggestion_head"]  # lr None: the finder's
+    assert m["best_strategy"] in compare + ["head_bn_frozen", "full"] and 0.0 <= m["test_acc"] <= 1.0
     assert (tmp_path / "figures" / "02" / "comparison.png").stat().st_size > 0

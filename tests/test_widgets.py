@@ -55,7 +55,7 @@ def test_param_groups_follow_toggles_layer_decay_and_edited_multipliers(panel):
     assert [g["lr"] for g in panel.param_groups()] == pytest.approx([0.01, 0.005, 0.0025])
     panel.multipliers["stage7"].value = 0.1
     assert [g["lr"] for g in panel.make_optimizer().param_groups] == pytest.approx([0.01, 0.005, 0.001])
-    assert panel.lr_labels["stage7"].value == "lr 1.0e-03" and panel.lr_labels["stage6"].value == "frozen"
+    assert panel.lr_labels["stage7"].value == "lr 0.001" and panel.lr_labels["stage6"].value == "frozen"
 
 
 def test_train_button_trains_with_the_chosen_groups_and_continues(panel):
@@ -75,3 +75,33 @@ def test_training_everything_frozen_says_what_to_do(panel):
     panel.toggles["head"].value = False
     with pytest.raises(ValueError, match="no trainable parameters"):
         panel.train()
+
+
+def test_find_lr_button_fills_the_head_lr_with_the_suggestion_and_leaves_the_model_alone(panel):
+    panel.toggles["top"].value = True
+    panel.layer_decay.value = 0.5
+    panel.lr_find_steps = 8
+    state = {k: v.clone() for k, v in panel.model.state_dict().items()}
+    panel.find_lr_button.click()
+    result = panel.lr_finder
+    assert result.multipliers == pytest.approx({"head": 1.0, "top": 0.5})  # the panel's blocks and multipliers
+    assert len(result.lrs) <= 8
+    assert panel.lr.value == pytest.approx(float(f"{result.suggestion:.3g}"), rel=1e-12)
+    assert panel.lr_labels["head"].value == f"lr {panel.lr.value:.3g}"
+    assert all(torch.equal(v, panel.model.state_dict()[k]) for k, v in state.items())
+    assert [n for n, t in panel.toggles.items() if t.value] == ["top", "head"]
+
+
+def test_lr_boxes_keep_small_values_whole(panel):
+    panel.layer_decay.value = 0.5  # stem, 9 blocks below the head: 0.5 ** 9 = 0.001953125, not round(x, 4) = 0.002
+    assert panel.multipliers["stem"].value == 0.001953
+    panel.lr.value = 3.16e-5
+    assert panel.lr.value == 3.16e-5 and panel.lr.readout_format == ".3g"
+    assert f"{panel.lr.value:{panel.lr.readout_format}}" == "3.16e-05"
+
+
+def test_find_lr_needs_a_training_loader():
+    panel = tlkit.FreezePanel(tlkit.freeze(tlkit.create_model("efficientnet_lite0", 3)))
+    assert panel.find_lr_button.disabled
+    with pytest.raises(ValueError, match="needs a train_loader"):
+        panel.find_lr()

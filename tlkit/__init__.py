@@ -61,6 +61,8 @@ from .incremental import (
 from .models import (
     MIN_IMAGE_SIZE,
     OFFLINE_BACKBONE,
+    TIMM_PREFIX,
+    TimmBackboneError,
     TransferModel,
     WeightsUnavailableError,
     available_backbones,
@@ -68,6 +70,7 @@ from .models import (
     check_image_size,
     create_model,
     freeze,
+    has_batchnorm,
     imagenet_categories,
     parameter_counts,
     set_trainable,
@@ -79,6 +82,7 @@ from .finetune import (
     STRATEGIES,
     Callbacks,
     GradualUnfreezing,
+    PrefixRunResult,
     add_conv_block,
     apply_strategy,
     blocks_below_head,
@@ -133,11 +137,15 @@ from .plots import (
     compare_histories,
     plot_confusion_matrix,
     plot_history,
+    plot_seed_curves,
+    plot_seed_summary,
     plot_tracked,
     save_figure,
     show_images,
 )
-from .recipes import RunResult, linear_probe, train_all
+from .lr_finder import SUGGESTION_RULE, LRFinderResult, batchnorm_report, lr_find
+from .prefix_cache import PrefixCache, PrefixCacheStats, PrefixCacheTooLargeError, SuffixModel, cached_prefix, forward_from, prefix_boundary
+from .recipes import RunResult, evaluate_on, linear_probe, train_all
 from .results import write_results
 from .train import (
     History,

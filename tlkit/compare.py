@@ -102,8 +102,11 @@ def ranking_sentence(summary: pd.DataFrame, metric: str, *, higher_is_better: bo
     mean, std = summary.loc[best, metric], summary.loc[best, f"{metric} std"]
     ties = [n for n in order[1:] if is_tie(mean, std, summary.loc[n, metric], summary.loc[n, f"{metric} std"])]
     beaten = [n for n in order[1:] if n not in ties]
-    seeds = int(summary[SEEDS_COLUMN].min())
+    seeds = int(summary[SEEDS_COLUMN].max())
     over = f"over {seeds} seeds" if seeds > 1 else "on one seed, so without a spread"
+    fewer = [f"{n}: {int(k)}" for n, k in summary[SEEDS_COLUMN].items() if k < seeds]
+    if fewer and seeds > 1:
+        over += f" (fewer for {', '.join(fewer)})"
     sentence = f"Highest mean {metric} {over}: {_described(summary, best, metric)}."
     if ties:
         sentence += (f" Within its spread, so tied with it: {', '.join(_described(summary, n, metric) for n in ties)}.")

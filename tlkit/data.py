@@ -534,12 +534,16 @@ def _check_image_size(image_size: int) -> None:
 
 
 def eval_transform(image_size: int, norm: Normalization) -> v2.Compose:
-    """Deterministic preset: resize the short side, center-crop a square, scale to [0, 1], normalize."""
+    """Deterministic preset: resize the short side, center-crop a square, scale to [0, 1], normalize.
+
+    The resize follows the weights' own preprocessing (``norm.crop_pct`` and ``norm.interpolation``, from timm's
+    config for ``timm:`` backbones; the built-in backbones resize straight to ``image_size``, bilinear).
+    """
     _check_image_size(image_size)
     return v2.Compose(
         [
             v2.ToImage(),
-            v2.Resize(image_size, antialias=True),
+            v2.Resize(norm.resize_size(image_size), interpolation=norm.interpolation_mode, antialias=True),
             v2.CenterCrop(image_size),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(list(norm.mean), list(norm.std)),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -17,8 +19,9 @@ from torch.utils.data import DataLoader
 
 from .data import DatasetSplits, eval_transform, make_loader
 from .models import HEAD, TransferModel, _check_names, block_names, create_model, freeze, parameter_counts, set_trainable
+from .prefix_cache import PrefixCache, PrefixCacheStats, prefix_cache_allowed
 from .recipes import RunResult
-from .train import History, fit, set_seed
+from .train import History, fit, is_deterministic, set_seed
 
 BN_MODES = ("default", "train", "frozen")
 STRATEGIES = ("head", "last_block", "last_n_blocks", "last_tensors", "blocks", "gradual", "two_phase", "full", "conv_block")
@@ -207,7 +210,11 @@ def add_conv_block(model: TransferModel, channels: int = 128, *, kernel_size: in
     """
     if channels < 1:
         raise ValueError(f"channels must be at least 1, got {channels}.")
-    in_channels = feature_map_shape(model)[0]
+    shape = feature_map_shape(model)
+    if len(shape) != 3:  # ViT-like backbones give tokens (L, C), not a map
+        raise ValueError(f"add_conv_block needs a (C, H, W) feature map; {model.backbone} gives {tuple(shape)} per image "
+                         f"(tokens): use a CNN backbone for the conv_block strategy.")
+    in_channels = shape[0]
     num_classes = _num_classes(model)
     device = next(model.parameters()).device
     model.pool = nn.Sequential(
@@ -350,6 +357,13 @@ def apply_strategy(
     raise ValueError(f"Unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
 
 
+@dataclass
+class PrefixRunResult(RunResult):
+    """A ``RunResult`` of ``run_strategy(prefix_cache=True)``: ``prefix_cache`` says what the cache did (None: it did not apply)."""
+
+    prefix_cache: PrefixCacheStats | None = None
+
+
 def run_strategy(
     splits: DatasetSplits,
     strategy: str,
@@ -374,13 +388,26 @@ def run_strategy(
     name: str = "",
     progress: bool = False,
     on_epoch_end: Callable[[History], None] | None = None,
+    train_transform: Callable | None = None,
+    prefix_cache: bool = False,
+    cache_dir: str | Path | None = None,
+    max_bytes: float | None = None,
 ) -> RunResult:
-    """Train a new model with one strategy on images (nothing cached), ``epochs`` epochs in all, same seed and data for every strategy.
+    """Train a new model with one strategy on images, ``epochs`` epochs in all, same seed and data for every strategy.
 
     ``bn`` (see ``BN_MODES``): "default" keeps BatchNorm of fully frozen blocks in eval mode while
     trainable blocks update theirs; "train" lets frozen blocks' BatchNorm train too; "frozen" fixes
     every BatchNorm of the backbone (statistics and scale/shift, ``freeze_batchnorm``). Trainable
     parameters are counted at the end (for gradual: the blocks unfrozen by then).
+    ``train_transform`` defaults to the eval transform (no augmentation).
+
+    ``prefix_cache=True`` computes the activations below the first trainable block once (``tlkit.PrefixCache``;
+    on disk in ``cache_dir`` if given, refused over ``max_bytes``) and trains the rest of the network on them:
+    the same batches and, up to float noise, the same numbers, faster. It applies where the trainable part sits
+    above frozen blocks in eval mode (head, last_block, last_n_blocks, blocks, gradual, conv_block, last_tensors);
+    full, two_phase and bn="train" run as without it, and a random ``train_transform`` turns it off with an
+    ``AugmentationDisablesCacheWarning``. Then the result is a ``PrefixRunResult`` whose ``prefix_cache`` says
+    what the cache did (None where it did not apply).
     """
     if strategy == "two_phase" and not 0 < head_epochs < epochs:
         raise ValueError(f"two_phase needs 0 < head_epochs < epochs, got head_epochs={head_epochs}, epochs={epochs}.")
@@ -393,11 +420,20 @@ def run_strategy(
         freeze_batchnorm(model)
     model.to(device)
     transform = eval_transform(image_size, model.normalization)
-    train_loader = make_loader(splits.train, transform, batch_size, shuffle=True, seed=seed)
+    train_transform = transform if train_transform is None else train_transform
+    train_loader = make_loader(splits.train, train_transform, batch_size, shuffle=True, seed=seed)
     val_loader = make_loader(splits.val, transform, batch_size, shuffle=False)
     decay = dict(layer_decay=layer_decay, lr_mult=lr_mult)
     common = dict(device=device, progress=progress)
     start = time.perf_counter()
+    cache, skipped = None, _prefix_cache_skipped(model, strategy, train_transform) if prefix_cache else None
+    if prefix_cache and skipped is None:
+        ordered = make_loader(splits.train, train_transform, batch_size, shuffle=False)
+        cache = PrefixCache(model, {"train": ordered, "val": val_loader}, device, cache_dir=cache_dir,
+                            max_bytes=max_bytes, progress=progress)
+        train_loader = cache.loader("train", batch_size, shuffle=True, seed=seed)
+        val_loader = cache.loader("val", batch_size, shuffle=False)
+    stepper = model if cache is None else cache.suffix  # the suffix shares the model's parameters
     if strategy == "two_phase":
         history = fine_tune(
             model, train_loader, val_loader, head_epochs=head_epochs, epochs=epochs - head_epochs, lr=lr,
@@ -411,10 +447,26 @@ def run_strategy(
             order = blocks_below_head(model)[::-1][: (epochs - 1) // unfreeze_every]
             unfreezing = GradualUnfreezing(model, optimizer, lr=lr, every=unfreeze_every, order=order, **decay)
             callback = Callbacks(unfreezing, on_epoch_end)
-        history = fit(model, train_loader, val_loader, epochs=epochs, optimizer=optimizer, on_epoch_end=callback, **common)
+        history = fit(stepper, train_loader, val_loader, epochs=epochs, optimizer=optimizer, on_epoch_end=callback, **common)
     seconds = time.perf_counter() - start
     label = name or (strategy if bn == "default" else f"{strategy}, BN {bn}")
-    return RunResult(label, model, history, seconds, trainable_count(model))
+    if not prefix_cache:
+        return RunResult(label, model, history, seconds, trainable_count(model))
+    stats = None if cache is None else cache.stats
+    print(f"{label}: {f'no prefix cache ({skipped})' if stats is None else stats.summary()}; {seconds:.1f} s in all.", flush=True)
+    return PrefixRunResult(label, model, history, seconds, trainable_count(model), stats)
+
+
+def _prefix_cache_skipped(model: TransferModel, strategy: str, train_transform: Callable) -> str | None:
+    """Why the prefix cache cannot serve this run, or None when it can (a random transform also warns)."""
+    if strategy == "two_phase":
+        return "two_phase trains through fine_tune on the model itself, and its second phase trains every block"
+    if not is_deterministic(train_transform):
+        prefix_cache_allowed(model, train_transform)  # warns, as the feature cache does
+        return "the train transform is random"
+    if not prefix_cache_allowed(model, train_transform):
+        return "nothing below the first trainable block is frozen in eval mode"
+    return None
 
 
 def plot_val_accuracy(histories: Mapping[str, History], title: str = "") -> Figure:

@@ -259,6 +259,8 @@ class RemedyRun:
     history: History
     probs: torch.Tensor
     labels: torch.Tensor
+    test_probs: torch.Tensor | None = None  # the same head (and post-hoc step) on test features, when given
+    test_labels: torch.Tensor | None = None
 
     @property
     def predicted(self) -> torch.Tensor:
@@ -293,12 +295,14 @@ def fit_head_with_remedy(
     beta: float = 0.99,
     gamma: float = 2.0,
     tau: float = 1.0,
+    test_features: TensorDataset | None = None,
     **fit_kwargs,
 ) -> RemedyRun:
     """Re-initialise ``model.head`` (from ``seed``), train it on cached features with remedy ``name``, predict on val.
 
     Every remedy starts from the same head and the same seed, so runs differ only by the remedy.
-    Validation features are never resampled or reweighted.
+    Validation features are never resampled or reweighted. With ``test_features``, the trained head (and the
+    remedy's post-hoc step, fitted on the training counts, never on test) also predicts the test split.
     """
     features, labels = train_features.tensors
     remedy = make_remedy(name, labels.tolist(), _output_size(model.head), seed=seed, beta=beta, gamma=gamma, tau=tau)
@@ -313,4 +317,8 @@ def fit_head_with_remedy(
         sampler=remedy.sampler, loss_fn=remedy.loss_fn, device=device, **fit_kwargs,
     )
     probs, val_labels = predict(model.head, make_loader(val_features, None, batch_size, shuffle=False), device)
-    return RemedyRun(name, history, remedy.apply(probs), val_labels)
+    run = RemedyRun(name, history, remedy.apply(probs), val_labels)
+    if test_features is not None:
+        test_probs, run.test_labels = predict(model.head, make_loader(test_features, None, batch_size, shuffle=False), device)
+        run.test_probs = remedy.apply(test_probs)
+    return run

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -12,6 +12,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from .train import History
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def plot_history(history: History, title: str = "", fig: Figure | None = None) -> Figure:
@@ -103,12 +106,11 @@ class LiveCurves:
         return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
-def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Save ``fig`` as PNG, creating the folder."""
+def save_figure(fig: Figure, path: str | Path) -> None:
+    """Save ``fig`` as PNG, creating the folder (returns nothing, so a notebook cell ending with it shows the figure only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
 
 
 def plot_confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str], *, normalize: str | None = None, title: str = "") -> Figure:
@@ -182,5 +184,45 @@ def plot_tracked(runs: dict[str, dict[str, list[float]]], reference: dict[str, f
     axes[0][-1].legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_seed_summary(summary: "pd.DataFrame", metric: str, *, title: str = "", xlim: tuple[float, float] | None = (0, 1)) -> Figure:
+    """One horizontal bar per method: the mean of ``metric`` over seeds, with ± one standard deviation as error bar.
+
+    ``summary`` is ``tlkit.summarize_seeds``'s table (columns ``metric`` and ``"<metric> std"``).
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(summary) + 1.4))
+    names = [str(n) for n in summary.index]
+    ax.barh(names, summary[metric], xerr=summary[f"{metric} std"], capsize=4, color="tab:blue", alpha=0.8)
+    for y, (mean, std) in enumerate(zip(summary[metric], summary[f"{metric} std"])):
+        ax.text(mean + std + 0.01, y, f"{mean:.3f} ± {std:.3f}", va="center", fontsize=8)
+    ax.invert_yaxis()
+    if xlim:
+        ax.set_xlim(*xlim)
+    seeds = int(summary["seeds"].min())
+    ax.set_xlabel(f"{metric} (mean ± std over {seeds} seed{'s' if seeds > 1 else ''})")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_seed_curves(summaries: "dict[str, pd.DataFrame]", metric: str, *, xlabel: str, title: str = "") -> Figure:
+    """One line per method of ``metric`` against the summary's index (e.g. images per class), ± one std as error bars.
+
+    The index values are placed evenly and written as labels, so "all" can stand beside numbers.
+    """
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, summary in summaries.items():
+        positions = range(len(summary))
+        ax.errorbar(positions, summary[metric], yerr=summary[f"{metric} std"], marker="o", capsize=4, label=name)
+        ax.set_xticks(list(positions), [str(i) for i in summary.index])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{metric} (mean ± std)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
     fig.tight_layout()
     return fig

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils.data import Dataset
 
 from .data import DatasetSplits, eval_transform, make_loader
+from .feature_store import cached_features
 from .models import TransferModel, create_model, freeze, parameter_counts, unfreeze
-from .train import History, extract_features, fit, fit_head, set_seed
+from .train import History, below_head_frozen, evaluate, fit, fit_head, set_seed
 
 
 @dataclass
@@ -51,12 +55,17 @@ def train_head_on_features(
     val_batch_size: int | None = None,
     progress: bool = False,
     on_epoch_end: Callable[[History], None] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> History:
-    """Run ``model``'s frozen backbone once over both splits (eval transform), then train its head on those features."""
+    """Run ``model``'s frozen backbone once over both splits (eval transform), then train its head on those features.
+
+    ``cache_dir``: keep the features on disk there (``tlkit.cached_features``), so runs that share a backbone
+    and images (e.g. the same validation split over several seeds) compute them once.
+    """
     transform = eval_transform(image_size, model.normalization)
-    train = extract_features(model, make_loader(splits.train, transform, batch_size, shuffle=False), device, progress=progress)
-    val = extract_features(model, make_loader(splits.val, transform, val_batch_size or batch_size, shuffle=False),
-                           device, progress=progress)
+    features = functools.partial(cached_features, device=device, cache_dir=cache_dir, progress=progress)
+    train = features(model, make_loader(splits.train, transform, batch_size, shuffle=False))
+    val = features(model, make_loader(splits.val, transform, val_batch_size or batch_size, shuffle=False))
     history = fit_head(
         model, train, val, epochs=epochs, batch_size=batch_size, seed=seed, lr=lr,
         device=device, progress=progress, on_epoch_end=on_epoch_end,
@@ -79,14 +88,15 @@ def linear_probe(
     name: str = "",
     progress: bool = False,
     on_epoch_end: Callable[[History], None] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> RunResult:
-    """Freeze the whole backbone, cache its features once, train a new linear head on them."""
+    """Freeze the whole backbone, cache its features once (on disk too with ``cache_dir``), train a new linear head on them."""
     set_seed(seed)
     model = freeze(create_model(backbone, len(splits.classes), weights))
     start = time.perf_counter()
     history = train_head_on_features(
         model, splits, image_size, batch_size=batch_size, epochs=epochs, lr=lr, seed=seed,
-        device=device, progress=progress, on_epoch_end=on_epoch_end,
+        device=device, progress=progress, on_epoch_end=on_epoch_end, cache_dir=cache_dir,
     )
     seconds = time.perf_counter() - start
     return RunResult(name or f"{weights or 'random'} frozen + head", model, history, seconds, parameter_counts(model)["total"]["trainable"])
@@ -120,3 +130,25 @@ def train_all(
     )
     seconds = time.perf_counter() - start
     return RunResult(name or f"{weights or 'random'} init, all blocks train", model, history, seconds, parameter_counts(model)["total"]["trainable"])
+
+
+def evaluate_on(
+    model: TransferModel,
+    dataset: Dataset,
+    image_size: int,
+    *,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    cache_dir: str | Path | None = None,
+) -> dict[str, float]:
+    """Loss and accuracy of ``model`` on ``dataset`` with the eval transform (e.g. the test split, once at the end).
+
+    A model whose blocks below the head are all frozen is evaluated on its backbone's features, read from
+    ``cache_dir`` when the same backbone saw the same images before (e.g. the pretrained backbone of every seed).
+    """
+    transform = eval_transform(image_size, model.normalization)
+    loader = make_loader(dataset, transform, batch_size, shuffle=False)
+    if not below_head_frozen(model):
+        return evaluate(model, loader, device)
+    features = cached_features(model, loader, device, cache_dir=cache_dir, progress=False)
+    return evaluate(model.head, make_loader(features, None, batch_size, shuffle=False), device)

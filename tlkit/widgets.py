@@ -1,17 +1,19 @@
-"""An ipywidgets panel to choose which blocks train, with per-block learning rates and a Train button.
+"""An ipywidgets panel to choose which blocks train, with per-block learning rates, a Find LR and a Train button.
 
 The state logic lives in plain methods (``set_block``, ``summary``, ``param_groups``,
-``make_optimizer``, ``train``) so it runs and is tested without a browser; the widgets only call them.
+``make_optimizer``, ``find_lr``, ``train``) so it runs and is tested without a browser; the widgets only call them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 from torch.utils.data import DataLoader
 
 from .finetune import lr_multipliers, make_optimizer, param_groups
+from .lr_finder import LRFinderResult, lr_find
 from .models import TransferModel, block_names, parameter_counts, set_trainable, trainable_blocks
 from .plots import LiveCurves
 from .train import History, fit
@@ -23,8 +25,11 @@ class FreezePanel:
     Display it as the last expression of a cell. Toggling a block calls ``tlkit.set_trainable``
     at once (frozen blocks go to eval mode); the layer-decay slider refills the multipliers
     (``layer_decay ** k`` for the block k places below the head), which can then be edited one
-    by one. Train runs ``tlkit.fit`` on the given loaders with an AdamW over one param group per
-    trainable block, and draws the curves live. Each Train continues the same model.
+    by one. Find LR runs ``tlkit.lr_find`` (``lr_find_steps`` steps on the training loader, the
+    panel's blocks and multipliers, everything put back afterwards) and sets the head-LR slider to
+    its suggestion, rounded to 3 significant digits. Train runs ``tlkit.fit`` on the given loaders
+    with an AdamW over one param group per trainable block, and draws the curves live. Each Train
+    continues the same model.
     """
 
     def __init__(
@@ -38,24 +43,27 @@ class FreezePanel:
         epochs: int = 3,
         device: torch.device | str = "cpu",
         save_path: str | Path | None = None,
+        lr_find_steps: int = 50,
     ) -> None:
         import ipywidgets as w
 
         self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
-        self.device, self.save_path = device, save_path
+        self.device, self.save_path, self.lr_find_steps = device, save_path, lr_find_steps
         self.history: History | None = None
+        self.lr_finder: LRFinderResult | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         counts = parameter_counts(model)
         trains = set(trainable_blocks(model))
         multipliers = lr_multipliers(model, layer_decay)
         self.toggles = {n: w.ToggleButton(value=n in trains, description=n, layout=w.Layout(width="110px")) for n in block_names(model)}
         self.multipliers = {
-            n: w.BoundedFloatText(value=round(multipliers[n], 4), min=1e-6, max=100.0, step=0.1, description="lr ×",
+            n: w.BoundedFloatText(value=_significant(multipliers[n], 4), min=1e-6, max=100.0, step=0.1, description="lr ×",
                                   layout=w.Layout(width="150px"))
             for n in block_names(model)
         }
         self.lr_labels = {n: w.Label() for n in block_names(model)}
-        self.lr = w.FloatLogSlider(value=lr, base=10, min=-6, max=0, step=0.1, description="head lr", readout_format=".1e")
+        # ".3g" shows a small LR whole (0.000316, 1e-06); values set from Python are kept exactly, not snapped to step.
+        self.lr = w.FloatLogSlider(value=lr, base=10, min=-6, max=0, step=0.1, description="head lr", readout_format=".3g")
         self.layer_decay = w.FloatSlider(value=layer_decay, min=0.05, max=1.0, step=0.05, description="layer decay")
         self.epochs = w.BoundedIntText(value=epochs, min=1, max=1000, description="epochs", layout=w.Layout(width="160px"))
         self.bn_frozen = w.Checkbox(value=model.eval_frozen_blocks, description="frozen blocks keep their BatchNorm statistics (eval mode)",
@@ -63,6 +71,8 @@ class FreezePanel:
         self.summary_html = w.HTML()
         self.train_button = w.Button(description="Train", button_style="primary", disabled=train_loader is None or val_loader is None,
                                      tooltip="tlkit.fit with the blocks and learning rates chosen above")
+        self.find_lr_button = w.Button(description="Find LR", disabled=train_loader is None,
+                                       tooltip="tlkit.lr_find with these blocks and multipliers; sets the head lr to its suggestion")
         self.output = w.Output()
         rows = [
             w.HBox([self.toggles[n], w.Label(f"{sum(counts[n].values()):>12,} params", layout=w.Layout(width="150px")),
@@ -77,9 +87,10 @@ class FreezePanel:
         self.layer_decay.observe(lambda change: self.apply_layer_decay(change["new"]), names="value")
         self.bn_frozen.observe(lambda change: self.set_bn_frozen(change["new"]), names="value")
         self.train_button.on_click(lambda button: self.train())
+        self.find_lr_button.on_click(lambda button: self.find_lr())
         self.widget = w.VBox([
             w.HTML("<b>Blocks, input to output</b> (pressed = trains; lr = head lr × multiplier)"),
-            *rows, self.summary_html, w.HBox([self.lr, self.layer_decay]), self.bn_frozen,
+            *rows, self.summary_html, w.HBox([self.lr, self.find_lr_button, self.layer_decay]), self.bn_frozen,
             w.HBox([self.epochs, self.train_button]), self.output,
         ])
         self.refresh()
@@ -102,7 +113,7 @@ class FreezePanel:
     def apply_layer_decay(self, layer_decay: float) -> None:
         """Set every block's LR multiplier to ``layer_decay ** k`` (k = places below the head)."""
         for name, mult in lr_multipliers(self.model, layer_decay).items():
-            self.multipliers[name].value = round(mult, 4)  # fits the box
+            self.multipliers[name].value = _significant(mult, 4)  # fits the box, also for small multipliers (0.5 ** 12)
         self.refresh()
 
     def lr_mult(self) -> dict[str, float]:
@@ -122,6 +133,24 @@ class FreezePanel:
     def make_optimizer(self) -> torch.optim.AdamW:
         """AdamW over ``param_groups()``."""
         return make_optimizer(self.model, self.lr.value, lr_mult=self.lr_mult())
+
+    def find_lr(self) -> LRFinderResult:
+        """Run the LR range test on the training loader with the panel's choice and put its suggestion in the head-LR slider."""
+        if self.train_loader is None:
+            raise ValueError("FreezePanel needs a train_loader to find the LR: FreezePanel(model, train_loader, val_loader).")
+        self.model.to(self.device)  # where Train would put it
+        self.lr_finder = lr_find(self.model, self.train_loader, lr_mult=self.lr_mult(), num_steps=self.lr_find_steps)
+        self.lr.value = _significant(self.lr_finder.suggestion, 3)  # the slider's readout shows it whole
+        with self.output:
+            self.output.clear_output(wait=True)
+            from IPython.display import display  # ipywidgets' own dependency
+
+            fig = self.lr_finder.plot(f"trainable: {', '.join(trainable_blocks(self.model))}")
+            display(fig)
+            plt.close(fig)
+            print(f"head lr set to {self.lr.value:.3g} ({self.lr_finder.rule})")
+        self.refresh()
+        return self.lr_finder
 
     def train(self) -> History:
         """Train with the current choice for ``epochs`` epochs (continuing the model and the history), curves drawn live."""
@@ -143,7 +172,7 @@ class FreezePanel:
         s = self.summary()
         trains = set(trainable_blocks(self.model))
         for name, label in self.lr_labels.items():
-            label.value = f"lr {self.lr.value * self.multipliers[name].value:.1e}" if name in trains else "frozen"
+            label.value = f"lr {self.lr.value * self.multipliers[name].value:.3g}" if name in trains else "frozen"
         last = f"; last val acc {self.history.val_acc[-1]:.3f}" if self.history else ""
         self.summary_html.value = (
             f"trainable <b>{s['trainable']:,}</b> ({s['share']:.1%}) · frozen {s['frozen']:,} ({1 - s['share']:.1%}){last}"
@@ -151,3 +180,8 @@ class FreezePanel:
 
     def _repr_mimebundle_(self, **kwargs) -> dict:
         return self.widget._repr_mimebundle_(**kwargs)
+
+
+def _significant(value: float, digits: int) -> float:
+    """``value`` rounded to ``digits`` significant digits (round(x, 4) would turn 0.00024 into 0.0002)."""
+    return float(f"{value:.{digits}g}")
