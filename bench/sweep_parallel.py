@@ -7,7 +7,7 @@ every core (OMP_NUM_THREADS = cores); two workers run two at a time with cores /
 ``python -m tlkit.sweep --workers 2`` does. Both sweeps go through ``tlkit.sweep.sweep`` in this process
 (tlkit imported once), each into a fresh folder (no reuse), and the tables are checked to agree.
 
-    python bench/sweep_parallel.py              # 4 runs of 400 steps each
+    python bench/sweep_parallel.py              # 4 runs of 200 steps each
     python bench/sweep_parallel.py --steps 100  # a quick look
 """
 
@@ -46,7 +46,7 @@ json.dump({"loss": loss.item(), "train_seconds": time.perf_counter() - start, "t
 
 def write_notebook(folder: Path) -> Path:
     """The benchmark notebook: a ``parameters`` cell (seed, steps, and the paths a sweep sets), then the training cell."""
-    parameters = nbformat.v4.new_code_cell("seed = 0\nsteps = 400\nresults_path = 'train.json'\noutput_dir = '.'\nprogress = True")
+    parameters = nbformat.v4.new_code_cell("seed = 0\nsteps = 200\nresults_path = 'train.json'\noutput_dir = '.'\nprogress = True")
     parameters.metadata["tags"] = ["parameters"]
     nb = nbformat.v4.new_notebook(cells=[parameters, nbformat.v4.new_code_cell(TRAIN_CELL)])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -63,7 +63,7 @@ def timed_sweep(notebook: Path, out: Path, steps: int, workers: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400, help="training steps per run (default 400)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps per run (default 200)")
     args = parser.parse_args()
     cores = available_cores()
     # One worker runs in this process's kernels: give them every core, the cores / 1 that --workers 1 means.

@@ -54,21 +54,28 @@ def parse_value(text: str) -> object:
         return text
 
 
-def run_notebook(notebook: Path, output_dir: Path, parameters: dict | None = None) -> NotebookRun:
-    """Execute ``notebook`` with papermill into ``output_dir``; it writes its metrics to ``<name>.json`` there."""
+def run_parameters(notebook: Path, output_dir: Path, parameters: dict | None = None) -> dict:
+    """The parameters a run of ``notebook`` gets: its metrics file and figures in ``output_dir``, no progress bars, then ``parameters``."""
+    results = output_dir / f"{notebook.stem}.json"
+    params = {"results_path": str(results.resolve()), "output_dir": str(output_dir.resolve()), "progress": False}
+    params.update(parameters or {})
+    return params
+
+
+def run_notebook(notebook: Path, output_dir: Path, parameters: dict | None = None, *, cwd: Path | None = None) -> NotebookRun:
+    """Execute ``notebook`` with papermill into ``output_dir`` (started in ``cwd``, default its folder); it writes its metrics to ``<name>.json`` there."""
     import papermill as pm
 
     output_dir.mkdir(parents=True, exist_ok=True)
     results = output_dir / f"{notebook.stem}.json"
     results.unlink(missing_ok=True)
-    params = {"results_path": str(results.resolve()), "output_dir": str(output_dir.resolve()), "progress": False}
-    params.update(parameters or {})
+    params = run_parameters(notebook, output_dir, parameters)
     start = time.perf_counter()
     error = ""
     try:
         pm.execute_notebook(
             str(notebook), str(output_dir / notebook.name), parameters=params,
-            cwd=str(notebook.parent), kernel_name="python3", progress_bar=False,
+            cwd=str(cwd or notebook.parent), kernel_name="python3", progress_bar=False,
         )
     except Exception as err:  # papermill raises PapermillExecutionError with the cell's traceback
         error = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__

@@ -1,40 +1,65 @@
 """Batch runs: one notebook executed over a grid of parameters, every run's metrics in one table and a plot.
 
-Usage: python -m tlkit.sweep NOTEBOOK [-p NAME VALUE ...] [--grid NAME=V1,V2,... ...] [--out DIR]
-                             [--metric NAME ...] [--dry-run]
+Usage: python -m tlkit.sweep NOTEBOOK [-p NAME VALUE ...] [--grid NAME=V1,V2,... ...] [--seeds 0,1,2] [--out DIR]
+                             [--workers N | --dask ADDRESS [--shared-out]] [--force] [--metric NAME ...] [--dry-run]
 
-Each point of the grid (the cartesian product of the --grid lists, in the order given) is one papermill
-run in its own folder DIR/<name>=<value>,... (executed notebook, metrics JSON, figures). The runs'
-metrics are collected into DIR/results.csv, DIR/results.md and a plot, DIR/results.png. A failed run is
-reported and the sweep goes on; the exit status is 1 when any run failed, 2 for a bad command line.
+Each point of the grid (the cartesian product of the --grid lists, in the order given; with --seeds, once per
+seed) is one papermill run in its own folder DIR/<name>=<value>,... (executed notebook, metrics JSON, figures,
+and the run's status, sweep-run.json, written when it ends). The runs' metrics are collected into
+DIR/results.csv, DIR/results.md and a plot, DIR/results.png; with --seeds the table and the plot show the mean
+and standard deviation over the seeds of each point. Runs go one after another, on N local worker processes
+(--workers), or to a running dask.distributed scheduler (--dask). The same command again reuses the runs that
+finished (same notebook content and parameters) and reruns the others; --force reruns all. A failed run is
+reported and the sweep goes on; the exit status is 1 when any run failed, 2 for a bad command line or a folder
+another live sweep is writing, 130 when interrupted.
 Values are read like papermill's -p (True/False/None, numbers, else text); lists and dicts as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import difflib
+import hashlib
 import itertools
 import json
 import math
+import os
+import queue
 import re
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .course import NotebookRun, parse_value, run_notebook  # the -p values of python -m tlkit.course and of a sweep read alike
+from .course import NotebookRun, parse_value, run_notebook, run_parameters  # the -p values of python -m tlkit.course and of a sweep read alike
 from .plots import save_figure
 
 # The sweep points these at each run's own folder, so that runs never overwrite each other's files.
 PER_RUN_PARAMETERS = ("results_path", "output_dir")
+# Written into a run's folder when the run ends (atomically): what a later sweep reads to reuse it.
+STATUS_FILE = "sweep-run.json"
+# The lock that keeps two live sweeps out of one folder, and who holds it (for the refusal message).
+LOCK_FILE, OWNER_FILE = ".sweep.lock", ".sweep.owner.json"
 
 
 class SweepError(ValueError):
     """A sweep that cannot start: unknown notebook or parameter, malformed grid."""
+
+
+class SweepBusy(SweepError):
+    """The sweep's folder is held by another sweep that is still running."""
 
 
 # --- parsing the command line --------------------------------------------------------------------------
@@ -133,10 +158,31 @@ def check_parameters(notebook: Path, params: Mapping[str, object], grid: Mapping
         raise SweepError(f"{', '.join(both)} is both fixed (-p) and swept (--grid); keep only one of them.")
 
 
-def plan_runs(notebook: Path, params: Mapping[str, object], grid: Mapping[str, Iterable[object]]) -> list[tuple[str, dict[str, object]]]:
-    """The sweep's runs as ``(run name, grid point)`` pairs, after checking every parameter name and value list."""
-    check_parameters(notebook, params, grid)
-    runs = [(run_name(point), point) for point in expand_grid(grid)]
+
+
+def seed_list(seeds: Iterable[object] | str | None) -> list[int]:
+    """``--seeds 0,1,2`` (or a list) as distinct integers; empty for no seeds."""
+    if seeds is None:
+        return []
+    values = [parse_value(v.strip()) for v in seeds.split(",")] if isinstance(seeds, str) else list(seeds)
+    values = [v.item() if isinstance(v, np.generic) else v for v in values]
+    if isinstance(seeds, str) and not seeds.strip() or not all(isinstance(v, int) and not isinstance(v, bool) for v in values) or len(set(values)) < len(values):
+        raise SweepError(f"--seeds {seeds!r}: give distinct integers separated by commas, e.g. --seeds 0,1,2.")
+    return values
+
+
+def plan_runs(
+    notebook: Path, params: Mapping[str, object], grid: Mapping[str, Iterable[object]], seeds: Sequence[int] = ()
+) -> list[tuple[str, dict[str, object]]]:
+    """The sweep's runs as ``(run name, point)`` pairs (with seeds: each grid point once per seed, ``seed`` last), after checking every name and value list."""
+    if seeds and "seed" in [*params, *grid]:
+        where = "-p seed" if "seed" in params else "--grid seed"
+        raise SweepError(f"--seeds sets seed for every run; leave out {where} (or drop --seeds and keep {where}).")
+    check_parameters(notebook, params, {**grid, **({"seed": list(seeds)} if seeds else {})})
+    points = expand_grid(grid)
+    if seeds:
+        points = [{**point, "seed": seed} for point in points for seed in seeds]
+    runs = [(run_name(point), point) for point in points]
     names = [name for name, _ in runs]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
@@ -167,75 +213,426 @@ def results_table(rows: Sequence[Mapping[str, object]]) -> pd.DataFrame:
 
 def metric_columns(table: pd.DataFrame, grid_keys: Sequence[str]) -> list[str]:
     """The table's metric columns: everything after run, grid values, status, error and seconds."""
-    fixed = {"run", "status", "error", "seconds", *grid_keys}
-    return [c for c in table.columns if c not in fixed]
+    fixed = {"run", "point", "status", "error", "seconds", "seeds ok", "seed", *grid_keys}
+    return [c for c in table.columns if c not in fixed and not (c.endswith("_std") and c[: -len("_std")] in table.columns)]
+
+
+def numeric_metrics(table: pd.DataFrame, grid_keys: Sequence[str]) -> list[str]:
+    """The metric columns that hold numbers (at least one)."""
+    return [c for c in metric_columns(table, grid_keys) if pd.api.types.is_numeric_dtype(table[c]) and table[c].notna().any()]
 
 
 def headline_metrics(table: pd.DataFrame, grid_keys: Sequence[str]) -> list[str]:
     """The metric to plot by default: the first numeric one with ``acc`` in its name (else the first numeric one)."""
-    numeric = [c for c in metric_columns(table, grid_keys) if pd.api.types.is_numeric_dtype(table[c]) and table[c].notna().any()]
+    numeric = numeric_metrics(table, grid_keys)
     accuracies = [c for c in numeric if "acc" in c]
     return (accuracies or numeric)[:1]
 
 
+def seed_summary(table: pd.DataFrame, grid_keys: Sequence[str]) -> pd.DataFrame:
+    """One row per grid point over its seeds: ``point``, grid values, ``seeds ok`` (e.g. 3/3), mean ``seconds``, then each numeric metric's mean and ``<metric>_std`` (sample std over the runs that finished)."""
+    metrics = numeric_metrics(table, [*grid_keys, "seed"])
+    keys = table[list(grid_keys)].map(format_value) if grid_keys else pd.DataFrame({"point": ["default"] * len(table)}, index=table.index)
+    rows = []
+    for _, group in keys.groupby(list(keys.columns), sort=False):
+        runs = table.loc[group.index]
+        ok = runs[runs["status"] == "ok"]
+        first = runs.iloc[0]
+        row: dict[str, object] = {"point": run_name({k: first[k] for k in grid_keys}), **{k: first[k] for k in grid_keys}}
+        row.update({"seeds ok": f"{len(ok)}/{len(runs)}", "seconds": round(float(runs["seconds"].mean()), 2)})
+        for metric in metrics:
+            values = pd.to_numeric(ok[metric], errors="coerce").astype(float).dropna()
+            row[metric] = values.mean() if len(values) else math.nan
+            row[f"{metric}_std"] = values.std() if len(values) > 1 else math.nan  # pandas: ddof=1, the sample std
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
-    """``table`` as a Markdown pipe table, floats to ``digits`` significant digits, missing values empty."""
+    """``table`` as a Markdown pipe table (tabulate, through ``DataFrame.to_markdown``), floats to ``digits`` significant digits, missing values empty."""
 
-    def cell(value: object) -> str:
-        if value is pd.NA or (isinstance(value, float) and math.isnan(value)):
-            return ""
-        if isinstance(value, float):
-            return f"{value:.{digits}g}"
-        return str(value).replace("|", "\\|").replace("\n", " ")
+    def cell(value: object) -> object:
+        if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+            return ""  # tabulate takes empty cells as missing: numbers stay right-aligned and formatted
+        return value.replace("|", "\\|").replace("\n", " ") if isinstance(value, str) else value  # a | would end the cell
 
-    lines = ["| " + " | ".join(map(cell, table.columns)) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines)
+    return table.astype(object).map(cell).to_markdown(index=False, floatfmt=f".{digits}g", missingval="")
+
+
+def mean_std_text(mean: float, std: float, digits: int = 3) -> str | None:
+    """``0.812 ± 0.0141``; only the mean when there is no spread (one seed finished), nothing when none did."""
+    if math.isnan(mean):
+        return None
+    return f"{mean:.{digits}g}" if math.isnan(std) else f"{mean:.{digits}g} ± {std:.{digits}g}"
+
+
+def summary_markdown(summary: pd.DataFrame, digits: int = 3) -> str:
+    """A :func:`seed_summary` as a Markdown table, each metric with a ``<metric>_std`` column shown as ``mean ± std``."""
+    shown = summary.copy()
+    for column in [c for c in summary.columns if f"{c}_std" in summary.columns]:
+        shown[column] = [mean_std_text(m, s, digits) for m, s in zip(summary[column].astype(float), summary[f"{column}_std"].astype(float))]
+        shown = shown.drop(columns=f"{column}_std")
+    return markdown_table(shown, digits)
 
 
 def plot_sweep(table: pd.DataFrame, grid_keys: Sequence[str], metrics: Sequence[str], title: str = "") -> Figure:
-    """Each metric against the grid: bars for one grid name, else x = the first name and one line per value of the others."""
+    """Each metric against the grid: bars for one grid name, else x = the first name and one line per value of the others; error bars where ``table`` has ``<metric>_std`` (a :func:`seed_summary`)."""
     fig = Figure(figsize=(5.5 * len(metrics), 4), layout="constrained")
     for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics):
         values = pd.to_numeric(table[metric], errors="coerce").astype(float)  # failed runs: NaN
-        labels = table[list(grid_keys)].map(format_value) if grid_keys else pd.DataFrame({"run": table["run"]})
+        spread = pd.to_numeric(table[f"{metric}_std"], errors="coerce").astype(float).fillna(0.0) if f"{metric}_std" in table.columns else None
+        labels = table[list(grid_keys)].map(format_value) if grid_keys else table.iloc[:, :1]  # no grid: the run (or point) names
         x_name, *others = labels.columns
         x_labels = list(dict.fromkeys(labels[x_name]))
         if not others:
-            ax.bar(range(len(labels)), values.fillna(0.0), color="tab:blue")
+            ax.bar(range(len(labels)), values.fillna(0.0), yerr=spread, capsize=4, color="tab:blue")
             for i in [i for i, v in enumerate(values) if math.isnan(v)]:
                 ax.text(i, 0, "failed", rotation=90, ha="center", va="bottom", color="tab:red")
         else:
             for group, rows in labels.groupby(others, sort=False):
                 group = group if isinstance(group, tuple) else (group,)
-                ax.plot([x_labels.index(x) for x in rows[x_name]], values[rows.index], "o-",
-                        label=", ".join(f"{k}={v}" for k, v in zip(others, group)))
+                ax.errorbar([x_labels.index(x) for x in rows[x_name]], values[rows.index], yerr=None if spread is None else spread[rows.index],
+                            fmt="o-", capsize=3, label=", ".join(f"{k}={v}" for k, v in zip(others, group)))
             ax.legend(fontsize=8)
         failed = int(values.isna().sum())
         ax.set_xticks(range(len(x_labels)), x_labels)
-        ax.set(xlabel=x_name, ylabel=metric, title=metric + (f" ({failed} failed run(s) not shown)" if failed else ""))
+        spread_note = " (mean ± std over seeds)" if spread is not None else ""
+        ax.set(xlabel=x_name, ylabel=metric, title=metric + spread_note + (f" ({failed} failed point(s) not shown)" if failed else ""))
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     return fig
 
 
-def write_results_files(table: pd.DataFrame, out_dir: Path, grid_keys: Sequence[str], metrics: Sequence[str] | None, title: str) -> list[Path]:
-    """Write results.csv, results.md and (when there is a metric to plot) results.png into ``out_dir``; return their paths."""
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to, renamed over ``path`` (after an fsync) when the block ends and removed on an error: ``path`` is never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{os.urandom(4).hex()}.tmp{path.suffix}")  # keeps the suffix: savefig reads the format from it
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def write_results_files(
+    table: pd.DataFrame, out_dir: Path, grid_keys: Sequence[str], metrics: Sequence[str] | None, title: str, *, seeds: Sequence[int] = ()
+) -> list[Path]:
+    """Write results.csv (one row per run), results.md and (when there is a metric to plot) results.png into ``out_dir``, each atomically; return their paths.
+
+    With ``seeds`` the Markdown table and the plot show each grid point's mean ± std over its seeds (the per-seed rows follow in results.md)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_dir / "results.csv", index=False)
-    (out_dir / "results.md").write_text(markdown_table(table) + "\n")
+    keys = [*grid_keys, "seed"] if seeds else list(grid_keys)
+    plotted = seed_summary(table, grid_keys) if seeds else table
+    with atomic_path(out_dir / "results.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    if seeds:
+        markdown = (f"Mean ± std over seeds {', '.join(map(str, seeds))} (sample std of the runs that finished):\n\n"
+                    f"{summary_markdown(plotted)}\n\nPer seed:\n\n{markdown_table(table)}")
+    else:
+        markdown = markdown_table(table)
+    write_text_atomically(out_dir / "results.md", markdown + "\n")
     written = [out_dir / "results.csv", out_dir / "results.md"]
-    metrics = list(metrics) if metrics else headline_metrics(table, grid_keys)
-    missing = [m for m in metrics if m not in table.columns]
+    metrics = list(metrics) if metrics else headline_metrics(table, keys)
+    missing = [m for m in metrics if m not in plotted.columns]
     if missing:
-        available = ", ".join(metric_columns(table, grid_keys)) or "none: every run failed"
-        print(f"No plot: no metric {', '.join(missing)} in the runs' results (they have: {available}); "
+        available = ", ".join(metric_columns(plotted, keys)) or "none: every run failed"
+        print(f"No plot: no {'numeric ' if seeds else ''}metric {', '.join(missing)} in the runs' results (they have: {available}); "
               "pick one of those with --metric, or plot the table with tlkit.sweep.plot_sweep.", file=sys.stderr)
-    elif metrics and table[metrics].notna().any().any():
-        fig = plot_sweep(table, grid_keys, metrics, title)
-        written.append(save_figure(fig, out_dir / "results.png"))
+    elif metrics and plotted[metrics].notna().any().any():
+        fig = plot_sweep(plotted, grid_keys, metrics, title)
+        with atomic_path(out_dir / "results.png") as tmp:
+            save_figure(fig, tmp)
+        written.append(out_dir / "results.png")
     return written
+
+
+# --- one run, wherever it executes ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """One run as it travels to where it executes (this process, a local worker, a Dask worker): the notebook itself, its parameters, where its files go."""
+
+    name: str
+    key: str  # hash of the notebook's content and the parameters: what a later sweep compares before reusing the run
+    parameters: dict
+    notebook_name: str
+    notebook_source: bytes
+    notebook_dir: str  # the notebook's folder here: the run starts in it where it exists there too, so relative data paths hold
+    run_dir: str | None = None  # the run writes its files and status here itself; None: they come back with the outcome
+
+
+@dataclass
+class RunOutcome:
+    """What a run sends back: its status record and, unless it wrote into its folder itself, its files (path in the folder -> bytes)."""
+
+    record: dict
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def run_key(notebook_source: bytes, parameters: Mapping[str, object]) -> str:
+    """SHA-256 of the notebook's bytes and its parameters (canonical JSON): equal keys, same run."""
+    digest = hashlib.sha256(notebook_source)
+    digest.update(json.dumps(parameters, sort_keys=True, separators=(",", ":"), default=str).encode())
+    return digest.hexdigest()
+
+
+def now_text() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def status_record(task: RunTask, run: NotebookRun) -> dict:
+    """What sweep-run.json holds for a run that ended: status, error, wall time, metrics, and the key and parameters it ran with."""
+    return {
+        "run": task.name, "key": task.key, "status": "failed" if run.error else "ok", "error": run.error,
+        "seconds": round(run.seconds, 2), "metrics": run.metrics, "parameters": task.parameters,
+        "host": socket.gethostname(), "finished": now_text(),
+    }
+
+
+def write_status(run_dir: Path, record: Mapping[str, object]) -> None:
+    """Write a run's status file atomically: it exists only for runs that ended, and is never half-written."""
+    write_text_atomically(run_dir / STATUS_FILE, json.dumps(record, indent=2, default=str) + "\n")
+
+
+def read_status(run_dir: Path) -> dict | None:
+    """A run folder's status record, or None for a run that never ended (or an unreadable file)."""
+    try:
+        record = json.loads((run_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def finished_runs(tasks: Sequence[RunTask], out_dir: Path) -> dict[str, dict]:
+    """The status records of the tasks whose folder holds a run that finished ``ok`` with the same key (same notebook content and parameters)."""
+    records = {task.name: read_status(out_dir / task.name) for task in tasks}
+    keys = {task.name: task.key for task in tasks}
+    return {name: r for name, r in records.items() if r and r.get("status") == "ok" and r.get("key") == keys[name]}
+
+
+def notebook_error(executed: Path, stderr: str) -> str:
+    """A failed run's error as :func:`tlkit.course.run_notebook` reports it (``ValueError: ...``): from the executed notebook's failed cell, else papermill's last words."""
+    try:
+        cells = json.loads(executed.read_text())["cells"]
+        errors = [out for cell in cells for out in cell.get("outputs", []) if out.get("output_type") == "error"]
+    except (OSError, ValueError, KeyError, TypeError):
+        errors = []
+    text = f"{errors[-1]['ename']}: {errors[-1]['evalue']}".strip() if errors else stderr.strip()
+    return text.splitlines()[-1] if text else "papermill failed without a message"
+
+
+def run_notebook_process(notebook: Path, output_dir: Path, parameters: Mapping[str, object], *, cwd: Path, env: Mapping[str, str]) -> NotebookRun:
+    """:func:`tlkit.course.run_notebook` in a papermill process of its own started with ``env``, so that local workers each get their share of threads and GPUs."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results, executed = output_dir / f"{notebook.stem}.json", output_dir / notebook.name
+    results.unlink(missing_ok=True)
+    params = json.dumps(run_parameters(notebook, output_dir, dict(parameters)), default=str)  # JSON is YAML, which papermill's -y reads
+    command = [sys.executable, "-m", "papermill", str(notebook), str(executed), "-y", params, "--cwd", str(cwd), "-k", "python3", "--no-progress-bar"]
+    start = time.perf_counter()
+    done = subprocess.run(command, env=dict(env), capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    error = notebook_error(executed, done.stderr) if done.returncode else ""
+    metrics = json.loads(results.read_text()) if results.exists() and not error else {}
+    return NotebookRun(notebook.name, seconds, metrics, error)
+
+
+def execute_run(task: RunTask, env: Mapping[str, str] | None = None) -> RunOutcome:
+    """Run one task here: in this process, or with ``env`` in a papermill process of its own; write its folder and status, or send them back.
+
+    The notebook runs from its bytes in the task (the content the sweep hashed), started in the notebook's
+    original folder where that exists on this machine (relative data paths then hold), else beside the copy."""
+    with tempfile.TemporaryDirectory(prefix="tlkit-sweep-") as scratch:
+        source = Path(scratch) / "notebook" / task.notebook_name
+        source.parent.mkdir()
+        source.write_bytes(task.notebook_source)
+        cwd = Path(task.notebook_dir) if Path(task.notebook_dir).is_dir() else source.parent
+        run_dir = Path(task.run_dir) if task.run_dir else Path(scratch) / "run"
+        shutil.rmtree(run_dir, ignore_errors=True)  # an earlier, failed or unfinished try's files (and status) go first
+        if env is None:
+            run = run_notebook(source, run_dir, dict(task.parameters), cwd=cwd)
+        else:
+            run = run_notebook_process(source, run_dir, task.parameters, cwd=cwd, env=env)
+        record = status_record(task, run)
+        if task.run_dir:
+            write_status(run_dir, record)
+            return RunOutcome(record)
+        return RunOutcome(record, {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()})
+
+
+def store_outcome(run_dir: Path, outcome: RunOutcome) -> None:
+    """Write a run's returned files into its folder here, then its status last (a sweep killed in between reruns it)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    root = run_dir.resolve()
+    for relative, data in outcome.files.items():
+        path = (root / relative).resolve()
+        if not path.is_relative_to(root):
+            raise SweepError(f"A worker sent back {relative!r}, which lies outside the run's folder {root}; nothing of that run was kept.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    write_status(run_dir, outcome.record)
+
+
+# --- where the runs execute ----------------------------------------------------------------------------
+
+
+def available_cores() -> int:
+    """The CPU cores this process may use (its affinity, e.g. a container's or a batch job's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices runs may share: those in CUDA_VISIBLE_DEVICES where it is set, else every one torch sees."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def worker_environment(slot: int, workers: int, cores: int, gpus: Sequence[str], base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of local worker ``slot`` of ``workers``: OMP_NUM_THREADS = cores / workers, and with several GPUs one of them (round-robin)."""
+    env = dict(os.environ if base is None else base)
+    env["OMP_NUM_THREADS"] = str(max(1, cores // workers))
+    if len(gpus) > 1:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+    return env
+
+
+class LocalWorkers:
+    """``workers`` runs at once on this machine, each in a papermill process (and kernel) of its own with its worker slot's environment."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers, self.cores, self.gpus = workers, available_cores(), visible_gpus()
+        self._slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for slot in range(workers):
+            self._slots.put(slot)
+
+    def describe(self) -> str:
+        gpus = f", one of GPUs {','.join(self.gpus)} each" if len(self.gpus) > 1 else ""
+        return f"{self.workers} local workers (OMP_NUM_THREADS={max(1, self.cores // self.workers)} of {self.cores} cores each{gpus})"
+
+    def run(self, task: RunTask) -> RunOutcome:
+        """Run ``task`` in a free slot (the slot fixes its GPU, so two runs never share one while another idles)."""
+        slot = self._slots.get()
+        try:
+            return execute_run(task, worker_environment(slot, self.workers, self.cores, self.gpus))
+        finally:
+            self._slots.put(slot)
+
+
+def lost_record(task: RunTask, err: BaseException) -> dict:
+    """A status record for a run whose worker raised instead of returning (lost worker, unpicklable task): failed, rerun next time."""
+    return {"run": task.name, "key": task.key, "status": "failed", "error": f"{type(err).__name__}: {err}".splitlines()[0],
+            "seconds": 0.0, "metrics": {}, "parameters": task.parameters}
+
+
+def run_tasks(
+    tasks: Sequence[RunTask], out_dir: Path, *, workers: int = 1, executor: Executor | None = None, verbose: bool = True
+) -> Iterator[tuple[RunTask, dict]]:
+    """Execute ``tasks`` one after another here, on ``workers`` local workers, or on ``executor``; yield each ``(task, status record)`` as it ends."""
+
+    def report(i: int, task: RunTask, record: Mapping[str, object]) -> None:
+        if verbose:
+            run = NotebookRun(task.notebook_name, float(record["seconds"]), dict(record["metrics"]), str(record["error"]))
+            print(f"[{i}/{len(tasks)}] {task.name}: {run.seconds:.1f}s  {run.headline()}", flush=True)
+
+    if executor is None and workers == 1:
+        for i, task in enumerate(tasks, 1):
+            record = execute_run(task).record
+            report(i, task, record)
+            yield task, record
+        return
+    local = LocalWorkers(workers) if executor is None else None
+    pool = executor or ThreadPoolExecutor(workers, thread_name_prefix="tlkit-sweep")  # threads only wait: each run is its own papermill process
+    submit: Callable[[RunTask], RunOutcome] = local.run if local else execute_run
+    if verbose:
+        print(f"{len(tasks)} run(s) on {local.describe() if local else f'the executor ({type(pool).__name__})'}", flush=True)
+    futures: dict[Future, RunTask] = {pool.submit(submit, task): task for task in tasks}
+    try:
+        for i, future in enumerate(as_completed(futures), 1):
+            task = futures[future]
+            try:
+                outcome = future.result()
+            except Exception as err:  # the worker, not the notebook, failed: nothing of the run is on disk
+                outcome = None
+                record = lost_record(task, err)
+            else:
+                record = outcome.record
+                if task.run_dir is None:
+                    store_outcome(out_dir / task.name, outcome)
+            report(i, task, record)
+            yield task, record
+    finally:  # also on Ctrl-C: runs not started yet are dropped; finished ones are on disk already
+        for future in futures:
+            future.cancel()
+        if local:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def sweep_lock(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir`` for this sweep, or raise :class:`SweepBusy` while a live sweep holds it; the OS drops the lock with its process, so a killed sweep leaves none."""
+    from filelock import FileLock, Timeout
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out_dir / LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise SweepBusy(
+            f"{out_dir}/ is being written by another sweep that is still running ({lock_owner(out_dir)}). "
+            "Wait for it to end (or stop it), or give this sweep another --out; a sweep that ended or was killed holds no lock."
+        ) from None
+    try:
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": now_text(), "command": " ".join(sys.argv)}
+        write_text_atomically(out_dir / OWNER_FILE, json.dumps(owner) + "\n")
+        yield
+    finally:
+        (out_dir / OWNER_FILE).unlink(missing_ok=True)
+        lock.release()
+
+
+def lock_owner(out_dir: Path) -> str:
+    """Who holds ``out_dir``'s lock, as written by :func:`sweep_lock`."""
+    try:
+        owner = json.loads((out_dir / OWNER_FILE).read_text())
+        return f"pid {owner['pid']} on {owner['host']}, since {owner['started']}: {owner['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its owner did not say who it is yet"
+
+
+@contextlib.contextmanager
+def dask_executor(address: str, timeout: str = "30s") -> Iterator[Executor]:
+    """A ``concurrent.futures`` executor on the running dask.distributed scheduler at ``address`` (reached within ``timeout``); the client closes afterwards."""
+    try:
+        from distributed import Client
+    except ImportError as err:
+        raise SweepError(f"--dask needs dask.distributed ({err}): pip install 'dask[distributed]'.") from err
+    try:
+        client = Client(address, timeout=timeout)
+    except (OSError, ValueError) as err:
+        raise SweepError(
+            f"Could not reach a Dask scheduler at {address!r} ({err}). Start one first (`dask scheduler` and `dask worker ADDRESS`, "
+            "or dask-jobqueue's SLURMCluster/PBSCluster, or the Dask Kubernetes operator) and give its address, e.g. tcp://10.0.0.5:8786."
+        ) from err
+    try:
+        yield client.get_executor(pure=False)  # pure=False: a run is never taken from the scheduler's cache
+    finally:
+        client.close()
 
 
 # --- running -------------------------------------------------------------------------------------------
@@ -247,37 +644,80 @@ def sweep(
     grid: Mapping[str, Iterable[object]] | None = None,
     out_dir: str | Path | None = None,
     *,
+    seeds: Iterable[int] | str | None = None,
     metrics: Sequence[str] | None = None,
+    workers: int = 1,
+    executor: Executor | None = None,
+    shared_out: bool | None = None,
+    force: bool = False,
     verbose: bool = True,
 ) -> pd.DataFrame:
-    """Run ``notebook`` once per point of ``grid`` with ``params`` fixed, each in ``out_dir/<run name>/``; return (and write) one result row per run."""
+    """Run ``notebook`` once per point of ``grid`` (and per seed of ``seeds``) with ``params`` fixed, each in ``out_dir/<run name>/``; return (and write) one result row per run.
+
+    Runs go one after another in this process, ``workers`` at once on this machine, or to ``executor``: any
+    ``concurrent.futures.Executor``, e.g. a dask.distributed ``Client.get_executor()`` or a process pool. With
+    ``shared_out`` (default: True for local pools, False for other executors) the runs write into ``out_dir``
+    themselves, which must then be the same path where they execute (a shared filesystem); otherwise their
+    files come back with their results. Runs that finished before with the same notebook content and
+    parameters are reused unless ``force``; a folder another live sweep holds raises :class:`SweepBusy`.
+    """
     notebook = Path(notebook)
-    params, grid = dict(params or {}), grid_lists(grid or {})
+    params, grid, seeds = dict(params or {}), grid_lists(grid or {}), seed_list(seeds)
+    if workers < 1 or (executor is not None and workers != 1):
+        raise SweepError(f"workers={workers}: give a number of local workers >= 1, or an executor (and leave workers at 1).")
     out_dir = Path(out_dir) if out_dir is not None else Path("outputs") / "sweeps" / notebook.stem
-    runs = plan_runs(notebook, params, grid)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = {"notebook": str(notebook), "params": params, "grid": grid, "runs": [name for name, _ in runs]}
-    (out_dir / "sweep.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    rows = []
-    for i, (name, point) in enumerate(runs, 1):
-        if verbose:
-            print(f"[{i}/{len(runs)}] {name} ...", flush=True)
-        run = run_notebook(notebook, out_dir / name, {**params, **point})
-        if verbose:
-            print(f"      {run.seconds:.1f}s  {run.headline()}", flush=True)
-        rows.append(result_row(name, point, run))
-    table = results_table(rows)
-    written = write_results_files(table, out_dir, list(grid), metrics, f"{notebook.name}: {len(runs)} runs")
+    runs = plan_runs(notebook, params, grid, seeds)
+    if shared_out is None:
+        shared_out = executor is None or isinstance(executor, (ThreadPoolExecutor, ProcessPoolExecutor))
+    source = notebook.read_bytes()
+    with sweep_lock(out_dir):
+        config = {"notebook": str(notebook), "notebook_sha256": hashlib.sha256(source).hexdigest(), "params": params, "grid": grid,
+                  "seeds": seeds, "runs": [name for name, _ in runs]}
+        write_text_atomically(out_dir / "sweep.json", json.dumps(config, indent=2, default=str) + "\n")
+        tasks = [
+            RunTask(name, run_key(source, {**params, **point}), {**params, **point}, notebook.name, source,
+                    str(notebook.resolve().parent), str((out_dir / name).resolve()) if shared_out else None)
+            for name, point in runs
+        ]
+        records = {} if force else finished_runs(tasks, out_dir)
+        if verbose and records:
+            print(f"reused {len(records)} finished run{'s' if len(records) != 1 else ''} in {out_dir}/ "
+                  f"(same notebook and parameters; --force reruns them)", flush=True)
+        try:
+            for task, record in run_tasks([t for t in tasks if t.name not in records], out_dir, workers=workers, executor=executor, verbose=verbose):
+                records[task.name] = record
+        except KeyboardInterrupt:
+            finished = sum(r.get("status") == "ok" for r in records.values())
+            print(f"\nInterrupted: {finished} of {len(tasks)} runs have finished and are kept in {out_dir}/; "
+                  "run the same command again to go on (it reuses them).", file=sys.stderr, flush=True)
+            raise
+        rows = [result_row(name, point, record_run(records[name], notebook.name)) for name, point in runs]
+        table = results_table(rows)
+        title = f"{notebook.name}: {len(runs)} runs" + (f" ({len(seeds)} seeds per point)" if seeds else "")
+        written = write_results_files(table, out_dir, list(grid), metrics, title, seeds=seeds)
     if verbose:
-        print_summary(table, list(grid), notebook.name, metrics, written)
+        print_summary(table, list(grid), notebook.name, metrics, written, seeds=seeds)
     return table
 
 
-def print_summary(table: pd.DataFrame, grid_keys: Sequence[str], notebook_name: str, metrics: Sequence[str] | None, written: Sequence[Path]) -> None:
-    """Print the short table (grid values, status, time, plotted metrics), the files written and the failed runs."""
-    shown = [m for m in (metrics or headline_metrics(table, grid_keys)) if m in table.columns]
+def record_run(record: Mapping[str, object], notebook_name: str) -> NotebookRun:
+    """A status record as the :class:`NotebookRun` it came from."""
+    return NotebookRun(notebook_name, float(record["seconds"]), dict(record["metrics"] or {}), str(record["error"] or ""))
+
+
+def print_summary(
+    table: pd.DataFrame, grid_keys: Sequence[str], notebook_name: str, metrics: Sequence[str] | None, written: Sequence[Path], *, seeds: Sequence[int] = ()
+) -> None:
+    """Print the short table (grid values, status, time, plotted metrics; with seeds their mean ± std per point), the files written and the failed runs."""
+    keys = [*grid_keys, "seed"] if seeds else list(grid_keys)
+    shown = [m for m in (metrics or headline_metrics(table, keys)) if m in table.columns]
     print()
-    print(markdown_table(table[["run", *grid_keys, "status", "seconds", *shown]]))
+    if seeds:
+        summary = seed_summary(table, grid_keys)
+        shown = [m for m in shown if m in summary.columns]
+        print(summary_markdown(summary[["point", *grid_keys, "seeds ok", "seconds", *shown, *[f"{m}_std" for m in shown]]]))
+    else:
+        print(markdown_table(table[["run", *grid_keys, "status", "seconds", *shown]]))
     print(f"\nWritten: {', '.join(map(str, written))} (one folder per run beside them).")
     failed = table[table["status"] != "ok"]
     if len(failed):
@@ -291,24 +731,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("notebook", type=Path)
     parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="a parameter fixed for every run")
     parser.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2", help="a parameter swept over these values")
+    parser.add_argument("--seeds", metavar="S1,S2", help="run each grid point once per seed; the table shows mean ± std per point")
     parser.add_argument("--out", type=Path, help="folder for the runs and results (default: outputs/sweeps/<notebook name>)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N", help="runs at once on this machine (each with OMP_NUM_THREADS = cores / N)")
+    parser.add_argument("--dask", metavar="ADDRESS", help="send the runs to the running dask.distributed scheduler at ADDRESS (tcp://HOST:PORT)")
+    parser.add_argument("--shared-out", action="store_true", help="with --dask: --out is on a filesystem the workers see at the same path; they write there")
+    parser.add_argument("--force", action="store_true", help="rerun every run, also those that finished before")
     parser.add_argument("--metric", action="append", help="metric to plot (repeatable; default: the first with 'acc' in its name)")
     parser.add_argument("--dry-run", action="store_true", help="check the parameters and list the runs without running them")
     args = parser.parse_args(argv)
     try:
         params = {name: parse_value(value) for name, value in args.p}
-        grid = parse_grid(args.grid)
+        grid, seeds = parse_grid(args.grid), seed_list(args.seeds)
+        if args.dask and args.workers != 1:
+            raise SweepError("--workers runs on this machine and --dask on a cluster's workers: give one of them.")
+        if args.shared_out and not args.dask:
+            raise SweepError("--shared-out goes with --dask (local workers always write into --out themselves).")
         if args.dry_run:
-            runs = plan_runs(args.notebook, params, grid)
+            runs = plan_runs(args.notebook, params, grid, seeds)
             out = args.out or Path("outputs") / "sweeps" / args.notebook.stem
             print(f"{len(runs)} run(s) of {args.notebook} into {out}/, each with {params or 'the default parameters'} and:")
             for name, point in runs:
                 print(f"  {name}: {point}")
             return 0
-        table = sweep(args.notebook, params, grid, args.out, metrics=args.metric)
+        with contextlib.ExitStack() as stack:
+            executor = stack.enter_context(dask_executor(args.dask)) if args.dask else None
+            if executor is not None:
+                print(f"sending the runs to the Dask scheduler at {args.dask}", flush=True)
+            table = sweep(args.notebook, params, grid, args.out, seeds=seeds, metrics=args.metric, workers=args.workers,
+                          executor=executor, shared_out=args.shared_out if args.dask else None, force=args.force)
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     return 1 if (table["status"] != "ok").any() else 0
 
 
