@@ -82,7 +82,6 @@ from .finetune import (
     STRATEGIES,
     Callbacks,
     GradualUnfreezing,
-    PrefixRunResult,
     add_conv_block,
     apply_strategy,
     blocks_below_head,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -19,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from .data import DatasetSplits, eval_transform, make_loader
 from .models import HEAD, TransferModel, _check_names, block_names, create_model, freeze, parameter_counts, set_trainable
-from .prefix_cache import PrefixCache, PrefixCacheStats, prefix_cache_allowed
+from .prefix_cache import PrefixCache, prefix_cache_allowed
 from .recipes import RunResult
 from .train import History, fit, is_deterministic, set_seed
 
@@ -357,13 +356,6 @@ def apply_strategy(
     raise ValueError(f"Unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
 
 
-@dataclass
-class PrefixRunResult(RunResult):
-    """A ``RunResult`` of ``run_strategy(prefix_cache=True)``: ``prefix_cache`` says what the cache did (None: it did not apply)."""
-
-    prefix_cache: PrefixCacheStats | None = None
-
-
 def run_strategy(
     splits: DatasetSplits,
     strategy: str,
@@ -406,7 +398,7 @@ def run_strategy(
     the same batches and, up to float noise, the same numbers, faster. It applies where the trainable part sits
     above frozen blocks in eval mode (head, last_block, last_n_blocks, blocks, gradual, conv_block, last_tensors);
     full, two_phase and bn="train" run as without it, and a random ``train_transform`` turns it off with an
-    ``AugmentationDisablesCacheWarning``. Then the result is a ``PrefixRunResult`` whose ``prefix_cache`` says
+    ``AugmentationDisablesCacheWarning``. The result's ``prefix_cache`` then says
     what the cache did (None where it did not apply).
     """
     if strategy == "two_phase" and not 0 < head_epochs < epochs:
@@ -454,7 +446,7 @@ def run_strategy(
         return RunResult(label, model, history, seconds, trainable_count(model))
     stats = None if cache is None else cache.stats
     print(f"{label}: {f'no prefix cache ({skipped})' if stats is None else stats.summary()}; {seconds:.1f} s in all.", flush=True)
-    return PrefixRunResult(label, model, history, seconds, trainable_count(model), stats)
+    return RunResult(label, model, history, seconds, trainable_count(model), stats)
 
 
 def _prefix_cache_skipped(model: TransferModel, strategy: str, train_transform: Callable) -> str | None:

@@ -6,7 +6,7 @@ import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch.utils.data import Dataset
@@ -15,6 +15,9 @@ from .data import DatasetSplits, eval_transform, make_loader
 from .feature_store import cached_features
 from .models import TransferModel, create_model, freeze, parameter_counts, unfreeze
 from .train import History, below_head_frozen, evaluate, fit, fit_head, set_seed
+
+if TYPE_CHECKING:  # prefix_cache imports augment, which imports this module
+    from .prefix_cache import PrefixCacheStats
 
 
 @dataclass
@@ -26,6 +29,7 @@ class RunResult:
     history: History
     seconds: float
     trainable_params: int
+    prefix_cache: PrefixCacheStats | None = None  # what run_strategy(prefix_cache=True)'s cache did; None: no cache
 
     @property
     def val_acc(self) -> float:
