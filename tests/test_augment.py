@@ -183,12 +183,29 @@ def test_soft_label_titles():
 def test_notebook_03_measures_augmentation(tmp_path):
     run = run_notebook(
         NOTEBOOKS / "03_augmentation.ipynb", tmp_path,
-        {"samples_per_class": 3, "curve": [3], "epochs": 2, "image_size": 32, "augment": "strong"},
+        {"samples_per_class": 3, "curve": [3], "epochs": 2, "image_size": 32, "augment": "strong", "seeds": [0, 1]},
     )
     assert run.error == "", run.error
     m = run.metrics
-    assert m["dataset"] == "digits" and m["augment"] == "strong" and m["hflip"] == "no"
-    assert 0.0 <= m["val_acc_noaug_3"] <= 1.0 and 0.0 <= m["val_acc_aug_3"] <= 1.0
-    assert m["val_acc_aug_3"] != m["val_acc_noaug_3"] or m["train_loss_aug_3"] != m["train_loss_noaug_3"]
+    assert m["dataset"] == "clothing" and m["augment"] == "strong" and m["hflip"] == "yes" and m["seeds"] == 2
+    for key in ("noaug_3", "aug_3"):
+        assert 0.0 <= m[f"val_acc_{key}"] <= 1.0 and 0.0 <= m[f"test_acc_{key}"] <= 1.0 and m[f"test_acc_{key}_std"] >= 0
+    assert m["test_acc_aug_3"] != m["test_acc_noaug_3"] or m["train_loss_aug_3"] != m["train_loss_noaug_3"]
     for name in ("presets.png", "batch.png", "augmentation_vs_data.png"):
         assert (tmp_path / "figures" / "03" / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("augment", ["none", "basic"])
+def test_fine_tune_augmented_through_the_prefix_cache_trains_as_without_it(tmp_path, split_folder, augment):
+    splits = tlkit.image_folder(split_folder, seed=0)
+    args = dict(backbone="efficientnet_lite0", weights="imagenet", image_size=32, batch_size=4, epochs=2, lr=1e-3,
+                seed=0, augment=augment, on_device=False)
+    plain = tlkit.fine_tune_augmented(splits, **args)
+    cached = tlkit.fine_tune_augmented(splits, prefix_cache=True, cache_dir=tmp_path / "cache", **args)
+    assert cached.history.train_loss == pytest.approx(plain.history.train_loss, abs=1e-4)
+    assert cached.history.val_loss == pytest.approx(plain.history.val_loss, abs=1e-4)
+    # the test split scored from cached activations equals a full forward pass
+    full = tlkit.evaluate(cached.model, tlkit.make_loader(splits.val, tlkit.eval_transform(32, cached.model.normalization), 8, shuffle=False))
+    via_prefix = tlkit.evaluate_on(cached.model, splits.val, 32, batch_size=8, cache_dir=tmp_path / "cache")
+    assert via_prefix["acc"] == full["acc"] and via_prefix["loss"] == pytest.approx(full["loss"], abs=1e-5)
+    assert list((tmp_path / "cache").glob("prefix-*.pt"))

@@ -47,7 +47,7 @@ def test_versus_sentence_follows_the_order_and_the_tie():
 def test_lower_is_better_reverses_the_winner():
     summary = tlkit.summarize_seeds(runs({"a": [1.0, 1.1], "b": [2.0, 2.1]}, "loss"), "run", ["loss"])
     assert tlkit.versus_sentence(summary, "b", "a", "loss", higher_is_better=False).startswith("a (1.050")
-    assert tlkit.ranking_sentence(summary, "loss", higher_is_better=False).startswith("Highest mean loss over 2 seeds: a")
+    assert tlkit.ranking_sentence(summary, "loss", higher_is_better=False).startswith("Lowest mean loss over 2 seeds: a")
 
 
 def test_ranking_sentence_names_the_best_its_ties_and_the_beaten():

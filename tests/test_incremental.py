@@ -67,13 +67,58 @@ def test_notebook_05_reports_forgetting_for_every_run(tmp_path):
 
     notebook = Path(__file__).resolve().parents[1] / "notebooks" / "05_adding_samples.ipynb"
     run = run_notebook(notebook, tmp_path, {"samples_per_class": 4, "new_samples_per_class": 4, "replay_per_class": 2,
-                                            "epochs": 2, "image_size": 32})
+                                            "epochs": 2, "image_size": 32, "seeds": [0, 1]})
     assert run.error == "", run.error
     m = run.metrics
-    assert m["old_classes"] == 7 and m["new_classes"] == 3
-    for key in ("naive_fine_tuning", "replay", "head_only", "LwF"):
-        assert 0.0 <= m[f"old_acc_{key}"] <= 1.0 and 0.0 <= m[f"new_acc_{key}"] <= 1.0
+    assert m["old_classes"] == 7 and m["new_classes"] == 3 and m["seeds"] == 2
+    for key in ("naive_fine_tuning", "replay", "head_only_replay", "lwf_distillation"):
+        assert 0.0 <= m[f"old_acc_{key}"] <= 1.0 and 0.0 <= m[f"new_acc_{key}"] <= 1.0 and m[f"overall_acc_{key}_std"] >= 0
         assert m[f"forgetting_{key}"] == pytest.approx(m["old_acc_before"] - m[f"old_acc_{key}"])
-    saved = tlkit.read_checkpoint(tmp_path / "05_first_model.pt")
-    assert saved.classes == [str(d) for d in range(7)] and saved.optimizer is not None
+    for s in (0, 1):
+        saved = tlkit.read_checkpoint(tmp_path / f"05_first_model_seed{s}.pt")
+        assert saved.classes == tlkit.load_dataset("clothing").classes[:7] and saved.optimizer is not None
     assert (tmp_path / "figures" / "05" / "stage3_forgetting.png").stat().st_size > 0
+
+
+def _first_checkpoint(tmp_path, class_folder):
+    """A 2-class model (last block + head trained one epoch through the prefix cache) saved as a checkpoint."""
+    splits = tlkit.image_folder(class_folder, seed=0)
+    old = tlkit.select_classes(splits.train, splits.classes[:2])
+    tlkit.set_seed(0)
+    model = tlkit.create_model("efficientnet_lite0", 2, "imagenet")
+    tlkit.freeze(model, up_to="stage7")
+    transform = tlkit.eval_transform(32, model.normalization)
+    cache = tlkit.PrefixCache(model, {"train": tlkit.make_loader(old, transform, 8, shuffle=False),
+                                      "val": tlkit.make_loader(tlkit.select_classes(splits.val, splits.classes[:2]), transform, 8, shuffle=False)},
+                              progress=False)
+    path = tmp_path / "first.pt"
+    tlkit.fit(cache.suffix, cache.loader("train", 8, shuffle=True), cache.loader("val", 8, shuffle=False), epochs=1,
+              checkpoint_path=path, classes=splits.classes[:2], progress=False)
+    return splits, model, transform, path
+
+
+def test_a_checkpoint_written_through_the_prefix_cache_holds_the_whole_model(tmp_path, class_folder):
+    _, model, _, path = _first_checkpoint(tmp_path, class_folder)
+    reloaded, saved = tlkit.model_from_checkpoint(path)
+    assert saved.backbone == "efficientnet_lite0" and saved.weights == "imagenet"
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(reloaded.eval()(x), model.eval()(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(trainable=["top", "head"]), dict(trainable=["top", "head"], distill=True), dict(trainable=["head"])])
+def test_continue_training_with_the_prefix_cache_matches_it_without(tmp_path, class_folder, kw):
+    splits, _, transform, path = _first_checkpoint(tmp_path, class_folder)
+    classes = splits.classes
+    groups = {"old": range(2), "new": range(2, 3)}
+    train = with_classes(select_classes(splits.train, classes[2:]), classes)
+    args = dict(classes=classes, transform=transform, epochs=2, lr=1e-3, batch_size=8, seed=0,
+                test_set=splits.val, **kw)
+    plain = tlkit.continue_training(path, train, splits.val, groups, **args)
+    cached = tlkit.continue_training(path, train, splits.val, groups, prefix_cache=True, cache_dir=tmp_path / "cache", **args)
+    assert plain.prefix_cache is None and cached.prefix_cache.boundaries == [kw["trainable"][0]]
+    assert cached.history.train_loss == pytest.approx(plain.history.train_loss, abs=1e-4)
+    for group in groups:
+        assert cached.tracked[group] == pytest.approx(plain.tracked[group], abs=1e-6)
+        assert cached.test[group] == pytest.approx(plain.test[group], abs=1e-6)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(cached.model.eval()(x), plain.model.eval()(x), atol=1e-4)

@@ -1,5 +1,6 @@
 """Papermill runs of every notebook with small parameters, asserting on the metrics each one writes."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,27 @@ def test_a_bad_parameter_fails_the_run_with_its_message(tmp_path):
     run = run_notebook(NOTEBOOKS / "01_feature_extraction.ipynb", tmp_path, {"backbone": "resnet1800"})
     assert "Unknown backbone 'resnet1800'" in run.error
     assert "FAILED" in run.headline()
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("notebook, name, value, message", [
+    ("01_feature_extraction.ipynb", "data_curve", "[5, 10", "data_curve must be a list such as"),
+    ("03_augmentation.ipynb", "seeds", "[0, 4294967296]", "seeds[1] must be a whole number between 0 and 2**32 - 1"),
+    ("05_adding_samples.ipynb", "new_sample_classes", 9, "new_sample_classes (9) must be at most old_classes (7)"),
+])
+def test_a_bad_parameter_fails_in_the_first_code_cell_by_name(tmp_path, notebook, name, value, message):
+    """Passed as papermill's -p would (lists as text), a bad value stops the run before any data is loaded."""
+    run = run_notebook(NOTEBOOKS / notebook, tmp_path, {name: value})
+    assert message in run.error, run.error
+    executed = json.loads((tmp_path / notebook).read_text())
+    ran = [c for c in executed["cells"] if c["cell_type"] == "code" and c.get("execution_count")]
+    assert "check_notebook_parameters" in "".join(ran[-1]["source"])  # the failing cell is the parameter check
+
+
+@pytest.mark.notebook
+def test_a_list_given_as_text_is_parsed(tmp_path):
+    # papermill -p data_curve '[]' gives the text "[]": read as the empty list (section skipped), not as "[" and "]"
+    run = run_notebook(NOTEBOOKS / "01_feature_extraction.ipynb", tmp_path,
+                       {"data_curve": "[]", "scratch_seeds": "[]", "seeds": "[0]", "samples_per_class": 2, "epochs": 1, "image_size": 32})
+    assert run.error == "", run.error
+    assert run.metrics["seeds"] == 1 and not any(k.startswith("val_acc_pretrained_") for k in run.metrics)

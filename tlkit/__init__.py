@@ -7,6 +7,7 @@ live in ``tlkit.sweep`` (``python -m tlkit.sweep``), imported only when used.
 import sys
 
 from .checkpoints import Checkpoint, CheckpointError, load_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoints import CheckpointSaveError
 from .augment import (
     MIXES,
     PRESETS,
@@ -33,8 +34,10 @@ from .data import (
     DatasetSplits,
     DatasetUnavailableError,
     LabeledImages,
+    NestedFoldersWarning,
     SkippedFilesWarning,
     UnreadableImageError,
+    Upright,
     class_counts,
     eval_transform,
     image_folder,
@@ -44,6 +47,7 @@ from .data import (
     stratified_split,
     to_rgb,
     train_transform,
+    upright,
 )
 from .feature_store import cached_features, features_key
 from .incremental import (
@@ -145,11 +149,27 @@ from .plots import (
 from .lr_finder import SUGGESTION_RULE, LRFinderResult, batchnorm_report, lr_find
 from .prefix_cache import PrefixCache, PrefixCacheStats, PrefixCacheTooLargeError, SuffixModel, cached_prefix, forward_from, prefix_boundary
 from .recipes import RunResult, evaluate_on, linear_probe, train_all
+from .params import (
+    check_bool,
+    check_dataset,
+    check_float,
+    check_int,
+    check_notebook_parameters,
+    check_parameters,
+    check_seed,
+    check_seed_list,
+    check_str,
+    parse_dict,
+    parse_list,
+    resolve_path,
+)
 from .results import write_results
 from .train import (
     History,
+    RepeatedFitWarning,
     TrainingInterrupted,
     below_head_frozen,
+    check_head_fits,
     evaluate,
     extract_features,
     fit,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
+from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -23,17 +24,15 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
 from .data import DatasetSplits, LabeledImages, TransformedDataset, eval_transform, make_loader
+from .feature_store import AugmentationDisablesCacheWarning
 from .models import Normalization, block_names, create_model, freeze, parameter_counts
 from .plots import show_images
+from .prefix_cache import PrefixBatches, PrefixCache
 from .recipes import RunResult, train_head_on_features
 from .train import below_head_frozen, fit, set_seed
 
 PRESETS = ("none", "basic", "strong", "trivialaugment", "randaugment")
 MIXES = ("mixup", "cutmix", "mixup_or_cutmix")
-
-
-class AugmentationDisablesCacheWarning(UserWarning):
-    """Cached features and random augmentation were both asked for; the cache is switched off."""
 
 
 # --- presets ------------------------------------------------------------------------------------
@@ -291,6 +290,8 @@ def fine_tune_augmented(
     freeze_up_to: str | None = None,
     on_device: bool | str = "auto",
     cache_features: bool = False,
+    prefix_cache: bool = False,
+    cache_dir: str | Path | None = None,
     name: str = "",
     progress: bool = False,
     on_epoch_end: Callable | None = None,
@@ -299,7 +300,10 @@ def fine_tune_augmented(
 
     ``on_device`` ('auto': on a GPU) decodes the images once into uint8 tensors and augments each batch on
     the device. ``cache_features`` trains the head on cached features when that is valid (head only, no
-    augmentation) and warns, training uncached, when it is not.
+    augmentation) and warns, training uncached, when it is not. ``prefix_cache`` runs the frozen blocks once
+    over the validation images (and, without augmentation, over the training images: ``PrefixCache``), and over
+    each augmented training batch as it comes (``PrefixBatches``); ``cache_dir`` keeps those activations on disk.
+    The numbers are those of the run without it, up to float noise.
     """
     check_preset(augment)
     set_seed(seed)
@@ -311,22 +315,48 @@ def fine_tune_augmented(
         history = train_head_on_features(model, splits, image_size, batch_size=batch_size, epochs=epochs, lr=lr, seed=seed,
                                          device=device, val_batch_size=val_batch, progress=progress, on_epoch_end=on_epoch_end)
     else:
-        mixer = batch_mix(mix, len(splits.classes)) if mix is not None else None
-        if augment_on_device(on_device, device):
-            transform = BatchTransform(norm, augment, image_size=image_size, hflip=hflip, mix=mixer)
-            train_loader = device_loader(InMemoryImages.from_dataset(splits.train, image_size), batch_size, device,
-                                         transform, shuffle=True, seed=seed)
-            val_loader = device_loader(InMemoryImages.from_dataset(splits.val, image_size), val_batch, device,
-                                       BatchTransform(norm, image_size=image_size), shuffle=False)
-        else:
-            train_loader = augmented_loader(splits.train, train_preset(image_size, norm, augment, hflip=hflip), batch_size,
-                                            seed=seed, mix=mix, num_classes=len(splits.classes))
-            val_loader = make_loader(splits.val, eval_transform(image_size, norm), val_batch, shuffle=False)
-        history = fit(model, train_loader, val_loader, epochs=epochs, lr=lr, device=device,
+        train_loader, val_loader = _augmented_loaders(splits, model, augment, image_size=image_size, batch_size=batch_size,
+                                                      val_batch=val_batch, seed=seed, device=device, hflip=hflip, mix=mix,
+                                                      on_device=on_device)
+        stepper = model
+        if prefix_cache:
+            stepper, train_loader, val_loader = _through_prefix_cache(
+                model, splits, train_loader, image_size=image_size, batch_size=batch_size, val_batch=val_batch, seed=seed,
+                device=device, plain=augment == "none" and mix is None, cache_dir=cache_dir, progress=progress)
+        history = fit(stepper, train_loader, val_loader, epochs=epochs, lr=lr, device=device,
                       progress=progress, on_epoch_end=on_epoch_end)
     seconds = time.perf_counter() - start
     label = name or f"{augment}{' + ' + mix if mix else ''}"
     return RunResult(label, model, history, seconds, parameter_counts(model)["total"]["trainable"])
+
+
+def _augmented_loaders(splits: DatasetSplits, model, augment: str, *, image_size: int, batch_size: int, val_batch: int,
+                       seed: int, device, hflip: bool, mix: str | None, on_device: bool | str):
+    """The (train, val) loaders of ``fine_tune_augmented``: PIL per item, or uint8 batches augmented on the device."""
+    norm = model.normalization
+    mixer = batch_mix(mix, len(splits.classes)) if mix is not None else None
+    if augment_on_device(on_device, device):
+        transform = BatchTransform(norm, augment, image_size=image_size, hflip=hflip, mix=mixer)
+        train_loader = device_loader(InMemoryImages.from_dataset(splits.train, image_size), batch_size, device,
+                                     transform, shuffle=True, seed=seed)
+        val_loader = device_loader(InMemoryImages.from_dataset(splits.val, image_size), val_batch, device,
+                                   BatchTransform(norm, image_size=image_size), shuffle=False)
+        return train_loader, val_loader
+    train_loader = augmented_loader(splits.train, train_preset(image_size, norm, augment, hflip=hflip), batch_size,
+                                    seed=seed, mix=mix, num_classes=len(splits.classes))
+    return train_loader, make_loader(splits.val, eval_transform(image_size, norm), val_batch, shuffle=False)
+
+
+def _through_prefix_cache(model, splits: DatasetSplits, train_loader, *, image_size: int, batch_size: int, val_batch: int,
+                          seed: int, device, plain: bool, cache_dir, progress: bool):
+    """(suffix, train loader, val loader) that run the frozen blocks once per image set where the images do not change."""
+    transform = eval_transform(image_size, model.normalization)
+    fixed = {"val": make_loader(splits.val, transform, val_batch, shuffle=False)}
+    if plain:  # no augmentation: the training images' activations are the same every epoch
+        fixed["train"] = make_loader(splits.train, transform, batch_size, shuffle=False)
+    cache = PrefixCache(model, fixed, device, cache_dir=cache_dir, progress=progress, report=False)
+    train = cache.loader("train", batch_size, shuffle=True, seed=seed) if plain else PrefixBatches(train_loader, cache)
+    return cache.suffix, train, cache.loader("val", val_batch, shuffle=False)
 
 
 # --- pictures -------------------------------------------------------------------------------------

@@ -66,7 +66,8 @@ def is_tie(mean_a: float, std_a: float, mean_b: float, std_b: float) -> bool:
 
 def _points(difference: float, metric: str) -> str:
     # Accuracies and other fractions read best as points; anything else as a plain difference.
-    return f"{100 * difference:.1f} points" if "acc" in metric or "recall" in metric or "f1" in metric else f"{difference:.3g}"
+    fraction = any(word in metric.lower() for word in ("acc", "recall", "f1"))
+    return f"{100 * difference:.1f} points" if fraction else f"{difference:.3g}"
 
 
 def _described(summary: pd.DataFrame, name: str, metric: str) -> str:
@@ -107,7 +108,7 @@ def ranking_sentence(summary: pd.DataFrame, metric: str, *, higher_is_better: bo
     fewer = [f"{n}: {int(k)}" for n, k in summary[SEEDS_COLUMN].items() if k < seeds]
     if fewer and seeds > 1:
         over += f" (fewer for {', '.join(fewer)})"
-    sentence = f"Highest mean {metric} {over}: {_described(summary, best, metric)}."
+    sentence = f"{'Highest' if higher_is_better else 'Lowest'} mean {metric} {over}: {_described(summary, best, metric)}."
     if ties:
         sentence += (f" Within its spread, so tied with it: {', '.join(_described(summary, n, metric) for n in ties)}.")
     else:

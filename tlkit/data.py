@@ -7,6 +7,9 @@ import difflib
 import functools
 import hashlib
 import numbers
+import os
+import re
+import time
 import urllib.error
 import warnings
 from collections import Counter
@@ -16,16 +19,28 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
+from tqdm.auto import tqdm
 
 from .models import Normalization
+from .params import check_dataset, check_seed
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# A GIF is read as its first frame.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# iPhone photos: Pillow reads them only with the pillow-heif plugin (used when it is installed).
+HEIF_EXTENSIONS = (".heic", ".heif")
 # Files that operating systems drop into folders: left out without a warning (as are hidden files).
 SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
-SPLIT_FOLDERS = ("train", "val", "validation", "valid", "test")
+# Split folder names, in any letter case, and the split each one is; the first name of a split is preferred.
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "validation": "val", "valid": "val",
+               "test": "test", "testing": "test"}
+SPLIT_FOLDERS = tuple(SPLIT_NAMES)
+# Folder names that read as a split ("Training_Set", "seg_test", "trainset"), for the layout check.
+_SPLIT_LIKE = re.compile(r"(?<![a-z])(train(ing)?|val(id|idation)?|test(ing)?|eval(uation)?)(set|data|images?)?(?![a-z])")
+# Checking images shows a progress bar, and a summary line, once it has taken this long (seconds).
+PROGRESS_AFTER_S = 3.0
 HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 # The whole clothing set (CC0) as its author's GitHub archive; the course bundles a compact copy of it.
 CLOTHING_URL = "https://github.com/alexeygrigorev/clothing-dataset-small/archive/refs/heads/master.zip"
@@ -42,7 +57,11 @@ class UnreadableImageError(RuntimeError):
 
 
 class SkippedFilesWarning(UserWarning):
-    """Files in a dataset folder were left out: unreadable images, or files that are not images."""
+    """Files in a dataset folder were left out: unreadable images, broken links, or files that are not images."""
+
+
+class NestedFoldersWarning(UserWarning):
+    """A class folder holds subfolders (or links to folders) whose images are used as images of that class."""
 
 
 class LabeledImages(Dataset):
@@ -118,8 +137,33 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF Orientation tag says (as image viewers show it: phone photos are often stored sideways)."""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # unreadable EXIF data: the pixels are still fine, as stored
+        return image
+    return ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
+
+
+class Upright:
+    """A transform step: a PIL image turned as its EXIF orientation says (``upright``); anything else passes unchanged.
+
+    Images from tlkit's datasets are upright already; this step makes the eval transform right for a photo
+    opened directly with ``Image.open`` too.
+    """
+
+    def __call__(self, image):
+        return upright(image) if isinstance(image, Image.Image) else image
+
+    def __repr__(self) -> str:
+        return "Upright()"
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """An RGB copy of any Pillow image: transparency composited on white, 16-bit grayscale scaled to 8 bits."""
+    """An upright RGB copy of any Pillow image: EXIF orientation applied (``upright``), transparency composited on
+    white, 16-bit grayscale scaled to 8 bits. Every image tlkit loads, trains on or predicts passes through it."""
+    image = upright(image)
     if image.mode in _SIXTEEN_BIT_MODES:
         # Pillow's own conversion clips 16-bit values at 255, which turns most pixels white.
         pixels = np.asarray(image, dtype=np.float32) / 257
@@ -133,6 +177,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _open_rgb(paths: Sequence[Path], j: int) -> Image.Image:
+    if Path(paths[j]).suffix.lower() in HEIF_EXTENSIONS:
+        _heif_supported()  # a DataLoader worker started by spawn has not registered the plugin yet
     try:
         with Image.open(paths[j]) as image:
             return to_rgb(image)
@@ -254,11 +300,37 @@ def _subfolder_names(root: Path) -> list[str]:
     return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+@functools.lru_cache(maxsize=None)
+def _heif_supported() -> bool:
+    """True if the pillow-heif plugin is installed; it is then registered with Pillow (also in DataLoader workers)."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
+def _is_image_name(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    return suffix in IMAGE_EXTENSIONS or (suffix in HEIF_EXTENSIONS and _heif_supported())
+
+
+_HEIF_HINT = (
+    "HEIC/HEIF photos (as iPhones save them) need a converter: pip install pillow-heif, and tlkit reads them; "
+    "or convert them to JPEG (macOS: sips -s format jpeg IMG.HEIC --out IMG.jpg; Linux: heif-convert IMG.HEIC IMG.jpg)."
+)
+
+
+def _heif_hint(files: Sequence[Path]) -> str:
+    return f"\n{_HEIF_HINT}" if any(p.suffix.lower() in HEIF_EXTENSIONS for p in files) else ""
+
+
 def _class_names(root: Path) -> list[str]:
-    """The class folder names in ``root``, sorted; an error unless there are at least two."""
+    """The class folder names in ``root``, sorted; an error unless there are at least two that do not look like splits."""
     classes = _subfolder_names(root)
     if not classes:
-        loose = sum(1 for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        loose = sum(1 for p in root.iterdir() if _is_image_name(p))
         where = f" ({loose} images lie directly in it)" if loose else ""
         raise DatasetUnavailableError(
             f"{root} has no class folders{where}: put the images of each class in a folder of their own, "
@@ -271,16 +343,120 @@ def _class_names(root: Path) -> list[str]:
             f"{root} has a single class folder ('{classes[0]}'), and a classifier needs at least two classes: "
             f"add one folder per class next to it, {root}/<class name>/<image files>.{nested}"
         )
+    problem = _split_layout_problem(root, classes)
+    if problem is not None:
+        raise DatasetUnavailableError(problem)
     return classes
 
 
-def _files_in(folder: Path) -> list[Path]:
-    """Files under ``folder``, sorted, without hidden ones (.DS_Store, macOS's ._photo.jpg) and SYSTEM_FILES."""
-    return [
-        p for p in sorted(folder.rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-        and p.name.lower() not in SYSTEM_FILES
-    ]
+_SPLIT_NAMING = "train/ and val/ (optionally test/; training/, validation/, valid/ and testing/ work too, in any letter case)"
+
+
+def _split_layout_problem(root: Path, classes: Sequence[str]) -> str | None:
+    """Why the folders found as classes are splits rather than classes, or None.
+
+    They are taken for splits when every name reads as one (``Training_Set``, ``seg_test``), or when every
+    one holds the same two or more subfolders and no images of its own (splits holding class folders).
+    """
+    split_like = all(_SPLIT_LIKE.search(c.lower()) for c in classes)
+    common: set[str] | None = None
+    for c in classes:  # stops at the first class folder without the subfolders of the others
+        names = set(_subfolder_names(root / c))
+        common = names if common is None else common & names
+        if len(common) < 2:
+            break
+    shared = sorted(common or ())
+    holds_classes = len(shared) >= 2 and not any(_holds_images(root / c) for c in classes)
+    if not (holds_classes or split_like):
+        return None
+    found = ", ".join(f"{c}/" for c in classes)
+    made = f"loaded as they are, they would make a {len(classes)}-class dataset of those names"
+    inside = ", ".join(f"{c}/" for c in shared[:_LISTED_AT_MOST]) + (", ..." if len(shared) > _LISTED_AT_MOST else "")
+    if holds_classes and split_like:
+        example = next((c for c in classes if "train" in c.lower()), classes[0])
+        return (
+            f"{root}: the folders found as classes ({found}) look like split folders holding class folders ({inside}), "
+            f"not classes: {made}, with every real class merged. Name the split folders {_SPLIT_NAMING}, or pass one "
+            f"split folder as the dataset, e.g. dataset='{root / example}'."
+        )
+    if holds_classes:
+        return (
+            f"{root}: every folder found as a class ({found}) holds the same subfolders ({inside}) and no images of "
+            f"its own, as split folders holding class folders do: {made}, with every real class merged. If they are "
+            f"splits, name them {_SPLIT_NAMING}; if they are classes whose images lie in subfolders, move the images "
+            f"up into {root}/<class name>/."
+        )
+    return (
+        f"{root}: the folders found as classes ({found}) look like split folders, not classes: {made}. Give each "
+        f"split a folder per class ({root}/<split>/<class name>/<image files>) and name the split folders "
+        f"{_SPLIT_NAMING}; if they really are your classes, give them names that do not read as splits."
+    )
+
+
+def _holds_images(folder: Path) -> bool:
+    return any(_is_image_name(p) for p in folder.iterdir() if p.is_file())
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    """The split folders of ``root`` by split ('train', 'val', 'test'): folders named as in ``SPLIT_NAMES``, in any
+    letter case, that hold class folders (a class that happens to be called "valid" or "test" holds images)."""
+    preference = list(SPLIT_NAMES)
+    named = [d for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_NAMES and _subfolder_names(d)]
+    found: dict[str, Path] = {}
+    for folder in sorted(named, key=lambda d: (preference.index(d.name.lower()), d.name)):
+        found.setdefault(SPLIT_NAMES[folder.name.lower()], folder)
+    return found
+
+
+@dataclass
+class _ClassFiles:
+    """The files of one folder of class folders, listed but not decoded yet (per class, in class order)."""
+
+    root: Path
+    classes: list[str]
+    images: list[list[Path]]
+    others: list[list[Path]]  # files that are not images by their extension
+    broken: list[list[Path]]  # links to image files that do not exist
+    nested: list[str]  # subfolders whose images are used, for the warning
+
+
+def _walk_files(folder: Path) -> tuple[list[Path], list[Path], list[str]]:
+    """Files under ``folder`` (sorted), broken links, and a line for each subfolder whose images are used.
+
+    Subfolders, and links to folders, are followed (each real folder once, so a link loop ends); hidden files and
+    folders (.DS_Store, macOS's ._photo.jpg) and SYSTEM_FILES are left out.
+    """
+    files, broken, nested = [], [], []
+    seen = {os.path.realpath(folder)}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here = Path(dirpath)
+        kept = []
+        for name in sorted(dirnames):
+            real = os.path.realpath(here / name)
+            if not name.startswith(".") and real not in seen:
+                seen.add(real)
+                kept.append(name)
+        dirnames[:] = kept
+        found = [here / name for name in filenames if not name.startswith(".") and name.lower() not in SYSTEM_FILES]
+        files += [p for p in found if p.is_file()]
+        broken += [p for p in found if p.is_symlink() and not p.exists()]
+        images = sum(1 for p in found if p.is_file() and _is_image_name(p))
+        if here != folder and images:
+            expected = os.path.join(os.path.realpath(folder), os.path.relpath(here, folder))
+            link = f" (through a link: {os.path.realpath(here)})" if os.path.realpath(here) != expected else ""
+            nested.append(f"{here}: {images} image(s){link}")
+    return sorted(files), sorted(broken), nested
+
+
+def _list_class_files(root: Path, classes: Sequence[str]) -> _ClassFiles:
+    listing = _ClassFiles(root, list(classes), [], [], [], [])
+    for name in classes:
+        files, broken, nested = _walk_files(root / name)
+        listing.images.append([p for p in files if _is_image_name(p)])
+        listing.others.append([p for p in files if not _is_image_name(p)])
+        listing.broken.append([p for p in broken if _is_image_name(p)])
+        listing.nested += nested
+    return listing
 
 
 def _listing(lines: Sequence[str]) -> str:
@@ -299,7 +475,7 @@ def _no_usable_images_message(folder: Path, files: Sequence[Path], problems: dic
     found = f" It holds only: {', '.join(p.name for p in files[:_LISTED_AT_MOST])}." if files else ""
     return (
         f"Class folder {folder} holds no images (accepted extensions: {', '.join(IMAGE_EXTENSIONS)}).{found} "
-        f"Add images to it, or delete the folder to drop the class."
+        f"Add images to it, or delete the folder to drop the class.{_heif_hint(files)}"
     )
 
 
@@ -309,42 +485,79 @@ def _warn_left_out(root: Path, problems: dict[Path, str], not_images: list[Path]
             f"Skipped {len(problems)} unreadable image file(s) in {root} (kept {kept} images); delete or replace them:\n"
             + _listing([f"{p}: {r}" for p, r in problems.items()]),
             SkippedFilesWarning,
-            stacklevel=4,
+            stacklevel=6,  # through _labeled_images, _read_class_folders, image_folder, load_dataset: the caller
         )
     if not_images:
         warnings.warn(
             f"Ignored {len(not_images)} file(s) in {root} that are not images by their extension "
-            f"(accepted: {', '.join(IMAGE_EXTENSIONS)}):\n" + _listing([str(p) for p in not_images]),
+            f"(accepted: {', '.join(IMAGE_EXTENSIONS)}):\n" + _listing([str(p) for p in not_images]) + _heif_hint(not_images),
             SkippedFilesWarning,
-            stacklevel=4,
+            stacklevel=6,  # through _labeled_images, _read_class_folders, image_folder, load_dataset: the caller
         )
 
 
-def _class_folder(root: Path, classes: Sequence[str]) -> LabeledImages:
-    """Every readable image in ``root/<class>/`` for ``classes``, labelled by class; files left out are warned about.
-
-    Each image is decoded once here, so a corrupt file is left out up front rather than failing in a
-    DataLoader worker mid-epoch. Nothing in the folder is ever imported or unpickled: only image files are opened.
-    """
-    paths: list[Path] = []
-    targets: list[int] = []
+def _check_images(paths: Sequence[Path], where: Path) -> dict[Path, str]:
+    """Why each unusable file of ``paths`` cannot be used; a progress bar and a summary when checking takes a while."""
     problems: dict[Path, str] = {}
-    not_images: list[Path] = []
+    start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # huge images are reported, not decoded
-        for label, name in enumerate(classes):
-            files = _files_in(root / name)
-            images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-            not_images += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
-            bad = {p: reason for p in images if (reason := _image_problem(p)) is not None}
-            if len(bad) == len(images):
-                raise DatasetUnavailableError(_no_usable_images_message(root / name, files, bad))
-            problems.update(bad)
-            good = [p for p in images if p not in bad]
-            paths += good
-            targets += [label] * len(good)
-    _warn_left_out(root, problems, not_images, len(paths))
-    return LabeledImages(functools.partial(_open_rgb, paths), targets, classes)
+        with tqdm(total=len(paths), desc=f"checking images in {where}", unit="img", delay=PROGRESS_AFTER_S, leave=False) as bar:
+            for path in paths:
+                reason = _image_problem(path)
+                if reason is not None:
+                    problems[path] = reason
+                bar.update()
+    seconds = time.perf_counter() - start
+    if seconds >= PROGRESS_AFTER_S:
+        print(
+            f"Checked {len(paths):,} images in {where} in {seconds:.1f} s: each was decoded once, so that unreadable "
+            "files are left out now (and listed) rather than failing mid-training. Loading the same files again "
+            "in this session skips the check.",
+            flush=True,
+        )
+    return problems
+
+
+def _broken_link_reason(path: Path) -> str:
+    return f"broken link: it points to {os.readlink(path)}, which does not exist"
+
+
+def _labeled_images(listing: _ClassFiles, problems: dict[Path, str]) -> LabeledImages:
+    """Every readable image of ``listing``, labelled by class; files left out are warned about."""
+    paths: list[Path] = []
+    targets: list[int] = []
+    left_out: dict[Path, str] = {}
+    for label, (name, images, others, broken) in enumerate(zip(listing.classes, listing.images, listing.others, listing.broken)):
+        bad = {p: problems[p] for p in images if p in problems} | {p: _broken_link_reason(p) for p in broken}
+        if len(bad) == len(images) + len(broken):
+            raise DatasetUnavailableError(_no_usable_images_message(listing.root / name, images + others, bad))
+        left_out.update(bad)
+        good = [p for p in images if p not in bad]
+        paths += good
+        targets += [label] * len(good)
+    _warn_left_out(listing.root, left_out, [p for others in listing.others for p in others], len(paths))
+    return LabeledImages(functools.partial(_open_rgb, paths), targets, listing.classes)
+
+
+def _read_class_folders(root: Path, folders: Sequence[Path], classes: Sequence[str]) -> list[LabeledImages]:
+    """Each of ``folders`` (folders of ``classes`` folders) as LabeledImages.
+
+    Each image is decoded once here, so a corrupt file is left out up front rather than failing in a
+    DataLoader worker mid-epoch. Nothing in the folders is ever imported or unpickled: only image files are opened.
+    """
+    listings = [_list_class_files(folder, classes) for folder in folders]
+    problems = _check_images([p for listing in listings for images in listing.images for p in images], root)
+    nested = [line for listing in listings for line in listing.nested]
+    if nested:
+        warnings.warn(
+            f"Images in subfolders of class folders in {root} are used as images of that class (a subfolder is not a "
+            f"class of its own; links to folders are followed):\n{_listing(nested)}\n"
+            f"Move a subfolder out of its class folder if its images are not of that class.",
+            NestedFoldersWarning,
+            stacklevel=4,  # through image_folder and load_dataset: the caller
+        )
+    return [_labeled_images(listing, problems) for listing in listings]
 
 
 def _missing_folder_message(folder: Path) -> str:
@@ -354,51 +567,54 @@ def _missing_folder_message(folder: Path) -> str:
     )
 
 
-def _check_same_classes(root: Path, classes: list[str], other: Path) -> None:
+def _check_same_classes(root: Path, train: Path, classes: list[str], other: Path) -> None:
     theirs = _subfolder_names(other)
     if theirs != classes:
         raise DatasetUnavailableError(
-            f"{root}: train/ and {other.name}/ have different class folders (only in train/: "
+            f"{root}: {train.name}/ and {other.name}/ have different class folders (only in {train.name}/: "
             f"{sorted(set(classes) - set(theirs))}; only in {other.name}/: {sorted(set(theirs) - set(classes))}). "
             f"Give both the same class folders, or put all images in one folder of class folders to split by seed."
         )
 
 
 def image_folder(root: str | Path, *, val_fraction: float = 0.2, seed: int = 0) -> DatasetSplits:
-    """Splits from an ImageFolder root: ``train/`` + ``val/`` (or ``validation/``) [+ ``test/``], or class folders split by seed.
+    """Splits from an ImageFolder root: ``train/`` + ``val/`` [+ ``test/``], or class folders split by seed.
 
-    A ``train/`` without a val folder is split by seed. Images that cannot be decoded and files that
-    are not images are left out, listed in a ``SkippedFilesWarning``.
+    Split folders are recognised in any letter case: train/training, val/valid/validation, test/testing.
+    A train folder without a val folder is split by seed. Images that cannot be decoded, broken links and
+    files that are not images are left out, listed in a ``SkippedFilesWarning``. Images in subfolders of a
+    class folder (links to folders included) belong to that class, listed once in a ``NestedFoldersWarning``.
+    Class folders that look like splits (``Training_Set/``, or folders that all hold the same class folders)
+    are an error that says how to lay them out.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetUnavailableError(_missing_folder_message(root))
     _check_val_fraction(val_fraction)
-    # A split folder holds class folders; a class that happens to be called "valid" or "test" holds images.
-    splits = {n: root / n for n in SPLIT_FOLDERS if (root / n).is_dir() and _subfolder_names(root / n)}
+    seed = check_seed("seed", seed)
+    splits = _split_folders(root)
     if not splits:
-        everything = _class_folder(root, _class_names(root))
+        (everything,) = _read_class_folders(root, [root], _class_names(root))
         train_pos, val_pos = stratified_split(everything.targets, val_fraction, seed)
         return DatasetSplits(root.name, everything.subset(train_pos), everything.subset(val_pos), everything.classes)
     if "train" not in splits:
-        found = " and ".join(f"{n}/" for n in splits)
+        found = " and ".join(f"{folder.name}/" for folder in splits.values())
         raise DatasetUnavailableError(
             f"{root} has {found} but no train/ folder: expected {root}/train/<class name>/<image files> next to it "
             f"(or the class folders directly in {root}, split by seed)."
         )
     classes = _class_names(splits["train"])
-    val_dir = next((splits[n] for n in ("val", "validation", "valid") if n in splits), None)
-    for other in (val_dir, splits.get("test")):
-        if other is not None:
-            _check_same_classes(root, classes, other)
-    train = _class_folder(splits["train"], classes)
-    if val_dir is None:
+    others = [splits[name] for name in ("val", "test") if name in splits]
+    for other in others:
+        _check_same_classes(root, splits["train"], classes, other)
+    train, *rest = _read_class_folders(root, [splits["train"], *others], classes)
+    read = dict(zip([name for name in ("val", "test") if name in splits], rest))
+    if "val" in read:
+        val = read["val"]
+    else:
         train_pos, val_pos = stratified_split(train.targets, val_fraction, seed)
         train, val = train.subset(train_pos), train.subset(val_pos)
-    else:
-        val = _class_folder(val_dir, classes)
-    test = _class_folder(splits["test"], classes) if "test" in splits else None
-    return DatasetSplits(root.name, train, val, classes, test)
+    return DatasetSplits(root.name, train, val, classes, read.get("test"))
 
 
 def _download_archive(name: str, url: str, data_root: Path, unpacks_to: str) -> Path:
@@ -498,6 +714,8 @@ def load_dataset(
     The default, ``"clothing"``, is the photo set bundled with tlkit (10 classes, natural long tail, with a
     test split); ``"clothing_full"`` downloads the whole set once. ``samples_per_class`` keeps at most that many training images per class (val is untouched).
     """
+    dataset = check_dataset(dataset)  # an empty path would load the current folder
+    seed = check_seed("seed", seed)
     _check_val_fraction(val_fraction)
     if samples_per_class is not None:
         _check_samples_per_class(samples_per_class)
@@ -534,7 +752,7 @@ def _check_image_size(image_size: int) -> None:
 
 
 def eval_transform(image_size: int, norm: Normalization) -> v2.Compose:
-    """Deterministic preset: resize the short side, center-crop a square, scale to [0, 1], normalize.
+    """Deterministic preset: EXIF orientation (``Upright``), resize the short side, center-crop a square, scale to [0, 1], normalize.
 
     The resize follows the weights' own preprocessing (``norm.crop_pct`` and ``norm.interpolation``, from timm's
     config for ``timm:`` backbones; the built-in backbones resize straight to ``image_size``, bilinear).
@@ -542,6 +760,7 @@ def eval_transform(image_size: int, norm: Normalization) -> v2.Compose:
     _check_image_size(image_size)
     return v2.Compose(
         [
+            Upright(),
             v2.ToImage(),
             v2.Resize(norm.resize_size(image_size), interpolation=norm.interpolation_mode, antialias=True),
             v2.CenterCrop(image_size),

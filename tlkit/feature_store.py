@@ -8,12 +8,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
-from .checkpoints import save_atomically
-from .train import extract_features
+from .checkpoints import CheckpointSaveError, save_atomically
+from .train import extract_features, with_classes_of
 
-_FORMAT = b"tlkit-features-1"
+# 2: (features, labels, {"format", "checksum"}): a checksum of the content, checked when read.
+_FORMAT = b"tlkit-features-2"
+
+
+class AugmentationDisablesCacheWarning(UserWarning):
+    """A cache (of features or of prefix activations) and random augmentation were both asked for; the cache is switched off."""
 
 
 def _hash_tensor(h: "hashlib._Hash", tensor: torch.Tensor) -> None:
@@ -31,6 +36,9 @@ def _dataset_fingerprint(dataset) -> str | None:
         for tensor in dataset.tensors:
             _hash_tensor(h, tensor)
         return h.hexdigest()
+    if isinstance(dataset, ConcatDataset):  # e.g. new data + a replay sample (tlkit.with_replay)
+        parts = [_dataset_fingerprint(part) for part in dataset.datasets]
+        return None if None in parts else hashlib.sha256("|".join(parts).encode()).hexdigest()
     return None
 
 
@@ -68,10 +76,53 @@ def cached_features(
     path = Path(cache_dir) / f"features-{key}.pt"
     if path.exists():
         try:
-            features, labels = torch.load(path, weights_only=True)
-            return TensorDataset(features, labels)
-        except Exception as err:  # a damaged cache file is recomputed, never trusted
+            return with_classes_of(loader.dataset, _read_cache(path, len(loader.dataset), _feature_size(model)))
+        except _DamagedCache as err:  # a damaged cache file is recomputed, never trusted
             warnings.warn(f"Ignoring the damaged feature cache {path} ({err}); computing the features again.", stacklevel=2)
     computed = extract_features(model, loader, device, progress=progress)
-    save_atomically(tuple(computed.tensors), path)
+    features, labels = computed.tensors
+    payload = (features, labels, {"format": _FORMAT.decode(), "checksum": _checksum(features, labels)})
+    try:
+        save_atomically(payload, path)
+    except CheckpointSaveError as err:  # the features are fine; only the next run loses the shortcut
+        warnings.warn(f"{err} The features are used, but not cached: the next run computes them again.", stacklevel=2)
     return computed
+
+
+class _DamagedCache(Exception):
+    """A feature cache file that must not be used, and why."""
+
+
+def _checksum(features: torch.Tensor, labels: torch.Tensor) -> str:
+    h = hashlib.sha256(_FORMAT)
+    _hash_tensor(h, features)
+    _hash_tensor(h, labels)
+    return h.hexdigest()
+
+
+def _feature_size(model: nn.Module) -> int | None:
+    """Length of the feature vector the head takes (what ``forward_features`` gives), None if unknown."""
+    head = getattr(model, "head", None)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)] if isinstance(head, nn.Module) else []
+    return linears[0].in_features if linears else None
+
+
+def _read_cache(path: Path, count: int, size: int | None) -> TensorDataset:
+    """The features in ``path`` if they are what this cache wrote for ``count`` items of ``size`` features; else _DamagedCache."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a PyTorch file, or refused by weights_only
+        raise _DamagedCache(f"unreadable: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    if not (isinstance(raw, (tuple, list)) and len(raw) == 3 and isinstance(raw[2], dict)) or raw[2].get("format") != _FORMAT.decode():
+        raise _DamagedCache(f"not a {_FORMAT.decode()} file")
+    features, labels, meta = raw
+    if not isinstance(features, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise _DamagedCache("no features or labels tensor")
+    expected = f"({count}, {size if size is not None else 'D'})"
+    if features.dtype != torch.float32 or features.ndim != 2 or len(features) != count or (size is not None and features.shape[1] != size):
+        raise _DamagedCache(f"features are {features.dtype} {tuple(features.shape)}, expected torch.float32 {expected}")
+    if len(labels) != count:
+        raise _DamagedCache(f"{len(labels)} labels for {count} items")
+    if meta.get("checksum") != _checksum(features, labels):
+        raise _DamagedCache("its content does not match the checksum written with it")
+    return TensorDataset(features, labels)

@@ -14,7 +14,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from .checkpoints import model_from_checkpoint
 from .data import LabeledImages, limit_per_class, make_loader
-from .models import block_names, set_trainable
+from .models import TransferModel, block_names, set_trainable
+from .prefix_cache import PrefixCache, PrefixCacheStats, Suffix, prefix_activations
 from .train import History, fit, predict, set_seed
 
 
@@ -125,9 +126,21 @@ class AccuracyTracker:
             self.acc[name].append(value)
 
 
-def group_accuracy(model: nn.Module, loader: DataLoader, groups: dict[str, Sequence[int]], device: torch.device | str = "cpu") -> dict[str, float]:
-    """Accuracy (prediction among all classes) on the images whose true class is in each group."""
-    probs, labels = predict(model, loader, device)
+def group_accuracy(
+    model: nn.Module,
+    loader: DataLoader,
+    groups: dict[str, Sequence[int]],
+    device: torch.device | str = "cpu",
+    *,
+    cache_dir: str | Path | None = None,
+) -> dict[str, float]:
+    """Accuracy (prediction among all classes) on the images whose true class is in each group.
+
+    With ``cache_dir``, a TransferModel whose lower blocks are frozen is scored from their activations
+    (``prefix_activations``), read from there when the same frozen blocks saw the same images before.
+    """
+    cached = prefix_activations(model, loader, device, cache_dir=cache_dir) if cache_dir is not None and isinstance(model, TransferModel) else None
+    probs, labels = predict(*(cached or (model, loader)), device)
     correct = probs.argmax(1) == labels
     out = {}
     for name, members in groups.items():
@@ -148,7 +161,9 @@ class ContinuedRun:
 
     model: nn.Module
     history: History
-    tracked: dict[str, list[float]]
+    tracked: dict[str, list[float]]  # validation accuracy per group, after every epoch
+    test: dict[str, float] | None = None  # accuracy per group on the test set after training; None without one
+    prefix_cache: PrefixCacheStats | None = None  # what the prefix cache did; None without it
 
 
 def continue_training(
@@ -168,12 +183,18 @@ def continue_training(
     distill: bool = False,
     resume_optimizer: bool = False,
     early_stopping_patience: int | None = 2,
+    test_set: Dataset | None = None,
+    prefix_cache: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> ContinuedRun:
     """Load ``checkpoint`` in a fresh state, grow its head to ``classes`` if needed, train ``trainable`` blocks on ``train_set``.
 
     ``resume_optimizer`` reloads the saved optimizer state (same classes and blocks only) and then
     sets ``lr``; ``distill`` adds LwF distillation on the old classes' logits. ``val_set`` drives
-    the LR plateau schedule and early stopping; accuracy per class group is tracked every epoch.
+    the LR plateau schedule and early stopping; accuracy per class group is tracked every epoch, and
+    measured once on ``test_set`` at the end. ``prefix_cache`` runs the frozen blocks below ``trainable``
+    once per image set (``PrefixCache``; on disk in ``cache_dir``) and trains the rest on their activations:
+    the same numbers up to float noise, with the teacher of ``distill`` run from the same activations.
     """
     set_seed(seed)
     model, ckpt = model_from_checkpoint(checkpoint)
@@ -192,16 +213,30 @@ def continue_training(
         optimizer.load_state_dict(ckpt.optimizer)
         for group in optimizer.param_groups:
             group["lr"] = lr
-    val_loader = make_loader(val_set, transform, batch_size, shuffle=False)
-    tracker = AccuracyTracker(model, val_loader, groups, device)
-    loss_fn = DistillationLoss(model, teacher.to(device)) if teacher is not None else None
+    loaders = {
+        "train": make_loader(train_set, transform, batch_size, shuffle=True, seed=seed),
+        "val": make_loader(val_set, transform, batch_size, shuffle=False),
+    }
+    if test_set is not None:
+        loaders["test"] = make_loader(test_set, transform, batch_size, shuffle=False)
+    stepper, cache = model, None
+    if prefix_cache:
+        ordered = {**loaders, "train": make_loader(train_set, transform, batch_size, shuffle=False)}
+        cache = PrefixCache(model, ordered, device, cache_dir=cache_dir, progress=False, report=False)
+        stepper = cache.suffix  # the suffix shares the model's parameters
+        loaders = {name: cache.loader(name, batch_size, shuffle=name == "train", seed=seed) for name in ordered}
+        if teacher is not None:
+            teacher = Suffix(teacher.to(device), cache.boundary)  # the teacher's frozen blocks are the student's
+    tracker = AccuracyTracker(stepper, loaders["val"], groups, device)
+    loss_fn = DistillationLoss(stepper, teacher.to(device)) if teacher is not None else None
     try:
         history = fit(
-            model, make_loader(train_set, transform, batch_size, shuffle=True, seed=seed), val_loader,
+            stepper, loaders["train"], loaders["val"],
             epochs=epochs, optimizer=optimizer, scheduler="plateau", device=device, loss_fn=loss_fn,
             early_stopping_patience=early_stopping_patience, on_epoch_end=tracker, progress=False,
         )
     finally:
         if loss_fn is not None:
             loss_fn.remove()
-    return ContinuedRun(model, history, tracker.acc)
+    test = group_accuracy(stepper, loaders["test"], groups, device) if "test" in loaders else None
+    return ContinuedRun(model, history, tracker.acc, test, None if cache is None else cache.stats)

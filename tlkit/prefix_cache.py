@@ -22,12 +22,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .augment import AugmentationDisablesCacheWarning
 from .checkpoints import save_atomically
 from .data import make_loader
-from .feature_store import _dataset_fingerprint, _hash_tensor
+from .feature_store import AugmentationDisablesCacheWarning, _dataset_fingerprint, _hash_tensor
 from .models import HEAD, TransferModel
-from .train import _amp_dtype, _with_progress, is_deterministic
+from .train import _amp_dtype, _with_progress, evaluate, is_deterministic
 
 POOL = "pool"
 _FORMAT = b"tlkit-prefix-1"
@@ -240,13 +239,26 @@ def prefix_key(model: TransferModel, loader: DataLoader, boundary: str, device: 
 @torch.no_grad()
 def _compute(model: TransferModel, loader: DataLoader, boundary: str, device: torch.device, progress: bool) -> TensorDataset:
     stop = _check_boundary(model, boundary)
+    _prefix_in_channels_last(model, stop)
     acts, labels = [], []
     with _eval_mode(model):
         for x, y in _with_progress(loader, f"prefix up to {boundary}", progress):
             with _autocast(device):
-                acts.append(_run_stages(model, 0, stop, x.to(device, non_blocking=True)).cpu())
+                acts.append(_run_stages(model, 0, stop, _channels_last(x.to(device, non_blocking=True))).contiguous().cpu())
             labels.append(y)
     return TensorDataset(torch.cat(acts), torch.cat(labels))
+
+
+def _prefix_in_channels_last(model: TransferModel, stop: int) -> None:
+    """Put the (frozen) stages below ``stop`` in channels_last: their convolutions over images run faster so, on CPUs
+    (oneDNN) as on GPUs (bench/channels_last.py). The stages above, which train on small maps, keep their layout."""
+    for _, module in stages(model)[:stop]:
+        module.to(memory_format=torch.channels_last)
+
+
+def _channels_last(images: torch.Tensor) -> torch.Tensor:
+    # The activations come out in the usual (contiguous) layout, for the cache and the stages above.
+    return images.contiguous(memory_format=torch.channels_last) if images.ndim == 4 else images
 
 
 def _read(path: Path) -> TensorDataset | None:
@@ -355,7 +367,7 @@ class PrefixCache:
     ``loaders`` maps a name ("train", "val") to a loader over the images in a fixed order (shuffle=False, the eval
     transform). ``loader(name, ...)`` gives batches of activations (or of images, where no cache applies) with
     ``make_loader``'s seeded shuffling, so the batches match those of the same loader over the images;
-    ``suffix`` is the module to give to ``fit``.
+    ``suffix`` is the module to give to ``fit``. ``report`` prints the size of each build (``stats`` keeps it too).
 
     The cache follows the model: whenever the suffix is put in train or eval mode (``fit`` does so every epoch),
     it checks ``prefix_boundary(model)``. When a block below the boundary was unfrozen (gradual unfreezing, the
@@ -372,11 +384,12 @@ class PrefixCache:
         cache_dir: str | Path | None = None,
         max_bytes: float | None = None,
         progress: bool = True,
+        report: bool = True,
     ) -> None:
         for loader in loaders.values():
             check_deterministic(loader)
         self.model, self.loaders, self.device = model, dict(loaders), torch.device(device)
-        self.cache_dir, self.max_bytes, self.progress = cache_dir, max_bytes, progress
+        self.cache_dir, self.max_bytes, self.progress, self.report = cache_dir, max_bytes, progress, report
         self.items = {name: CachedItems(loader.dataset) for name, loader in self.loaders.items()}
         self.boundary: str | None = None
         self._refused: set[str] = set()  # boundaries whose activations were over max_bytes
@@ -418,7 +431,8 @@ class PrefixCache:
     def _build(self, boundary: str | None, *, on_budget: str) -> None:
         if boundary is not None:
             sizes = self._sizes(boundary)
-            print(f"Prefix cache: {describe_sizes(sizes)} ({_budget_text(self.max_bytes)}).", flush=True)
+            if self.report:
+                print(f"Prefix cache: {describe_sizes(sizes)} ({_budget_text(self.max_bytes)}).", flush=True)
             try:
                 check_budget(sizes, self.max_bytes)
             except PrefixCacheTooLargeError as err:
@@ -480,6 +494,98 @@ class SuffixModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x) if self.boundary is None else forward_from(self.model, self.boundary, x)
+
+    # A checkpoint written while training the suffix must hold the whole model, loadable without the cache.
+    @property
+    def backbone(self) -> str:
+        return self.model.backbone
+
+    @property
+    def weights(self) -> str | None:
+        return getattr(self.model, "weights", None)
+
+    @property
+    def head(self) -> nn.Module:
+        return self.model.head
+
+    def state_dict(self, *args, **kwargs):
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+class PrefixBatches:
+    """The batches of ``loader`` (e.g. augmented images) run through the frozen blocks below ``cache.boundary`` as they come.
+
+    A random transform rules out caching the training images' activations (every epoch brings new views), but
+    the validation images can still be cached: ``fit(cache.suffix, PrefixBatches(train_loader, cache),
+    cache.loader("val", ...))`` then trains exactly as ``fit(model, train_loader, val_loader)`` does, while the
+    frozen blocks run once over the validation images instead of every epoch.
+    """
+
+    def __init__(self, loader: DataLoader, cache: PrefixCache) -> None:
+        self.loader, self.cache = loader, cache
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        model, device = self.cache.model, self.cache.device
+        for x, y in self.loader:
+            boundary = self.cache.boundary
+            if boundary is not None:
+                _prefix_in_channels_last(model, _check_boundary(model, boundary))  # frozen blocks run in eval mode (eval_frozen_blocks), so this is their training output
+                with torch.no_grad(), _autocast(device):
+                    x = forward_prefix(model, boundary, _channels_last(x.to(device, non_blocking=True))).contiguous()
+            yield x, y
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def dataset(self) -> Dataset:
+        """The wrapped loader's dataset."""
+        return self.loader.dataset
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The wrapped loader's shuffling generator (saved in checkpoints)."""
+        return getattr(self.loader, "generator", None)
+
+
+class Suffix(nn.Module):
+    """``model`` run from the input of stage ``boundary`` up (``forward_from``), as a module: same parameters."""
+
+    def __init__(self, model: TransferModel, boundary: str) -> None:
+        super().__init__()
+        _check_boundary(model, boundary)
+        self.model, self.boundary = model, boundary
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return forward_from(self.model, self.boundary, x)
+
+
+def prefix_activations(
+    model: TransferModel, loader: DataLoader, device: torch.device | str = "cpu", *, cache_dir: str | Path | None = None
+) -> tuple[Suffix, DataLoader] | None:
+    """The suffix of ``model`` above its frozen blocks and a loader of ``loader``'s activations at that boundary
+    (read from ``cache_dir`` when the same frozen blocks saw the same images), in ``loader``'s order and batch size;
+    None when nothing below the first trainable block is frozen. For scoring: ``evaluate(*prefix_activations(...))``."""
+    boundary = prefix_boundary(model)
+    if boundary is None:
+        return None
+    check_deterministic(loader)
+    device = torch.device(device)
+    model.to(device)
+    acts, _ = _load_or_compute(model, loader, boundary, device, cache_dir, progress=False)
+    return Suffix(model, boundary), make_loader(acts, None, loader.batch_size, shuffle=False)
+
+
+def evaluate_from_prefix(
+    model: TransferModel, loader: DataLoader, device: torch.device | str = "cpu", *, cache_dir: str | Path | None = None
+) -> dict[str, float]:
+    """``evaluate(model, loader)`` with the frozen blocks run once per image set (``prefix_activations``): same numbers
+    up to float noise; many runs scored on one split with ``cache_dir`` pass the frozen blocks over it once."""
+    cached = prefix_activations(model, loader, device, cache_dir=cache_dir)
+    return evaluate(model, loader, device) if cached is None else evaluate(*cached, device)
 
 
 # --- when it applies ---------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
@@ -14,10 +14,8 @@ from torch.utils.data import Dataset
 from .data import DatasetSplits, eval_transform, make_loader
 from .feature_store import cached_features
 from .models import TransferModel, create_model, freeze, parameter_counts, unfreeze
+from .prefix_cache import PrefixCacheStats, evaluate_from_prefix
 from .train import History, below_head_frozen, evaluate, fit, fit_head, set_seed
-
-if TYPE_CHECKING:  # prefix_cache imports augment, which imports this module
-    from .prefix_cache import PrefixCacheStats
 
 
 @dataclass
@@ -147,12 +145,14 @@ def evaluate_on(
 ) -> dict[str, float]:
     """Loss and accuracy of ``model`` on ``dataset`` with the eval transform (e.g. the test split, once at the end).
 
-    A model whose blocks below the head are all frozen is evaluated on its backbone's features, read from
-    ``cache_dir`` when the same backbone saw the same images before (e.g. the pretrained backbone of every seed).
+    A model whose blocks below the head are all frozen is evaluated on its backbone's features; one whose lower
+    blocks are frozen, on the activations below its first trainable block (``evaluate_from_prefix``). Both are read
+    from ``cache_dir`` when the same frozen blocks saw the same images before (e.g. the pretrained backbone of
+    every seed), so scoring many runs on one test split runs the frozen blocks over it once.
     """
     transform = eval_transform(image_size, model.normalization)
     loader = make_loader(dataset, transform, batch_size, shuffle=False)
-    if not below_head_frozen(model):
-        return evaluate(model, loader, device)
-    features = cached_features(model, loader, device, cache_dir=cache_dir, progress=False)
-    return evaluate(model.head, make_loader(features, None, batch_size, shuffle=False), device)
+    if below_head_frozen(model):
+        features = cached_features(model, loader, device, cache_dir=cache_dir, progress=False)
+        return evaluate(model.head, make_loader(features, None, batch_size, shuffle=False), device)
+    return evaluate_from_prefix(model, loader, device, cache_dir=cache_dir)

@@ -8,6 +8,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -16,15 +17,17 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, Sampler, Subset, TensorDataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from .checkpoints import load_checkpoint, save_checkpoint
-from .data import make_loader, to_rgb
+from .checkpoints import CheckpointSaveError, load_checkpoint, save_checkpoint
+from .data import Upright, make_loader, to_rgb
+from .params import check_seed
 
 # Transforms that give the same output for the same input: a pipeline of only these allows caching.
 _DETERMINISTIC_TRANSFORMS = (
+    Upright,
     v2.ToImage,
     v2.PILToTensor,
     v2.ToPureTensor,
@@ -38,7 +41,8 @@ _DETERMINISTIC_TRANSFORMS = (
 
 
 def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and PyTorch (CPU and CUDA) in one place."""
+    """Seed Python, NumPy and PyTorch (CPU and CUDA) in one place; ``seed`` is a whole number in NumPy's range, 0 .. 2**32 - 1."""
+    seed = check_seed("seed", seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -199,6 +203,17 @@ def _gpu_utilization(device: torch.device) -> float:
         return math.nan
 
 
+def _channels_last_model(model: nn.Module) -> nn.Module:
+    """``model`` with its 4-D weights in channels_last: convolutions run faster so on GPUs and on CPUs (oneDNN), as
+    ``bench/channels_last.py`` measures; ``fit``, ``evaluate``, ``predict`` and feature extraction all use it, so the
+    same weights give the same numbers on every path."""
+    return model.to(memory_format=torch.channels_last)
+
+
+def _channels_last_batch(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
 def _run_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -223,8 +238,8 @@ def _run_epoch(
             if stop is not None and stop.requested:
                 raise _Stopped
             x = x.to(device, non_blocking=True)
-            if channels_last and x.ndim == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
+            if channels_last:
+                x = _channels_last_batch(x)
             y = y.to(device, non_blocking=True)
             try:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -251,11 +266,140 @@ def _run_epoch(
     return total_loss / max(seen, 1), correct / max(seen, 1), seen
 
 
+# --- does the model fit the data? ------------------------------------------------------------------
+
+
+class RepeatedFitWarning(UserWarning):
+    """``fit`` was called again on a model it already trained, without ``history=`` or ``resume_from=``."""
+
+
+def _num_outputs(model: nn.Module) -> int | None:
+    """Number of classes ``model`` predicts: its head's last Linear layer (through wrappers that hold ``.model``); None if unknown."""
+    for candidate in (getattr(model, "head", None), getattr(getattr(model, "model", None), "head", None), model):
+        if isinstance(candidate, nn.Linear):
+            return candidate.out_features
+        if isinstance(candidate, nn.Sequential):
+            linears = [m for m in candidate.modules() if isinstance(m, nn.Linear)]
+            return linears[-1].out_features if linears else None
+    return None
+
+
+def _inner_dataset(dataset):
+    """The dataset a wrapper holds: TransformedDataset (.base), the prefix cache's CachedItems (.source), Subset; else None."""
+    for name in ("base", "source"):
+        inner = getattr(dataset, name, None)
+        if inner is not None:
+            return inner
+    return dataset.dataset if isinstance(dataset, Subset) else None
+
+
+def _named_classes(dataset, depth: int = 0) -> list[str] | None:
+    """The class names of ``dataset`` (through wrappers; the same in every part of a ConcatDataset), or None."""
+    if dataset is None or depth > 8:
+        return None
+    classes = getattr(dataset, "classes", None)
+    if isinstance(classes, (list, tuple)) and classes:
+        return list(classes)
+    if isinstance(dataset, ConcatDataset):
+        parts = [_named_classes(part, depth + 1) for part in dataset.datasets]
+        return parts[0] if parts and all(part is not None and part == parts[0] for part in parts) else None
+    return _named_classes(_inner_dataset(dataset), depth + 1)
+
+
+def with_classes_of(source, features: TensorDataset) -> TensorDataset:
+    """``features`` given the class names of ``source`` (the images they were computed from) as ``.classes``,
+    so that ``fit_head`` checks the head against the classes rather than the largest label."""
+    classes = _named_classes(source)
+    if classes is not None:
+        features.classes = classes
+    return features
+
+
+def _label_classes(dataset, depth: int = 0) -> tuple[int, bool] | None:
+    """(number of classes, exact?) of ``dataset``'s labels, without loading an item; None if it cannot tell.
+
+    Exact for a dataset that names its classes (``.classes``) or holds soft labels (N x C); for integer label
+    tensors it is the largest label + 1, which a class missing from this data would make smaller.
+    """
+    if dataset is None or depth > 8:
+        return None
+    classes = getattr(dataset, "classes", None)
+    if isinstance(classes, (list, tuple)) and classes:
+        return len(classes), True
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        labels = dataset.tensors[1]
+        if labels.ndim == 2 and labels.is_floating_point():
+            return labels.shape[1], True
+        if labels.ndim == 1 and not labels.is_floating_point() and labels.numel():
+            return int(labels.max()) + 1, False
+        return None
+    if isinstance(dataset, ConcatDataset):
+        parts = [_label_classes(part, depth + 1) for part in dataset.datasets]
+        if not parts or None in parts:
+            return None
+        return max(n for n, _ in parts), all(exact for _, exact in parts)
+    return _label_classes(_inner_dataset(dataset), depth + 1)
+
+
+def check_head_fits(model: nn.Module, loader: Iterable, *, where: str = "fit") -> None:
+    """Raise a ValueError naming both numbers if ``model``'s outputs do not match the classes of ``loader``'s data.
+
+    Checked before the first batch, from the model's head and the dataset's class list, soft labels, or label
+    tensor: the loader is not iterated. A plain label tensor only tells the largest label (its top classes may
+    just be absent), so there only labels beyond the head are an error. Nothing is checked when either number
+    cannot be told (a model without a Linear head, a dataset without classes or labels).
+    """
+    outputs = _num_outputs(model)
+    found = _label_classes(getattr(loader, "dataset", None))
+    if outputs is None or found is None:
+        return
+    classes, exact = found
+    if outputs == classes or (outputs > classes and not exact):
+        return
+    data = f"{classes} classes" if exact else f"labels up to {classes - 1}, so at least {classes} classes"
+    new_model = f"tlkit.create_model(backbone, {classes}, ...)"
+    if outputs < classes:
+        advice = (f". Build a new model for this data ({new_model}) or grow this one's head "
+                  f"(tlkit.expand_head(model, {classes - outputs}) adds {classes - outputs} outputs; the old ones keep their weights)")
+    else:
+        advice = (f": its {outputs - classes} extra output(s) would be classes that do not exist in the data. Build a new "
+                  f"model for this data ({new_model}); tlkit.expand_head grows a head, nothing shrinks one")
+    raise ValueError(
+        f"{where}: the model's head has {outputs} outputs but the data has {data}{advice}; "
+        f"or check that this is the data the model is for."
+    )
+
+
+def _weights_version(model: nn.Module) -> tuple[int, ...]:
+    # Every in-place change of a parameter (an optimizer step, reset_parameters, load_state_dict) bumps its version.
+    return tuple(p._version for p in model.parameters())
+
+
+def _epochs_fitted(model: nn.Module) -> int:
+    """Epochs that fit has trained ``model`` for, if its weights are still exactly as fit left them; else 0."""
+    epochs, version = getattr(model, "_tlkit_fitted", (0, None))
+    return epochs if version == _weights_version(model) else 0
+
+
+def _warn_if_fitted_before(model: nn.Module) -> None:
+    done = _epochs_fitted(model)
+    if done:
+        warnings.warn(
+            f"fit() already trained this model for {done} epoch(s): this run continues from those weights with a fresh "
+            f"optimizer (and scheduler), and its history counts epochs from 1 again. Pass history=<the earlier History> "
+            f"to continue the epoch count (and early stopping), resume_from=<checkpoint> to continue the optimizer "
+            f"too, or build a new model (tlkit.create_model) to start over.",
+            RepeatedFitWarning,
+            stacklevel=3,
+        )
+
+
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu", *, progress: bool = False) -> dict[str, float]:
     """Mean cross-entropy loss and accuracy of ``model`` on ``loader``."""
+    check_head_fits(model, loader, where="evaluate")
     loss, acc, _ = _run_epoch(
-        model, loader, torch.device(device), optimizer=None, scaler=None,
-        loss_fn=nn.CrossEntropyLoss(), desc="eval", progress=progress,
+        _channels_last_model(model), loader, torch.device(device), optimizer=None, scaler=None,
+        loss_fn=nn.CrossEntropyLoss(), desc="eval", progress=progress, channels_last=True,
     )
     return {"loss": loss, "acc": acc}
 
@@ -315,7 +459,8 @@ def fit(
     Only parameters with ``requires_grad`` are optimized (AdamW by default). ``scheduler`` is
     stepped once per epoch. Early stopping watches validation loss; ``restore_best`` puts back
     the weights of the epoch with the best validation accuracy. On CUDA, autocast (bf16 where
-    supported, else fp16 with a GradScaler) is used, with channels_last memory format unless
+    supported, else fp16 with a GradScaler) is used. Weights and image batches are in channels_last
+    memory format (faster convolutions on GPUs and CPUs: bench/channels_last.py) unless
     ``channels_last=False``; ``compile=True`` runs the model through ``torch.compile``. The history
     records images/s per epoch and, on a GPU, peak memory and utilization.
     ``on_epoch_end(history)`` (one callable or a list) runs after every epoch; a callback with an
@@ -338,11 +483,16 @@ def fit(
     _check_positive(lr=lr)
     if on_interrupt not in ("raise", "return"):
         raise ValueError(f"on_interrupt must be 'raise' or 'return', got {on_interrupt!r}.")
+    check_head_fits(model, train_loader, where="fit (train_loader)")
+    check_head_fits(model, val_loader, where="fit (val_loader)")
+    fitted_before = _epochs_fitted(model)
+    if history is None and resume_from is None:
+        _warn_if_fitted_before(model)
     device = torch.device(device)
-    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    channels_last = True if channels_last is None else channels_last
     model.to(device)
     if channels_last:
-        model.to(memory_format=torch.channels_last)  # faster convolutions on tensor-core GPUs
+        model.to(memory_format=torch.channels_last)  # faster convolutions on GPUs and CPUs alike: bench/channels_last.py
     if optimizer is None:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -362,6 +512,7 @@ def fit(
             train_loader.generator.set_state(ckpt.loader_rng)
     history = History() if history is None else history
     history.interrupted = False
+    epochs_before = len(history)
     stepper = torch.compile(model) if compile else model  # shares parameters with model
     first = history.epoch[-1] + 1 if history.epoch else 1
     # Early stopping state follows from the history, so a resumed run stops where a whole run would.
@@ -404,8 +555,8 @@ def fit(
                 if restore_best and val_acc > best_acc:
                     best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
                 if checkpoint_path is not None:
-                    save_checkpoint(
-                        checkpoint_path, model, classes=list(classes), epoch=epoch, history=history.to_dict(),
+                    _save_epoch(
+                        checkpoint_path, model, classes=list(classes), epoch=epoch, history=history,
                         optimizer=optimizer, scheduler=sched, scaler=scaler, loader_rng=train_loader.generator,
                     )
                 for callback in callbacks:
@@ -420,6 +571,7 @@ def fit(
             history.interrupted = True
     if best_state is not None:
         model.load_state_dict(best_state)
+    model._tlkit_fitted = (fitted_before + len(history) - epochs_before, _weights_version(model))  # for a second fit()
     for callback in callbacks:
         if hasattr(callback, "end"):
             callback.end(history)
@@ -429,6 +581,19 @@ def fit(
             raise TrainingInterrupted(message, history)
         print(message, flush=True)
     return history
+
+
+def _save_epoch(path: str | Path, model: nn.Module, *, history: History, **state) -> None:
+    """``save_checkpoint`` for fit: a file that cannot be written stops training with the epochs done in ``err.history``."""
+    try:
+        save_checkpoint(path, model, history=history.to_dict(), **state)
+    except CheckpointSaveError as err:
+        stopped = CheckpointSaveError(
+            f"{err} Training stopped after epoch {state['epoch']}: its {len(history)} complete epoch(s) are in this "
+            f"error's .history (e.g. history = err.history in an except block) and the model keeps their weights."
+        )
+        stopped.history = history
+        raise stopped from err
 
 
 def _interrupted_message(epoch: int, history: History, checkpoint_path: str | Path | None) -> str:
@@ -446,11 +611,12 @@ def _interrupted_message(epoch: int, history: History, checkpoint_path: str | Pa
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu", *, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Class probabilities (N x C) and true labels (N) for every item of ``loader``, on the CPU."""
+    check_head_fits(model, loader, where="predict")
     device = torch.device(device)
-    model.to(device).eval()
+    _channels_last_model(model).to(device).eval()
     probs, labels = [], []
     for x, y in _with_progress(loader, "predict", progress):
-        probs.append(model(x.to(device)).float().softmax(1).cpu())
+        probs.append(model(_channels_last_batch(x.to(device))).float().softmax(1).cpu())
         labels.append(y)
     return torch.cat(probs), torch.cat(labels)
 
@@ -465,7 +631,13 @@ def predict_images(
     device: torch.device | str = "cpu",
     top_k: int = 3,
 ) -> list[list[tuple[str, float]]]:
-    """Top-k (class name, probability) pairs for each image."""
+    """Top-k (class name, probability) pairs for each image, seen upright (EXIF orientation applied, as in training)."""
+    outputs = _num_outputs(model)
+    if outputs is not None and outputs != len(classes):
+        raise ValueError(
+            f"predict_images: the model's head has {outputs} outputs but {len(classes)} class names were given. "
+            f"Pass the class names the model was trained on (a checkpoint's .classes, or the dataset's .classes)."
+        )
     device = torch.device(device)
     model.to(device).eval()
     batch = torch.stack([transform(to_rgb(img)) for img in images]).to(device)
@@ -495,14 +667,14 @@ def extract_features(model: nn.Module, loader: DataLoader, device: torch.device 
             "view of each image. Use the eval transform for feature extraction, or train without caching."
         )
     device = torch.device(device)
-    model.to(device).eval()
+    _channels_last_model(model).to(device).eval()
     amp_dtype = _amp_dtype(device)
     feats, labels = [], []
     for x, y in _with_progress(loader, "features", progress):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            feats.append(model.forward_features(x.to(device, non_blocking=True)).float().cpu())
+            feats.append(model.forward_features(_channels_last_batch(x.to(device, non_blocking=True))).float().cpu())
         labels.append(y)
-    return TensorDataset(torch.cat(feats), torch.cat(labels))
+    return with_classes_of(loader.dataset, TensorDataset(torch.cat(feats), torch.cat(labels)))
 
 
 def fit_head(
@@ -521,5 +693,7 @@ def fit_head(
         raise ValueError("fit_head trains the head alone: freeze every block below the head first (tlkit.freeze(model)).")
     train_loader = make_loader(train_features, None, batch_size, shuffle=sampler is None, seed=seed, sampler=sampler)
     val_loader = make_loader(val_features, None, batch_size, shuffle=False)
+    check_head_fits(model, train_loader, where="fit_head (train_features)")
+    check_head_fits(model, val_loader, where="fit_head (val_features)")
     return fit(model.head, train_loader, val_loader, epochs=epochs, **fit_kwargs)
 
