@@ -18,15 +18,17 @@ $(STAMP): requirements.txt pyproject.toml
 course: $(STAMP)
 	$(PY) -m tlkit.course
 
-# Unit tests, papermill runs with small parameters, and nbval over the notebooks as committed, on
+# ruff (pyproject.toml's rules), then unit tests, papermill runs with small parameters, and nbval over the notebooks as committed, on
 # TEST_JOBS processes with one thread each (two 1-thread runs get more done on 2 cores than one 2-thread
 # run); each file stays on one process, so a notebook's cells run in order. TEST_JOBS=0: one process.
 TEST_JOBS ?= 2
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=$(if $(filter 0,$(TEST_JOBS)),$${OMP_NUM_THREADS:-2},1) $(PY) -m pytest -n $(TEST_JOBS) --dist loadfile --durations=10 --nbval-lax notebooks tests
 
 # Unit tests only (no notebooks, no papermill runs, no browser), on the same TEST_JOBS processes as make test.
 test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=$(if $(filter 0,$(TEST_JOBS)),$${OMP_NUM_THREADS:-2},1) $(PY) -m pytest -n $(TEST_JOBS) --dist loadfile --durations=10 -m "not notebook and not browser" tests
 
 lab: $(STAMP)

@@ -31,7 +31,7 @@ def _sync(device: torch.device) -> None:
 def loader_rate(batches, device: torch.device, steps: int) -> float:
     """Images/s of iterating ``batches`` (moved to ``device``), no model."""
     seen, start = 0, time.perf_counter()
-    for step, (x, y) in enumerate(_cycle(batches)):
+    for step, (x, _y) in enumerate(_cycle(batches)):
         if step == steps:
             break
         x = x.to(device, non_blocking=True)

@@ -54,7 +54,7 @@ def main() -> None:
     initial_head = {k: v.clone() for k, v in cached.head.state_dict().items()}
     cache_dir = tempfile.mkdtemp(prefix="tlkit-features-")
 
-    def cached_run() -> tuple[float, float, "tlkit.History"]:
+    def cached_run() -> tuple[float, float, tlkit.History]:
         cached.head.load_state_dict(initial_head)
         tlkit.set_seed(1)
         start = time.perf_counter()

@@ -116,7 +116,7 @@ def main() -> None:
             seconds, accs[name] = run()
             times[name].append(seconds)
     for name in times:
-        print(f"{name:6s} median {statistics.median(times[name]):7.3f}s  runs {['%.3f' % t for t in times[name]]}  val acc {accs[name]:.4f}")
+        print(f"{name:6s} median {statistics.median(times[name]):7.3f}s  runs {[f'{t:.3f}' for t in times[name]]}  val acc {accs[name]:.4f}")
     overhead = statistics.median(times["tlkit"]) / statistics.median(times["bare"]) - 1
     print(f"overhead {100 * overhead:+.1f}%")
 

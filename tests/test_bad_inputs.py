@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_images
 from PIL import Image
 
 import tlkit
 from tlkit.checkpoints import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from tlkit.data import SkippedFilesWarning, UnreadableImageError, to_rgb
 from tlkit.models import IMAGENET_NORM, check_image_size
-
-from conftest import write_images
 
 
 def _jpeg_bytes(seed: int = 0) -> bytes:

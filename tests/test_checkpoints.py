@@ -7,9 +7,9 @@ import time
 
 import pytest
 import torch
+from conftest import TOY_CLASSES, toy_lite0, toy_tensors
 
 import tlkit
-from conftest import TOY_CLASSES, toy_lite0, toy_tensors
 from tlkit.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
 
 

@@ -25,7 +25,9 @@ def test_summarize_seeds_gives_mean_sample_std_and_count_in_first_seen_order():
 def test_one_seed_has_zero_spread_and_says_so():
     summary = tlkit.summarize_seeds(runs({"a": [0.8], "b": [0.7]}), "run", ["val acc"])
     assert summary.loc["a", "val acc std"] == 0.0
-    assert "on one seed" in tlkit.versus_sentence(summary, "a", "b", "val acc")
+    sentence = tlkit.versus_sentence(summary, "a", "b", "val acc")
+    assert "on one seed" in sentence and "run more seeds" in sentence
+    assert "beats" not in sentence and "more than the spread" not in sentence  # no verdict without a spread
 
 
 def test_tie_rule_uses_the_larger_spread():

@@ -6,10 +6,10 @@ import signal
 
 import pytest
 import torch
+from conftest import TOY_CLASSES, toy_lite0, toy_tensors
 from torch import nn
 
 import tlkit
-from conftest import TOY_CLASSES, toy_lite0, toy_tensors
 from tlkit.train import History, TrainingInterrupted
 
 

@@ -160,7 +160,7 @@ def _same_training(plain: tlkit.RunResult, cached: tlkit.RunResult) -> None:
     assert cached.history.train_loss == pytest.approx(plain.history.train_loss, rel=1e-4)
     assert cached.history.val_loss == pytest.approx(plain.history.val_loss, rel=1e-4)
     for (name, a), b in zip(plain.model.state_dict().items(), cached.model.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     assert cached.trainable_params == plain.trainable_params
 
 

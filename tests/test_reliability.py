@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_images
 from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -22,7 +23,6 @@ from torch.utils.data import TensorDataset
 import tlkit
 import tlkit.checkpoints
 import tlkit.data
-from conftest import write_images
 from tlkit.models import IMAGENET_NORM
 
 REPO = Path(__file__).resolve().parents[1]

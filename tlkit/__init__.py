@@ -6,8 +6,7 @@ live in ``tlkit.sweep`` (``python -m tlkit.sweep``), imported only when used.
 
 import sys
 
-from .checkpoints import Checkpoint, CheckpointError, load_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
-from .checkpoints import CheckpointSaveError
+from ._version import __version__
 from .augment import (
     MIXES,
     PRESETS,
@@ -27,6 +26,15 @@ from .augment import (
     show_batch,
     to_pil,
     train_preset,
+)
+from .checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointSaveError,
+    load_checkpoint,
+    model_from_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
 )
 from .compare import check_seeds, headline_metrics, mean_std_table, ranking_sentence, summarize_seeds, versus_sentence
 from .data import (
@@ -50,37 +58,6 @@ from .data import (
     upright,
 )
 from .feature_store import cached_features, features_key
-from .incremental import (
-    AccuracyTracker,
-    ContinuedRun,
-    DistillationLoss,
-    continue_training,
-    expand_head,
-    group_accuracy,
-    select_classes,
-    with_classes,
-    with_replay,
-    without,
-)
-from .models import (
-    MIN_IMAGE_SIZE,
-    OFFLINE_BACKBONE,
-    TIMM_PREFIX,
-    TimmBackboneError,
-    TransferModel,
-    WeightsUnavailableError,
-    available_backbones,
-    block_names,
-    check_image_size,
-    create_model,
-    freeze,
-    has_batchnorm,
-    imagenet_categories,
-    parameter_counts,
-    set_trainable,
-    trainable_blocks,
-    unfreeze,
-)
 from .finetune import (
     BN_MODES,
     STRATEGIES,
@@ -126,6 +103,19 @@ from .imbalance import (
     undersample,
     validate_remedies,
 )
+from .incremental import (
+    AccuracyTracker,
+    ContinuedRun,
+    DistillationLoss,
+    continue_training,
+    expand_head,
+    group_accuracy,
+    select_classes,
+    with_classes,
+    with_replay,
+    without,
+)
+from .lr_finder import SUGGESTION_RULE, LRFinderResult, batchnorm_report, lr_find
 from .metrics import (
     average_precision_per_class,
     classification_metrics,
@@ -135,20 +125,25 @@ from .metrics import (
     plot_pr_curves,
     reweighted_accuracy,
 )
-from .plots import (
-    LiveCurves,
-    compare_histories,
-    plot_confusion_matrix,
-    plot_history,
-    plot_seed_curves,
-    plot_seed_summary,
-    plot_tracked,
-    save_figure,
-    show_images,
+from .models import (
+    MIN_IMAGE_SIZE,
+    OFFLINE_BACKBONE,
+    TIMM_PREFIX,
+    TimmBackboneError,
+    TransferModel,
+    WeightsUnavailableError,
+    available_backbones,
+    block_names,
+    check_image_size,
+    create_model,
+    freeze,
+    has_batchnorm,
+    imagenet_categories,
+    parameter_counts,
+    set_trainable,
+    trainable_blocks,
+    unfreeze,
 )
-from .lr_finder import SUGGESTION_RULE, LRFinderResult, batchnorm_report, lr_find
-from .prefix_cache import PrefixCache, PrefixCacheStats, PrefixCacheTooLargeError, SuffixModel, cached_prefix, forward_from, prefix_boundary
-from .recipes import RunResult, evaluate_on, linear_probe, train_all
 from .params import (
     check_bool,
     check_dataset,
@@ -163,6 +158,19 @@ from .params import (
     parse_list,
     resolve_path,
 )
+from .plots import (
+    LiveCurves,
+    compare_histories,
+    plot_confusion_matrix,
+    plot_history,
+    plot_seed_curves,
+    plot_seed_summary,
+    plot_tracked,
+    save_figure,
+    show_images,
+)
+from .prefix_cache import PrefixCache, PrefixCacheStats, PrefixCacheTooLargeError, SuffixModel, cached_prefix, forward_from, prefix_boundary
+from .recipes import RunResult, evaluate_on, linear_probe, train_all
 from .results import write_results
 from .train import (
     History,
@@ -181,8 +189,6 @@ from .train import (
     set_seed,
 )
 from .widgets import FreezePanel
-
-__version__ = "0.1.0"
 
 # Everything imported above, and nothing else (the submodules stay reachable as tlkit.<module>).
 __all__ = sorted(name for name, value in globals().items() if not name.startswith("_") and not isinstance(value, type(sys)))

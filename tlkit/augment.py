@@ -12,8 +12,8 @@ from __future__ import annotations
 import functools
 import time
 import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
-from .data import DatasetSplits, LabeledImages, TransformedDataset, eval_transform, make_loader
+from .data import DatasetSplits, LabeledImages, TransformedDataset, Upright, eval_transform, make_loader
 from .feature_store import AugmentationDisablesCacheWarning
 from .models import Normalization, block_names, create_model, freeze, parameter_counts
 from .plots import show_images
@@ -63,7 +63,8 @@ def random_steps(preset: str, image_size: int, *, hflip: bool = True) -> tuple[l
 
 
 def _resize_steps(image_size: int) -> list[v2.Transform]:
-    return [v2.ToImage(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    # Upright first, as in eval_transform: a phone photo opened directly is turned as its EXIF tag says.
+    return [Upright(), v2.ToImage(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
 
 
 def _normalize_steps(norm: Normalization) -> list[v2.Transform]:
@@ -153,7 +154,7 @@ class InMemoryImages(Dataset):
         self.classes = list(classes)
 
     @classmethod
-    def from_dataset(cls, ds: LabeledImages, image_size: int) -> "InMemoryImages":
+    def from_dataset(cls, ds: LabeledImages, image_size: int) -> InMemoryImages:
         """Decode and resize every image of ``ds`` once (the eval transform's deterministic steps)."""
         prepare = v2.Compose(_resize_steps(image_size))
         images = torch.stack([prepare(ds[i][0]).as_subclass(torch.Tensor) for i in range(len(ds))])
@@ -309,7 +310,7 @@ def fine_tune_augmented(
     set_seed(seed)
     model = create_model(backbone, len(splits.classes), weights)
     freeze(model, up_to=freeze_up_to or block_names(model)[-3])
-    norm, val_batch = model.normalization, max(batch_size, 128)
+    val_batch = max(batch_size, 128)
     start = time.perf_counter()
     if feature_cache_allowed(model, augment, mix=mix, cache_features=cache_features):
         history = train_head_on_features(model, splits, image_size, batch_size=batch_size, epochs=epochs, lr=lr, seed=seed,

@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._version import __version__
+from .models import create_model
+
 FORMAT = "tlkit-checkpoint-1"
 _REQUIRED_KEYS = ("model", "classes", "backbone", "weights", "epoch", "history", "optimizer", "scheduler", "scaler", "rng", "tlkit_version")
 
@@ -95,8 +98,6 @@ def save_checkpoint(
     An interrupted save leaves the previous file at ``path`` untouched. ``loader_rng`` is the
     train loader's generator, whose state decides the next epoch's shuffling order.
     """
-    from . import __version__
-
     payload = {
         "format": FORMAT,
         "tlkit_version": __version__,
@@ -268,8 +269,6 @@ def load_checkpoint(
 
 def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, Checkpoint]:
     """Rebuild the TransferModel a checkpoint was saved from (backbone, classes) and load its weights."""
-    from .models import create_model
-
     ckpt = read_checkpoint(path)
     model = create_model(ckpt.backbone, len(ckpt.classes), weights=None)
     head = ckpt.model.get("head.weight", ckpt.model.get("head.1.weight"))

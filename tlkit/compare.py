@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
@@ -88,8 +88,12 @@ def versus_sentence(summary: pd.DataFrame, a: str, b: str, metric: str, *, highe
                 f"difference, {_points(abs(mean_a - mean_b), metric)}, is within the spread.")
     a_better = (mean_a > mean_b) == higher_is_better
     winner, loser = (a, b) if a_better else (b, a)
+    by = _points(abs(mean_a - mean_b), metric)
+    if seeds <= 1:  # no spread to weigh the difference against
+        return (f"{_described(summary, winner, metric)} is ahead of {_described(summary, loser, metric)} on {metric} "
+                f"by {by} on one seed, with no spread to judge that by: run more seeds before calling it a win.")
     return (f"{_described(summary, winner, metric)} beats {_described(summary, loser, metric)} on {metric} {over}, "
-            f"by {_points(abs(mean_a - mean_b), metric)}, more than the spread.")
+            f"by {by}, more than the spread.")
 
 
 def ranking_sentence(summary: pd.DataFrame, metric: str, *, higher_is_better: bool = True) -> str:

@@ -13,9 +13,9 @@ import time
 import urllib.error
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -101,7 +101,7 @@ class LabeledImages(Dataset):
         h.update(np.asarray(self.indices, dtype=np.int64).tobytes())
         return h.hexdigest()
 
-    def subset(self, positions: Sequence[int]) -> "LabeledImages":
+    def subset(self, positions: Sequence[int]) -> LabeledImages:
         """The items at ``positions`` (positions in this dataset, not in its source)."""
         return LabeledImages(self._load, self._all_targets, self.classes, [self.indices[p] for p in positions])
 
@@ -215,7 +215,7 @@ def _torchvision_item(base: Dataset, j: int) -> Image.Image:
     return to_rgb(base[j][0])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _unreadable_reason(path: str, size: int, mtime_ns: int, max_pixels: int | None) -> str | None:
     """Why the image file at ``path`` cannot be used, or None; cached per file version (size, mtime) and pixel limit."""
     try:
@@ -300,7 +300,7 @@ def _subfolder_names(root: Path) -> list[str]:
     return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _heif_supported() -> bool:
     """True if the pillow-heif plugin is installed; it is then registered with Pillow (also in DataLoader workers)."""
     try:

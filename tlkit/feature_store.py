@@ -21,7 +21,7 @@ class AugmentationDisablesCacheWarning(UserWarning):
     """A cache (of features or of prefix activations) and random augmentation were both asked for; the cache is switched off."""
 
 
-def _hash_tensor(h: "hashlib._Hash", tensor: torch.Tensor) -> None:
+def _hash_tensor(h: hashlib._Hash, tensor: torch.Tensor) -> None:
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     h.update(str((tuple(tensor.shape), tensor.dtype)).encode())
     h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")

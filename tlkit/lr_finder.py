@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 import math
 import random
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Iterator, Mapping
 
 import matplotlib.pyplot as plt
 import numpy as np

@@ -7,9 +7,9 @@ import math
 import numbers
 import urllib.error
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -111,7 +111,7 @@ class TransferModel(nn.Module):
         named[HEAD] = self.head
         return named
 
-    def train(self, mode: bool = True) -> "TransferModel":
+    def train(self, mode: bool = True) -> TransferModel:
         super().train(mode)
         if mode and self.eval_frozen_blocks:
             for block in self.blocks().values():

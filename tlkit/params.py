@@ -19,8 +19,9 @@ import functools
 import json
 import numbers
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's seeds are 32-bit
 _NONE_TEXT = ("none", "null")

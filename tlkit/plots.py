@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -188,7 +189,7 @@ def plot_tracked(runs: dict[str, dict[str, list[float]]], reference: dict[str, f
     return fig
 
 
-def plot_seed_summary(summary: "pd.DataFrame", metric: str, *, title: str = "", xlim: tuple[float, float] | None = (0, 1)) -> Figure:
+def plot_seed_summary(summary: pd.DataFrame, metric: str, *, title: str = "", xlim: tuple[float, float] | None = (0, 1)) -> Figure:
     """One horizontal bar per method: the mean of ``metric`` over seeds, with ± one standard deviation as error bar.
 
     ``summary`` is ``tlkit.summarize_seeds``'s table (columns ``metric`` and ``"<metric> std"``).
@@ -209,7 +210,7 @@ def plot_seed_summary(summary: "pd.DataFrame", metric: str, *, title: str = "", 
     return fig
 
 
-def plot_seed_curves(summaries: "dict[str, pd.DataFrame]", metric: str, *, xlabel: str, title: str = "") -> Figure:
+def plot_seed_curves(summaries: dict[str, pd.DataFrame], metric: str, *, xlabel: str, title: str = "") -> Figure:
     """One line per method of ``metric`` against the summary's index (e.g. images per class), ± one std as error bars.
 
     The index values are placed evenly and written as labels, so "all" can stand beside numbers.

@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -487,7 +487,7 @@ class SuffixModel(nn.Module):
     def boundary(self) -> str | None:
         return self.cache.boundary
 
-    def train(self, mode: bool = True) -> "SuffixModel":
+    def train(self, mode: bool = True) -> SuffixModel:
         super().train(mode)
         self.cache.refresh()
         return self
@@ -531,8 +531,8 @@ class PrefixBatches:
         model, device = self.cache.model, self.cache.device
         for x, y in self.loader:
             boundary = self.cache.boundary
-            if boundary is not None:
-                _prefix_in_channels_last(model, _check_boundary(model, boundary))  # frozen blocks run in eval mode (eval_frozen_blocks), so this is their training output
+            if boundary is not None:  # frozen blocks run in eval mode (eval_frozen_blocks), so this is their training output
+                _prefix_in_channels_last(model, _check_boundary(model, boundary))
                 with torch.no_grad(), _autocast(device):
                     x = forward_prefix(model, boundary, _channels_last(x.to(device, non_blocking=True))).contiguous()
             yield x, y

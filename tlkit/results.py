@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 
 def write_results(path: str | Path | None, metrics: Mapping[str, object]) -> dict[str, float | int | str]:

@@ -34,16 +34,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .course import NotebookRun, parse_value, run_notebook, run_parameters  # the -p values of python -m tlkit.course and of a sweep read alike
+from .course import (  # the -p values of python -m tlkit.course and of a sweep read alike
+    NotebookRun,
+    parse_value,
+    run_notebook,
+    run_parameters,
+)
 from .plots import save_figure
 
 # The sweep points these at each run's own folder, so that runs never overwrite each other's files.
@@ -166,7 +171,8 @@ def seed_list(seeds: Iterable[object] | str | None) -> list[int]:
         return []
     values = [parse_value(v.strip()) for v in seeds.split(",")] if isinstance(seeds, str) else list(seeds)
     values = [v.item() if isinstance(v, np.generic) else v for v in values]
-    if isinstance(seeds, str) and not seeds.strip() or not all(isinstance(v, int) and not isinstance(v, bool) for v in values) or len(set(values)) < len(values):
+    whole = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    if isinstance(seeds, str) and not seeds.strip() or not whole or len(set(values)) < len(values):
         raise SweepError(f"--seeds {seeds!r}: give distinct integers separated by commas, e.g. --seeds 0,1,2.")
     return values
 
@@ -230,7 +236,8 @@ def headline_metrics(table: pd.DataFrame, grid_keys: Sequence[str]) -> list[str]
 
 
 def seed_summary(table: pd.DataFrame, grid_keys: Sequence[str]) -> pd.DataFrame:
-    """One row per grid point over its seeds: ``point``, grid values, ``seeds ok`` (e.g. 3/3), mean ``seconds``, then each numeric metric's mean and ``<metric>_std`` (sample std over the runs that finished)."""
+    """One row per grid point over its seeds: ``point``, grid values, ``seeds ok`` (e.g. 3/3), mean ``seconds``, then each
+    numeric metric's mean and ``<metric>_std`` (sample std over the runs that finished)."""
     metrics = numeric_metrics(table, [*grid_keys, "seed"])
     keys = table[list(grid_keys)].map(format_value) if grid_keys else pd.DataFrame({"point": ["default"] * len(table)}, index=table.index)
     rows = []
@@ -276,7 +283,8 @@ def summary_markdown(summary: pd.DataFrame, digits: int = 3) -> str:
 
 
 def plot_sweep(table: pd.DataFrame, grid_keys: Sequence[str], metrics: Sequence[str], title: str = "") -> Figure:
-    """Each metric against the grid: bars for one grid name, else x = the first name and one line per value of the others; error bars where ``table`` has ``<metric>_std`` (a :func:`seed_summary`)."""
+    """Each metric against the grid: bars for one grid name, else x = the first name and one line per value of the others;
+    error bars where ``table`` has ``<metric>_std`` (a :func:`seed_summary`)."""
     fig = Figure(figsize=(5.5 * len(metrics), 4), layout="constrained")
     for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics):
         values = pd.to_numeric(table[metric], errors="coerce").astype(float)  # failed runs: NaN
@@ -306,7 +314,8 @@ def plot_sweep(table: pd.DataFrame, grid_keys: Sequence[str], metrics: Sequence[
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to, renamed over ``path`` (after an fsync) when the block ends and removed on an error: ``path`` is never half-written."""
+    """A temporary path beside ``path`` to write to, renamed over ``path`` (after an fsync) when the block ends and removed
+    on an error: ``path`` is never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.{os.urandom(4).hex()}.tmp{path.suffix}")  # keeps the suffix: savefig reads the format from it
     try:
@@ -424,7 +433,8 @@ def finished_runs(tasks: Sequence[RunTask], out_dir: Path) -> dict[str, dict]:
 
 
 def notebook_error(executed: Path, stderr: str) -> str:
-    """A failed run's error as :func:`tlkit.course.run_notebook` reports it (``ValueError: ...``): from the executed notebook's failed cell, else papermill's last words."""
+    """A failed run's error as :func:`tlkit.course.run_notebook` reports it (``ValueError: ...``): from the executed
+    notebook's failed cell, else papermill's last words."""
     try:
         cells = json.loads(executed.read_text())["cells"]
         errors = [out for cell in cells for out in cell.get("outputs", []) if out.get("output_type") == "error"]
@@ -435,7 +445,8 @@ def notebook_error(executed: Path, stderr: str) -> str:
 
 
 def run_notebook_process(notebook: Path, output_dir: Path, parameters: Mapping[str, object], *, cwd: Path, env: Mapping[str, str]) -> NotebookRun:
-    """:func:`tlkit.course.run_notebook` in a papermill process of its own started with ``env``, so that local workers each get their share of threads and GPUs."""
+    """:func:`tlkit.course.run_notebook` in a papermill process of its own started with ``env``, so that local workers
+    each get their share of threads and GPUs."""
     output_dir.mkdir(parents=True, exist_ok=True)
     results, executed = output_dir / f"{notebook.stem}.json", output_dir / notebook.name
     results.unlink(missing_ok=True)
@@ -585,7 +596,8 @@ def run_tasks(
 
 @contextlib.contextmanager
 def sweep_lock(out_dir: Path) -> Iterator[None]:
-    """Hold ``out_dir`` for this sweep, or raise :class:`SweepBusy` while a live sweep holds it; the OS drops the lock with its process, so a killed sweep leaves none."""
+    """Hold ``out_dir`` for this sweep, or raise :class:`SweepBusy` while a live sweep holds it; the OS drops the lock
+    with its process, so a killed sweep leaves none."""
     from filelock import FileLock, Timeout
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -652,7 +664,8 @@ def sweep(
     force: bool = False,
     verbose: bool = True,
 ) -> pd.DataFrame:
-    """Run ``notebook`` once per point of ``grid`` (and per seed of ``seeds``) with ``params`` fixed, each in ``out_dir/<run name>/``; return (and write) one result row per run.
+    """Run ``notebook`` once per point of ``grid`` (and per seed of ``seeds``) with ``params`` fixed, each in
+    ``out_dir/<run name>/``; return (and write) one result row per run.
 
     Runs go one after another in this process, ``workers`` at once on this machine, or to ``executor``: any
     ``concurrent.futures.Executor``, e.g. a dask.distributed ``Client.get_executor()`` or a process pool. With

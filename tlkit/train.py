@@ -9,9 +9,9 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -150,7 +150,7 @@ def _amp_dtype(device: torch.device) -> torch.dtype | None:
 class TrainingInterrupted(KeyboardInterrupt):
     """The user stopped ``fit`` (Ctrl-C, or Jupyter's interrupt); ``history`` holds the complete epochs."""
 
-    def __init__(self, message: str, history: "History") -> None:
+    def __init__(self, message: str, history: History) -> None:
         super().__init__(message)
         self.history = history
 
@@ -166,7 +166,7 @@ class _StopRequest:
         self.requested = False
         self._previous = None
 
-    def __enter__(self) -> "_StopRequest":
+    def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
