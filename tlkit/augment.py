@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
-from .data import DatasetSplits, LabeledImages, TransformedDataset, Upright, eval_transform, make_loader
+from .data import BatchesOf, DatasetSplits, LabeledImages, TransformedDataset, Upright, eval_transform, make_loader
 from .feature_store import AugmentationDisablesCacheWarning
 from .models import Normalization, block_names, create_model, freeze, parameter_counts
 from .plots import show_images
@@ -193,30 +193,18 @@ class BatchTransform:
         return self.mix(x, labels) if self.mix is not None else (x, labels)
 
 
-class DeviceBatches:
+class DeviceBatches(BatchesOf):
     """Wraps a loader of uint8 batches: moves each batch to ``device`` as uint8, then transforms it there."""
 
     def __init__(self, loader: DataLoader, device: torch.device | str, transform: BatchTransform) -> None:
-        self.loader, self.device, self.transform = loader, torch.device(device), transform
+        super().__init__(loader)
+        self.device, self.transform = torch.device(device), transform
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.loader:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             yield self.transform(images, labels)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    @property
-    def dataset(self) -> Dataset:
-        """The wrapped loader's dataset."""
-        return self.loader.dataset
-
-    @property
-    def generator(self) -> torch.Generator | None:
-        """The wrapped loader's shuffling generator."""
-        return self.loader.generator
 
 
 def device_loader(
@@ -316,14 +304,14 @@ def fine_tune_augmented(
         history = train_head_on_features(model, splits, image_size, batch_size=batch_size, epochs=epochs, lr=lr, seed=seed,
                                          device=device, val_batch_size=val_batch, progress=progress, on_epoch_end=on_epoch_end)
     else:
-        train_loader, val_loader = _augmented_loaders(splits, model, augment, image_size=image_size, batch_size=batch_size,
-                                                      val_batch=val_batch, seed=seed, device=device, hflip=hflip, mix=mix,
-                                                      on_device=on_device)
-        stepper = model
+        loaders = dict(image_size=image_size, batch_size=batch_size, seed=seed, device=device, hflip=hflip, mix=mix, on_device=on_device)
         if prefix_cache:
             stepper, train_loader, val_loader = _through_prefix_cache(
-                model, splits, train_loader, image_size=image_size, batch_size=batch_size, val_batch=val_batch, seed=seed,
-                device=device, plain=augment == "none" and mix is None, cache_dir=cache_dir, progress=progress)
+                model, splits, augment, val_batch=val_batch, cache_dir=cache_dir, progress=progress, **loaders)
+        else:
+            stepper = model
+            train_loader = _augmented_train_loader(splits, model, augment, **loaders)
+            val_loader = _val_loader(splits, model, image_size=image_size, val_batch=val_batch, device=device, on_device=on_device)
         history = fit(stepper, train_loader, val_loader, epochs=epochs, lr=lr, device=device,
                       progress=progress, on_epoch_end=on_epoch_end)
     seconds = time.perf_counter() - start
@@ -331,32 +319,43 @@ def fine_tune_augmented(
     return RunResult(label, model, history, seconds, parameter_counts(model)["total"]["trainable"])
 
 
-def _augmented_loaders(splits: DatasetSplits, model, augment: str, *, image_size: int, batch_size: int, val_batch: int,
-                       seed: int, device, hflip: bool, mix: str | None, on_device: bool | str):
-    """The (train, val) loaders of ``fine_tune_augmented``: PIL per item, or uint8 batches augmented on the device."""
+def _augmented_train_loader(splits: DatasetSplits, model, augment: str, *, image_size: int, batch_size: int, seed: int,
+                            device, hflip: bool, mix: str | None, on_device: bool | str):
+    """The training loader of ``fine_tune_augmented``: PIL per item, or uint8 batches augmented on the device."""
     norm = model.normalization
-    mixer = batch_mix(mix, len(splits.classes)) if mix is not None else None
     if augment_on_device(on_device, device):
+        mixer = batch_mix(mix, len(splits.classes)) if mix is not None else None
         transform = BatchTransform(norm, augment, image_size=image_size, hflip=hflip, mix=mixer)
-        train_loader = device_loader(InMemoryImages.from_dataset(splits.train, image_size), batch_size, device,
-                                     transform, shuffle=True, seed=seed)
-        val_loader = device_loader(InMemoryImages.from_dataset(splits.val, image_size), val_batch, device,
-                                   BatchTransform(norm, image_size=image_size), shuffle=False)
-        return train_loader, val_loader
-    train_loader = augmented_loader(splits.train, train_preset(image_size, norm, augment, hflip=hflip), batch_size,
-                                    seed=seed, mix=mix, num_classes=len(splits.classes))
-    return train_loader, make_loader(splits.val, eval_transform(image_size, norm), val_batch, shuffle=False)
+        return device_loader(InMemoryImages.from_dataset(splits.train, image_size), batch_size, device,
+                             transform, shuffle=True, seed=seed)
+    return augmented_loader(splits.train, train_preset(image_size, norm, augment, hflip=hflip), batch_size,
+                            seed=seed, mix=mix, num_classes=len(splits.classes))
 
 
-def _through_prefix_cache(model, splits: DatasetSplits, train_loader, *, image_size: int, batch_size: int, val_batch: int,
-                          seed: int, device, plain: bool, cache_dir, progress: bool):
+def _val_loader(splits: DatasetSplits, model, *, image_size: int, val_batch: int, device, on_device: bool | str):
+    """The validation loader of ``fine_tune_augmented`` without the prefix cache: PIL, or uint8 batches on the device."""
+    norm = model.normalization
+    if augment_on_device(on_device, device):
+        return device_loader(InMemoryImages.from_dataset(splits.val, image_size), val_batch, device,
+                             BatchTransform(norm, image_size=image_size), shuffle=False)
+    return make_loader(splits.val, eval_transform(image_size, norm), val_batch, shuffle=False)
+
+
+def _through_prefix_cache(model, splits: DatasetSplits, augment: str, *, image_size: int, batch_size: int, val_batch: int,
+                          seed: int, device, hflip: bool, mix: str | None, on_device: bool | str, cache_dir, progress: bool):
     """(suffix, train loader, val loader) that run the frozen blocks once per image set where the images do not change."""
+    plain = augment == "none" and mix is None  # no augmentation: the training images' activations are the same every epoch
     transform = eval_transform(image_size, model.normalization)
     fixed = {"val": make_loader(splits.val, transform, val_batch, shuffle=False)}
-    if plain:  # no augmentation: the training images' activations are the same every epoch
+    if plain:
         fixed["train"] = make_loader(splits.train, transform, batch_size, shuffle=False)
     cache = PrefixCache(model, fixed, device, cache_dir=cache_dir, progress=progress, report=False)
-    train = cache.loader("train", batch_size, shuffle=True, seed=seed) if plain else PrefixBatches(train_loader, cache)
+    if plain:
+        train = cache.loader("train", batch_size, shuffle=True, seed=seed)
+    else:  # built only here, so that a plain run decodes no training images it would not use
+        augmented = _augmented_train_loader(splits, model, augment, image_size=image_size, batch_size=batch_size, seed=seed,
+                                            device=device, hflip=hflip, mix=mix, on_device=on_device)
+        train = PrefixBatches(augmented, cache)
     return cache.suffix, train, cache.loader("val", val_batch, shuffle=False)
 
 

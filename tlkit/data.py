@@ -818,3 +818,28 @@ def make_loader(
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,  # page-locked: faster, async copies to a GPU
         persistent_workers=num_workers > 0,
     )
+
+
+class BatchesOf:
+    """Base of iterables that wrap a loader and change its batches on the way (``DeviceBatches``, ``PrefixBatches``).
+
+    It answers what ``fit`` asks of a loader besides iteration: ``len``, ``dataset`` (the head-size check) and
+    ``generator`` (the shuffling state a checkpoint keeps), all from the wrapped loader.
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def dataset(self) -> Dataset:
+        """The wrapped loader's dataset."""
+        return self.loader.dataset
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The wrapped loader's shuffling generator (saved in checkpoints)."""
+        return getattr(self.loader, "generator", None)
+

@@ -23,10 +23,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .checkpoints import save_atomically
-from .data import make_loader
+from .data import BatchesOf, make_loader
 from .feature_store import AugmentationDisablesCacheWarning, _dataset_fingerprint, _hash_tensor
 from .models import HEAD, TransferModel
-from .train import _amp_dtype, _with_progress, evaluate, is_deterministic
+from .train import _amp_dtype, _channels_last_batch, _with_progress, evaluate, is_deterministic
 
 POOL = "pool"
 _FORMAT = b"tlkit-prefix-1"
@@ -244,21 +244,18 @@ def _compute(model: TransferModel, loader: DataLoader, boundary: str, device: to
     with _eval_mode(model):
         for x, y in _with_progress(loader, f"prefix up to {boundary}", progress):
             with _autocast(device):
-                acts.append(_run_stages(model, 0, stop, _channels_last(x.to(device, non_blocking=True))).contiguous().cpu())
+                acts.append(_run_stages(model, 0, stop, _channels_last_batch(x.to(device, non_blocking=True))).contiguous().cpu())
             labels.append(y)
     return TensorDataset(torch.cat(acts), torch.cat(labels))
 
 
 def _prefix_in_channels_last(model: TransferModel, stop: int) -> None:
     """Put the (frozen) stages below ``stop`` in channels_last: their convolutions over images run faster so, on CPUs
-    (oneDNN) as on GPUs (bench/channels_last.py). The stages above, which train on small maps, keep their layout."""
+    (oneDNN) as on GPUs (bench/channels_last.py). The stages above, which train on small maps, keep their layout, and the
+    activations are handed on contiguous (the usual layout), for the cache and for those stages."""
     for _, module in stages(model)[:stop]:
         module.to(memory_format=torch.channels_last)
 
-
-def _channels_last(images: torch.Tensor) -> torch.Tensor:
-    # The activations come out in the usual (contiguous) layout, for the cache and the stages above.
-    return images.contiguous(memory_format=torch.channels_last) if images.ndim == 4 else images
 
 
 def _read(path: Path) -> TensorDataset | None:
@@ -515,7 +512,7 @@ class SuffixModel(nn.Module):
         return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-class PrefixBatches:
+class PrefixBatches(BatchesOf):
     """The batches of ``loader`` (e.g. augmented images) run through the frozen blocks below ``cache.boundary`` as they come.
 
     A random transform rules out caching the training images' activations (every epoch brings new views), but
@@ -525,7 +522,8 @@ class PrefixBatches:
     """
 
     def __init__(self, loader: DataLoader, cache: PrefixCache) -> None:
-        self.loader, self.cache = loader, cache
+        super().__init__(loader)
+        self.cache = cache
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         model, device = self.cache.model, self.cache.device
@@ -534,21 +532,8 @@ class PrefixBatches:
             if boundary is not None:  # frozen blocks run in eval mode (eval_frozen_blocks), so this is their training output
                 _prefix_in_channels_last(model, _check_boundary(model, boundary))
                 with torch.no_grad(), _autocast(device):
-                    x = forward_prefix(model, boundary, _channels_last(x.to(device, non_blocking=True))).contiguous()
+                    x = forward_prefix(model, boundary, _channels_last_batch(x.to(device, non_blocking=True))).contiguous()
             yield x, y
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    @property
-    def dataset(self) -> Dataset:
-        """The wrapped loader's dataset."""
-        return self.loader.dataset
-
-    @property
-    def generator(self) -> torch.Generator | None:
-        """The wrapped loader's shuffling generator (saved in checkpoints)."""
-        return getattr(self.loader, "generator", None)
 
 
 class Suffix(nn.Module):
