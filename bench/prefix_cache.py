@@ -94,7 +94,7 @@ class Costs:
 def measure_costs(splits, args, device: torch.device) -> Costs:
     """Per-batch costs on one batch of real images (same model, boundary and transform as the runs)."""
     tlkit.set_seed(0)
-    model = tlkit.unfreeze_last_blocks(tlkit.create_model(args.backbone, len(splits.classes), "imagenet"), args.n_blocks)
+    model = tlkit.apply_strategy(tlkit.create_model(args.backbone, len(splits.classes), "imagenet"), "last_n_blocks", n_blocks=args.n_blocks)
     model.to(device)
     transform = tlkit.eval_transform(args.image_size, model.normalization)
     loader = tlkit.make_loader(splits.train, transform, args.batch_size, shuffle=False)

@@ -36,7 +36,7 @@ def _dominant_channel_class(images: torch.Tensor, splits) -> list[int]:
 @pytest.mark.parametrize("preset", tlkit.PRESETS)
 def test_every_preset_keeps_shape_and_dtype_on_both_paths(color_splits, preset):
     image = color_splits.train[0][0]
-    x = tlkit.train_preset(20, IMAGENET_NORM, preset, hflip=False)(image)
+    x = tlkit.train_transform(20, IMAGENET_NORM, preset, hflip=False)(image)
     assert x.shape == (3, 20, 20) and x.dtype == torch.float32
     cached = tlkit.InMemoryImages.from_dataset(color_splits.train.subset(range(5)), 20)
     assert cached.images.shape == (5, 3, 20, 20) and cached.images.dtype == torch.uint8
@@ -48,7 +48,7 @@ def test_every_preset_keeps_shape_and_dtype_on_both_paths(color_splits, preset):
 @pytest.mark.parametrize("preset", ["basic", "strong"])
 def test_shuffled_batches_keep_each_label_with_its_image(color_splits, preset):
     torch.manual_seed(0)
-    loader = tlkit.augmented_loader(color_splits.train, tlkit.train_preset(16, IMAGENET_NORM, preset), 5, seed=1)
+    loader = tlkit.augmented_loader(color_splits.train, tlkit.train_transform(16, IMAGENET_NORM, preset), 5, seed=1)
     cached = tlkit.InMemoryImages.from_dataset(color_splits.train, 16)
     on_device = tlkit.device_loader(cached, 5, "cpu", tlkit.BatchTransform(IMAGENET_NORM, preset, image_size=16), shuffle=True, seed=1)
     for batches in (loader, on_device):
@@ -63,12 +63,12 @@ def test_shuffled_batches_keep_each_label_with_its_image(color_splits, preset):
 
 def test_eval_transform_is_deterministic_and_random_presets_are_not(color_splits):
     image = color_splits.train[0][0]
-    none = tlkit.train_preset(24, IMAGENET_NORM, "none")
+    none = tlkit.train_transform(24, IMAGENET_NORM, "none")
     assert torch.equal(none(image), tlkit.eval_transform(24, IMAGENET_NORM)(image)) and torch.equal(none(image), none(image))
     assert tlkit.is_deterministic(none) and tlkit.is_deterministic(tlkit.train_transform(24, IMAGENET_NORM, "none"))
     torch.manual_seed(0)
     for preset in tlkit.PRESETS[1:]:
-        transform = tlkit.train_preset(24, IMAGENET_NORM, preset)
+        transform = tlkit.train_transform(24, IMAGENET_NORM, preset)
         assert not tlkit.is_deterministic(transform)
         draws = [transform(image) for _ in range(4)]
         assert any(not torch.equal(draws[0], d) for d in draws[1:]), preset
@@ -89,7 +89,7 @@ def test_flips_can_be_switched_off():
 
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(ValueError, match="Unknown augmentation preset 'wild'.*none, basic, strong, trivialaugment, randaugment"):
-        tlkit.train_preset(32, IMAGENET_NORM, "wild")
+        tlkit.train_transform(32, IMAGENET_NORM, "wild")
     with pytest.raises(ValueError, match="Unknown augmentation preset 'fancy'"):
         tlkit.train_transform(32, IMAGENET_NORM, "fancy")
     with pytest.raises(ValueError, match="Unknown mix 'blend'.*mixup, cutmix"):
@@ -113,7 +113,7 @@ def test_mixup_mixes_images_and_labels_in_the_same_proportion():
 @pytest.mark.parametrize("mix", tlkit.MIXES)
 def test_mixed_batches_have_soft_targets_that_sum_to_one(color_splits, mix):
     torch.manual_seed(0)
-    loader = tlkit.augmented_loader(color_splits.train, tlkit.train_preset(16, IMAGENET_NORM, "basic"), 6, seed=0, mix=mix, num_classes=3)
+    loader = tlkit.augmented_loader(color_splits.train, tlkit.train_transform(16, IMAGENET_NORM, "basic"), 6, seed=0, mix=mix, num_classes=3)
     for x, y in loader:
         assert x.shape[1:] == (3, 16, 16) and y.shape == (len(x), 3) and y.dtype == torch.float32
         assert torch.allclose(y.sum(1), torch.ones(len(y)))
@@ -133,7 +133,7 @@ def test_accuracy_with_soft_targets_compares_with_their_largest_class():
 def test_fit_trains_on_mixed_targets(color_splits):
     torch.manual_seed(0)
     model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
-    train = tlkit.augmented_loader(color_splits.train, tlkit.train_preset(16, IMAGENET_NORM, "basic"), 9, seed=0,
+    train = tlkit.augmented_loader(color_splits.train, tlkit.train_transform(16, IMAGENET_NORM, "basic"), 9, seed=0,
                                    mix="mixup_or_cutmix", num_classes=3)
     val = tlkit.make_loader(color_splits.val, tlkit.eval_transform(16, IMAGENET_NORM), 9, shuffle=False)
     history = tlkit.fit(model, train, val, epochs=25, lr=0.1, progress=False)

@@ -33,7 +33,7 @@ def test_samples_per_class_limits_train_only():
     assert Counter(splits.train.targets) == {k: 3 for k in range(10)}
     assert len(splits.val) == 360
     with pytest.raises(ValueError, match="samples_per_class"):
-        tlkit.limit_per_class(splits.train, 0, seed=0)
+        splits.train.limit_per_class(0, seed=0)
 
 
 def test_flat_class_folder_is_split_by_seed(class_folder):

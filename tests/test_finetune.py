@@ -31,7 +31,7 @@ def _requires_grad(module: nn.Module) -> set[bool]:
 
 
 def test_layer_decay_gives_head_first_groups_with_powers_of_the_decay(model):
-    tlkit.unfreeze_last_blocks(model, 2)  # stage7, top, head train
+    tlkit.apply_strategy(model, "last_n_blocks", n_blocks=2)  # stage7, top, head train
     groups = tlkit.param_groups(model, 0.1, layer_decay=0.5)
     assert [g["name"] for g in groups] == ["head", "top", "stage7"]
     assert [g["lr"] for g in groups] == pytest.approx([0.1, 0.05, 0.025])
@@ -69,18 +69,18 @@ def test_strategies_choose_the_trainable_blocks(model):
     with pytest.raises(ValueError, match=r"Unknown block name\(s\) \['layer4'\]"):
         tlkit.apply_strategy(model, "blocks", unfreeze=["layer4"])
     with pytest.raises(ValueError, match="n must be between 0 and 9"):
-        tlkit.unfreeze_last_blocks(model, 10)
+        tlkit.apply_strategy(model, "last_n_blocks", n_blocks=10)
 
 
 def test_last_tensors_trains_exactly_the_last_n_and_bn_follows(model):
-    tlkit.unfreeze_last_tensors(model, 5)  # head weight + bias, top's BN weight + bias, top's conv weight
+    tlkit.apply_strategy(model, "last_tensors", n_tensors=5)  # head weight + bias, top's BN weight + bias, top's conv weight
     assert tlkit.trainable_tensor_names(model) == [
         "features.top.0.weight", "features.top.1.weight", "features.top.1.bias", "head.weight", "head.bias",
     ]
     model.train()
     assert model.features.top[1].training  # partly trainable block: train mode
     assert not model.features.stage7[0].bn1.training  # fully frozen block: eval mode
-    tlkit.unfreeze_last_tensors(model, 2)
+    tlkit.apply_strategy(model, "last_tensors", n_tensors=2)
     assert tlkit.trainable_tensor_names(model) == ["head.weight", "head.bias"]
     model.train()
     assert not model.features.top[1].training
@@ -125,7 +125,7 @@ def test_gradual_unfreezing_adds_groups_to_the_same_optimizer_and_keeps_its_stat
 
 
 def test_unfreeze_into_adds_only_parameters_not_yet_in_the_optimizer(model):
-    tlkit.unfreeze_last_blocks(model, 1)
+    tlkit.apply_strategy(model, "last_n_blocks", n_blocks=1)
     optimizer = tlkit.make_optimizer(model, 1.0)
     added = tlkit.unfreeze_into(model, optimizer, ["top", "stage7"], 1.0, layer_decay=0.1)
     assert [g["name"] for g in added] == ["stage7"]

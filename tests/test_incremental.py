@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import tlkit
-from tlkit.incremental import DistillationLoss, expand_head, select_classes, with_classes, with_replay
+from tlkit.incremental import DistillationLoss, expand_head, with_replay
 
 
 def test_expanding_the_head_keeps_old_rows_and_old_predictions():
@@ -29,17 +29,17 @@ def test_expanding_needs_a_positive_count():
 
 def test_class_subsets_relabel_and_append_in_order():
     splits = tlkit.load_dataset("digits", seed=0)
-    old = select_classes(splits.train, ["0", "1", "2"])
+    old = splits.train.select_classes(["0", "1", "2"])
     assert set(old.targets) == {0, 1, 2} and old.classes == ["0", "1", "2"]
-    new = select_classes(splits.train, ["3"])
+    new = splits.train.select_classes(["3"])
     assert set(new.targets) == {0}
     everything = ["0", "1", "2", "3"]
-    assert set(with_classes(new, everything).targets) == {3}
-    mixed = with_replay(with_classes(new, everything), with_classes(old, everything), per_class=5, seed=0)
+    assert set(new.with_classes(everything).targets) == {3}
+    mixed = with_replay(new.with_classes(everything), old.with_classes(everything), per_class=5, seed=0)
     labels = [mixed[i][1] for i in range(len(mixed))]
     assert labels.count(3) == len(new) and labels.count(0) == labels.count(1) == labels.count(2) == 5
     with pytest.raises(ValueError, match="not in the dataset"):
-        select_classes(splits.train, ["ten"])
+        splits.train.select_classes(["ten"])
 
 
 def test_distillation_is_zero_when_student_matches_teacher_and_grows_otherwise():
@@ -83,13 +83,13 @@ def test_notebook_05_reports_forgetting_for_every_run(tmp_path):
 def _first_checkpoint(tmp_path, class_folder):
     """A 2-class model (last block + head trained one epoch through the prefix cache) saved as a checkpoint."""
     splits = tlkit.image_folder(class_folder, seed=0)
-    old = tlkit.select_classes(splits.train, splits.classes[:2])
+    old = splits.train.select_classes(splits.classes[:2])
     tlkit.set_seed(0)
     model = tlkit.create_model("efficientnet_lite0", 2, "imagenet")
     tlkit.freeze(model, up_to="stage7")
     transform = tlkit.eval_transform(32, model.normalization)
     cache = tlkit.PrefixCache(model, {"train": tlkit.make_loader(old, transform, 8, shuffle=False),
-                                      "val": tlkit.make_loader(tlkit.select_classes(splits.val, splits.classes[:2]), transform, 8, shuffle=False)},
+                                      "val": tlkit.make_loader(splits.val.select_classes(splits.classes[:2]), transform, 8, shuffle=False)},
                               progress=False)
     path = tmp_path / "first.pt"
     tlkit.fit(cache.suffix, cache.loader("train", 8, shuffle=True), cache.loader("val", 8, shuffle=False), epochs=1,
@@ -110,7 +110,7 @@ def test_continue_training_with_the_prefix_cache_matches_it_without(tmp_path, cl
     splits, _, transform, path = _first_checkpoint(tmp_path, class_folder)
     classes = splits.classes
     groups = {"old": range(2), "new": range(2, 3)}
-    train = with_classes(select_classes(splits.train, classes[2:]), classes)
+    train = splits.train.select_classes(classes[2:]).with_classes(classes)
     args = dict(classes=classes, transform=transform, epochs=2, lr=1e-3, batch_size=8, seed=0,
                 test_set=splits.val, **kw)
     plain = tlkit.continue_training(path, train, splits.val, groups, **args)

@@ -34,12 +34,12 @@ def _lite0(weights: str | None = "imagenet") -> tlkit.TransferModel:
 @pytest.fixture(scope="module")
 def lite0() -> tlkit.TransferModel:
     """ImageNet Lite0 with stage7, top and head trainable (the "last blocks" of the benchmark)."""
-    return tlkit.unfreeze_last_blocks(_lite0(), 2)
+    return tlkit.apply_strategy(_lite0(), "last_n_blocks", n_blocks=2)
 
 
 @pytest.mark.parametrize("n_blocks, boundary", [(2, "stage7"), (5, "stage4"), (0, "head")])
 def test_outputs_from_cached_activations_equal_the_full_forward_pass(lite0, n_blocks, boundary):
-    tlkit.unfreeze_last_blocks(lite0, n_blocks)
+    tlkit.apply_strategy(lite0, "last_n_blocks", n_blocks=n_blocks)
     assert prefix_boundary(lite0) == boundary
     loader = _images()
     cached = cached_prefix(lite0, loader, progress=False)
@@ -49,7 +49,7 @@ def test_outputs_from_cached_activations_equal_the_full_forward_pass(lite0, n_bl
         full, from_cache = lite0(x), forward_from(lite0, boundary, cached.tensors[0])
     torch.testing.assert_close(from_cache, full, rtol=1e-4, atol=1e-5)
     assert torch.equal(cached.tensors[1], loader.dataset.tensors[1])
-    tlkit.unfreeze_last_blocks(lite0, 2)
+    tlkit.apply_strategy(lite0, "last_n_blocks", n_blocks=2)
 
 
 def test_random_weights_in_train_mode_frozen_prefix_stays_in_eval_mode():
@@ -130,7 +130,7 @@ def test_the_cache_follows_the_boundary_down_on_unfreeze_and_up_on_freeze(lite0)
     tlkit.unfreeze(lite0)  # nothing left to cache: the same loader now gives the images
     cache.suffix.train()
     assert cache.boundary is None and cache.items["train"][0][0].shape == (3, 64, 64)
-    tlkit.unfreeze_last_blocks(lite0, 2)
+    tlkit.apply_strategy(lite0, "last_n_blocks", n_blocks=2)
 
 
 def test_a_lower_boundary_over_the_budget_warns_and_trains_from_the_images(lite0):
@@ -142,7 +142,7 @@ def test_a_lower_boundary_over_the_budget_warns_and_trains_from_the_images(lite0
     assert cache.boundary is None and cache.items["val"][0][0].shape == (3, 64, 64)
     cache.suffix.train()  # refused once: no second attempt (and no second warning) every epoch
     assert cache.stats.boundaries == ["stage7", None]
-    tlkit.unfreeze_last_blocks(lite0, 2)
+    tlkit.apply_strategy(lite0, "last_n_blocks", n_blocks=2)
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +176,8 @@ def test_training_with_the_cache_gives_the_same_weights_and_accuracy(splits, str
 
 
 def test_random_train_transform_turns_the_cache_off_with_the_feature_cache_warning(splits):
-    model = tlkit.unfreeze_last_blocks(_lite0(), 1)
-    augment = tlkit.train_preset(32, model.normalization, "basic")
+    model = tlkit.apply_strategy(_lite0(), "last_n_blocks", n_blocks=1)
+    augment = tlkit.train_transform(32, model.normalization, "basic")
     with pytest.warns(tlkit.AugmentationDisablesCacheWarning, match="prefix cache is switched off"):
         assert not prefix_cache_allowed(model, augment)
     with pytest.raises(ValueError, match="transform is random"):

@@ -244,7 +244,7 @@ def _notebook_defaults(path: Path) -> dict:
 @pytest.mark.parametrize("notebook", sorted(p.name for p in (REPO / "notebooks").glob("0*.ipynb")))
 def test_every_notebook_parameter_has_a_check_and_the_defaults_pass(notebook):
     defaults = _notebook_defaults(REPO / "notebooks" / notebook)
-    assert set(tlkit.params.notebook_spec(notebook)) == set(defaults), "the spec in tlkit/params.py and the parameters cell differ"
+    assert set(tlkit.notebook_params.notebook_spec(notebook)) == set(defaults), "the spec in tlkit/notebook_params.py and the parameters cell differ"
     assert tlkit.check_notebook_parameters(notebook, defaults) == defaults
 
 

@@ -23,69 +23,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
-from .data import BatchesOf, DatasetSplits, LabeledImages, TransformedDataset, Upright, eval_transform, make_loader
-from .feature_store import AugmentationDisablesCacheWarning
-from .models import Normalization, block_names, create_model, freeze, parameter_counts
+from ._cache import AugmentationDisablesCacheWarning
+from .data import BatchesOf, DatasetSplits, LabeledImages, TransformedDataset, make_loader
+from .models import below_head_frozen, block_names, create_model, freeze, parameter_counts
 from .plots import show_images
 from .prefix_cache import PrefixBatches, PrefixCache
 from .recipes import RunResult, train_head_on_features
-from .train import below_head_frozen, fit, set_seed
+from .train import fit, set_seed
+from .transforms import Normalization, check_preset, eval_transform, normalize_steps, random_steps, resize_steps, train_transform
 
-PRESETS = ("none", "basic", "strong", "trivialaugment", "randaugment")
 MIXES = ("mixup", "cutmix", "mixup_or_cutmix")
 
 
 # --- presets ------------------------------------------------------------------------------------
-
-
-def check_preset(preset: str) -> str:
-    """``preset`` if it is a known preset name, else a ValueError listing the valid ones."""
-    if preset not in PRESETS:
-        raise ValueError(f"Unknown augmentation preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
-    return preset
-
-
-def random_steps(preset: str, image_size: int, *, hflip: bool = True) -> tuple[list[v2.Transform], list[v2.Transform]]:
-    """The random steps of ``preset``: (steps on uint8 images, steps after normalization)."""
-    check_preset(preset)
-    if preset == "none":
-        return [], []
-    crop = [v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True)]
-    flip = [v2.RandomHorizontalFlip()] if hflip else []
-    policy = {
-        "basic": [],
-        "strong": [v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05)],
-        "trivialaugment": [v2.TrivialAugmentWide()],
-        "randaugment": [v2.RandAugment(num_ops=2, magnitude=9)],
-    }[preset]
-    after = [v2.RandomErasing(p=0.25, scale=(0.02, 0.15))] if preset == "strong" else []
-    return crop + flip + policy, after
-
-
-def _resize_steps(image_size: int) -> list[v2.Transform]:
-    # Upright first, as in eval_transform: a phone photo opened directly is turned as its EXIF tag says.
-    return [Upright(), v2.ToImage(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
-
-
-def _normalize_steps(norm: Normalization) -> list[v2.Transform]:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(norm.mean), list(norm.std))]
-
-
-def train_preset(image_size: int, norm: Normalization, preset: str = "basic", *, hflip: bool = True) -> v2.Compose:
-    """PIL image -> normalized float tensor with ``preset``'s augmentation; 'none' is exactly the eval transform."""
-    if check_preset(preset) == "none":
-        return eval_transform(image_size, norm)
-    before, after = random_steps(preset, image_size, hflip=hflip)
-    return v2.Compose(_resize_steps(image_size) + before + _normalize_steps(norm) + after)
-
-
-def preset_table(image_size: int, *, hflip: bool = True) -> dict[str, str]:
-    """For each preset, its random steps by name (what it adds to the eval transform)."""
-    table = {}
-    for preset in PRESETS:
-        before, after = random_steps(preset, image_size, hflip=hflip)
-        table[preset] = " -> ".join(type(step).__name__ for step in before + after) or "(eval transform only)"
-    return table
 
 
 # --- MixUp / CutMix ------------------------------------------------------------------------------
@@ -156,7 +106,7 @@ class InMemoryImages(Dataset):
     @classmethod
     def from_dataset(cls, ds: LabeledImages, image_size: int) -> InMemoryImages:
         """Decode and resize every image of ``ds`` once (the eval transform's deterministic steps)."""
-        prepare = v2.Compose(_resize_steps(image_size))
+        prepare = v2.Compose(resize_steps(image_size))
         images = torch.stack([prepare(ds[i][0]).as_subclass(torch.Tensor) for i in range(len(ds))])
         return cls(images, ds.targets, ds.classes)
 
@@ -179,8 +129,8 @@ class BatchTransform:
         self, norm: Normalization, preset: str = "none", *, image_size: int, hflip: bool = True, mix: Callable | None = None
     ) -> None:
         before, after = random_steps(preset, image_size, hflip=hflip)
-        self.per_image = v2.Compose(before + _normalize_steps(norm) + after) if before or after else None
-        self.normalize = v2.Compose(_normalize_steps(norm))
+        self.per_image = v2.Compose(before + normalize_steps(norm) + after) if before or after else None
+        self.normalize = v2.Compose(normalize_steps(norm))
         self.mix = mix
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,7 +278,7 @@ def _augmented_train_loader(splits: DatasetSplits, model, augment: str, *, image
         transform = BatchTransform(norm, augment, image_size=image_size, hflip=hflip, mix=mixer)
         return device_loader(InMemoryImages.from_dataset(splits.train, image_size), batch_size, device,
                              transform, shuffle=True, seed=seed)
-    return augmented_loader(splits.train, train_preset(image_size, norm, augment, hflip=hflip), batch_size,
+    return augmented_loader(splits.train, train_transform(image_size, norm, augment, hflip=hflip), batch_size,
                             seed=seed, mix=mix, num_classes=len(splits.classes))
 
 

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from .models import Normalization
-from .params import check_dataset, check_seed
+from .params import check_seed
+from .transforms import to_rgb
 
 # A GIF is read as its first frame.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -106,6 +105,41 @@ class LabeledImages(Dataset):
         return LabeledImages(self._load, self._all_targets, self.classes, [self.indices[p] for p in positions])
 
 
+    def limit_per_class(self, samples_per_class: int, seed: int) -> LabeledImages:
+        """A deterministic random subset with at most ``samples_per_class`` images of each class."""
+        _check_samples_per_class(samples_per_class)
+        rng = np.random.default_rng(seed)
+        targets = np.asarray(self.targets)
+        keep: list[int] = []
+        for label in np.unique(targets):
+            where = np.flatnonzero(targets == label)
+            keep.extend(rng.permutation(where)[:samples_per_class].tolist())
+        return self.subset(sorted(keep))
+
+    def select_classes(self, classes: Sequence[str]) -> LabeledImages:
+        """The images whose class is in ``classes``, relabelled by position in ``classes``."""
+        unknown = [c for c in classes if c not in self.classes]
+        if unknown:
+            raise ValueError(f"Classes {unknown} are not in the dataset, whose classes are {self.classes}.")
+        new_label = {self.classes.index(c): k for k, c in enumerate(classes)}
+        relabelled = [new_label.get(t, -1) for t in self._all_targets]
+        kept = [j for j in self.indices if relabelled[j] >= 0]
+        return LabeledImages(self._load, relabelled, classes, kept)
+
+    def with_classes(self, classes: Sequence[str]) -> LabeledImages:
+        """The same images, labels re-indexed into a longer class list (old classes first, new ones appended)."""
+        missing = [c for c in self.classes if c not in classes]
+        if missing:
+            raise ValueError(f"Classes {missing} of the dataset are missing from {list(classes)}.")
+        position = {k: list(classes).index(c) for k, c in enumerate(self.classes)}
+        return LabeledImages(self._load, [position.get(t, -1) if t >= 0 else -1 for t in self._all_targets], classes, self.indices)
+
+    def without(self, used: LabeledImages) -> LabeledImages:
+        """The images that are not in ``used`` (both drawn from the same source)."""
+        taken = set(used.indices)
+        return self.subset([p for p, j in enumerate(self.indices) if j not in taken])
+
+
 @dataclass
 class DatasetSplits:
     """Train / val (/ test) splits of one dataset and its class names."""
@@ -131,49 +165,6 @@ def class_counts(ds: LabeledImages) -> dict[str, int]:
 
 
 # --- loading images ---------------------------------------------------------------------------
-
-
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-
-
-def upright(image: Image.Image) -> Image.Image:
-    """``image`` turned as its EXIF Orientation tag says (as image viewers show it: phone photos are often stored sideways)."""
-    try:
-        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-    except Exception:  # unreadable EXIF data: the pixels are still fine, as stored
-        return image
-    return ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
-
-
-class Upright:
-    """A transform step: a PIL image turned as its EXIF orientation says (``upright``); anything else passes unchanged.
-
-    Images from tlkit's datasets are upright already; this step makes the eval transform right for a photo
-    opened directly with ``Image.open`` too.
-    """
-
-    def __call__(self, image):
-        return upright(image) if isinstance(image, Image.Image) else image
-
-    def __repr__(self) -> str:
-        return "Upright()"
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """An upright RGB copy of any Pillow image: EXIF orientation applied (``upright``), transparency composited on
-    white, 16-bit grayscale scaled to 8 bits. Every image tlkit loads, trains on or predicts passes through it."""
-    image = upright(image)
-    if image.mode in _SIXTEEN_BIT_MODES:
-        # Pillow's own conversion clips 16-bit values at 255, which turns most pixels white.
-        pixels = np.asarray(image, dtype=np.float32) / 257
-        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        # On white, as viewers show it: dropping the alpha channel would bring back whatever colour
-        # transparent pixels happen to hold (often black), which the user never saw.
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def _open_rgb(paths: Sequence[Path], j: int) -> Image.Image:
@@ -270,18 +261,6 @@ def _check_samples_per_class(samples_per_class: int) -> None:
         raise ValueError(
             f"samples_per_class must be a whole number >= 1 (or None to keep every training image), got {samples_per_class!r}."
         )
-
-
-def limit_per_class(ds: LabeledImages, samples_per_class: int, seed: int) -> LabeledImages:
-    """A deterministic random subset with at most ``samples_per_class`` images of each class."""
-    _check_samples_per_class(samples_per_class)
-    rng = np.random.default_rng(seed)
-    targets = np.asarray(ds.targets)
-    keep: list[int] = []
-    for label in np.unique(targets):
-        where = np.flatnonzero(targets == label)
-        keep.extend(rng.permutation(where)[:samples_per_class].tolist())
-    return ds.subset(sorted(keep))
 
 
 # --- sources ------------------------------------------------------------------------------------
@@ -686,6 +665,18 @@ def _torchvision_splits(name: str, data_root: Path, seed: int, val_fraction: flo
 REGISTERED_DATASETS = ("clothing", "clothing_full", "digits", "hymenoptera", "cifar10", "oxford_pets", "flowers102")
 
 
+def check_dataset(value: object, name: str = "dataset") -> str:
+    """``value`` as a dataset name or folder path: non-empty text (an empty path would load the current folder)."""
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(
+            f"{name} must be a registered dataset name ({', '.join(REGISTERED_DATASETS)}) or the path of an image "
+            f"folder, got {value!r}."
+        )
+    return value
+
+
 def _unknown_dataset_message(dataset: str) -> str:
     path = Path(dataset).expanduser()
     if path.is_file():
@@ -738,44 +729,11 @@ def load_dataset(
     else:
         raise DatasetUnavailableError(_unknown_dataset_message(str(dataset)))
     if samples_per_class is not None:
-        splits.train = limit_per_class(splits.train, samples_per_class, seed)
+        splits.train = splits.train.limit_per_class(samples_per_class, seed)
     return splits
 
 
 # --- transforms and loaders -------------------------------------------------------------------------
-
-
-def _check_image_size(image_size: int) -> None:
-    # The backbone's own minimum (tlkit.models.check_image_size) is checked when the model sees the images.
-    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
-        raise ValueError(f"image_size must be a whole number of pixels >= 1 (e.g. 224), got {image_size!r}.")
-
-
-def eval_transform(image_size: int, norm: Normalization) -> v2.Compose:
-    """Deterministic preset: EXIF orientation (``Upright``), resize the short side, center-crop a square, scale to [0, 1], normalize.
-
-    The resize follows the weights' own preprocessing (``norm.crop_pct`` and ``norm.interpolation``, from timm's
-    config for ``timm:`` backbones; the built-in backbones resize straight to ``image_size``, bilinear).
-    """
-    _check_image_size(image_size)
-    return v2.Compose(
-        [
-            Upright(),
-            v2.ToImage(),
-            v2.Resize(norm.resize_size(image_size), interpolation=norm.interpolation_mode, antialias=True),
-            v2.CenterCrop(image_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(norm.mean), list(norm.std)),
-        ]
-    )
-
-
-def train_transform(image_size: int, norm: Normalization, augment: str = "none") -> v2.Compose:
-    """Training preset by name (``tlkit.augment.PRESETS``): 'none' is the eval preset; 'basic' adds a random resized crop and a flip."""
-    from .augment import train_preset  # augment builds on this module, so it is imported when used
-
-    _check_image_size(image_size)
-    return train_preset(image_size, norm, augment)
 
 
 class TransformedDataset(Dataset):

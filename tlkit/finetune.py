@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -16,118 +16,32 @@ from matplotlib.ticker import MaxNLocator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import DatasetSplits, eval_transform, make_loader
-from .models import HEAD, TransferModel, _check_names, block_names, create_model, freeze, parameter_counts, set_trainable
+from .data import DatasetSplits, make_loader
+from .models import (
+    TransferModel,
+    _check_names,
+    block_names,
+    blocks_below_head,
+    create_model,
+    freeze,
+    head_linear,
+    parameter_counts,
+    set_trainable,
+)
+from .optim import lr_multipliers, make_optimizer, unfreeze_into
 from .prefix_cache import PrefixCache, prefix_cache_allowed
 from .recipes import RunResult
-from .train import History, fit, is_deterministic, set_seed
+from .train import History, fit, set_seed
+from .transforms import eval_transform, is_deterministic
 
 BN_MODES = ("default", "train", "frozen")
 STRATEGIES = ("head", "last_block", "last_n_blocks", "last_tensors", "blocks", "gradual", "two_phase", "full", "conv_block")
 
 
-# --- learning rate per block ----------------------------------------------------------------------
-
-
-def lr_multipliers(
-    model: TransferModel, layer_decay: float = 1.0, lr_mult: Mapping[str, float] | None = None
-) -> OrderedDict[str, float]:
-    """LR multiplier per block, head first: ``layer_decay ** k`` for the block k places below the head, then ``lr_mult`` overrides."""
-    if not 0 < layer_decay <= 1:
-        raise ValueError(f"layer_decay must be in (0, 1] (1 = the same LR everywhere), got {layer_decay}.")
-    multipliers = OrderedDict((name, layer_decay**k) for k, name in enumerate(reversed(block_names(model))))
-    overrides = dict(lr_mult or {})
-    _check_names(model, overrides)
-    bad = {name: m for name, m in overrides.items() if not m > 0}
-    if bad:
-        raise ValueError(f"lr_mult values must be positive (freeze a block instead of giving it LR 0), got {bad}.")
-    multipliers.update(overrides)
-    return multipliers
-
-
-def param_groups(
-    model: TransferModel,
-    lr: float,
-    *,
-    layer_decay: float = 1.0,
-    lr_mult: Mapping[str, float] | None = None,
-    names: Iterable[str] | None = None,
-    exclude: Iterable[torch.Tensor] = (),
-) -> list[dict]:
-    """One optimizer param group per block with trainable parameters, head first, each with ``lr`` times its multiplier.
-
-    ``names`` limits the groups to those blocks; parameters in ``exclude`` (already in an optimizer)
-    are left out. Each group carries its block's name under ``"name"``.
-    """
-    multipliers = lr_multipliers(model, layer_decay, lr_mult)
-    wanted = set(_check_names(model, names)) if names is not None else set(multipliers)
-    skip = {id(p) for p in exclude}
-    blocks = model.blocks()
-    groups = []
-    for name, mult in multipliers.items():
-        params = [p for p in blocks[name].parameters() if p.requires_grad and id(p) not in skip]
-        if name in wanted and params:
-            groups.append({"params": params, "lr": lr * mult, "name": name})
-    return groups
-
-
-def make_optimizer(
-    model: TransferModel,
-    lr: float,
-    *,
-    layer_decay: float = 1.0,
-    lr_mult: Mapping[str, float] | None = None,
-    weight_decay: float = 0.0,
-) -> torch.optim.AdamW:
-    """AdamW over the trainable blocks with discriminative learning rates (``param_groups``)."""
-    groups = param_groups(model, lr, layer_decay=layer_decay, lr_mult=lr_mult)
-    if not groups:
-        raise ValueError("The model has no trainable parameters: unfreeze at least the head (tlkit.unfreeze(model, ['head'])).")
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-
-
-def group_table(optimizer: torch.optim.Optimizer) -> list[dict[str, object]]:
-    """One row per param group: its block name, parameter count and learning rate."""
-    return [
-        {"group": g.get("name", str(i)), "params": sum(p.numel() for p in g["params"]), "lr": g["lr"]}
-        for i, g in enumerate(optimizer.param_groups)
-    ]
-
-
-def _params_in(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def unfreeze_into(
-    model: TransferModel,
-    optimizer: torch.optim.Optimizer,
-    names: Sequence[str],
-    lr: float,
-    *,
-    layer_decay: float = 1.0,
-    lr_mult: Mapping[str, float] | None = None,
-) -> list[dict]:
-    """Unfreeze the named blocks and add their parameters to ``optimizer`` (``add_param_group``), keeping its state.
-
-    Returns the groups added (one per block, learning rates as in ``param_groups``).
-    """
-    set_trainable(model, names, True)
-    added = param_groups(model, lr, layer_decay=layer_decay, lr_mult=lr_mult, names=names, exclude=_params_in(optimizer))
-    for group in added:
-        optimizer.add_param_group(group)
-    return added
-
-
 # --- which parameters train --------------------------------------------------------------------------
 
 
-def blocks_below_head(model: TransferModel) -> list[str]:
-    """Block names below the head, input to output."""
-    names = block_names(model)
-    return names[: names.index(HEAD)]
-
-
-def unfreeze_last_blocks(model: TransferModel, n: int) -> TransferModel:
+def _train_last_blocks(model: TransferModel, n: int) -> TransferModel:
     """Train the head and the last ``n`` blocks below it; freeze the rest (n=0: the head alone)."""
     below = blocks_below_head(model)
     if not 0 <= n <= len(below):
@@ -136,14 +50,7 @@ def unfreeze_last_blocks(model: TransferModel, n: int) -> TransferModel:
     return set_trainable(model, below[len(below) - n :], True)
 
 
-def unfreeze_blocks(model: TransferModel, names: Sequence[str]) -> TransferModel:
-    """Train exactly the named blocks and the head; freeze the rest."""
-    _check_names(model, names)
-    freeze(model)
-    return set_trainable(model, names, True)
-
-
-def unfreeze_last_tensors(model: TransferModel, n: int) -> TransferModel:
+def _train_last_tensors(model: TransferModel, n: int) -> TransferModel:
     """Train only the last ``n`` parameter tensors (``model.parameters()`` order, the head's included).
 
     A block with some trainable tensors is not fully frozen, so it runs in train mode (its
@@ -161,11 +68,6 @@ def unfreeze_last_tensors(model: TransferModel, n: int) -> TransferModel:
 def trainable_tensor_names(model: TransferModel) -> list[str]:
     """Names of the parameter tensors that train."""
     return [name for name, p in model.named_parameters() if p.requires_grad]
-
-
-def trainable_count(model: TransferModel) -> int:
-    """Number of trainable parameters."""
-    return parameter_counts(model)["total"]["trainable"]
 
 
 def freeze_batchnorm(model: TransferModel) -> TransferModel:
@@ -214,7 +116,7 @@ def add_conv_block(model: TransferModel, channels: int = 128, *, kernel_size: in
         raise ValueError(f"add_conv_block needs a (C, H, W) feature map; {model.backbone} gives {tuple(shape)} per image "
                          f"(tokens): use a CNN backbone for the conv_block strategy.")
     in_channels = shape[0]
-    num_classes = _num_classes(model)
+    num_classes = head_linear(model).out_features
     device = next(model.parameters()).device
     model.pool = nn.Sequential(
         OrderedDict(block=conv_block(in_channels, channels, kernel_size), avgpool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1))
@@ -222,13 +124,6 @@ def add_conv_block(model: TransferModel, channels: int = 128, *, kernel_size: in
     model.head = nn.Linear(channels, num_classes).to(device)
     model.num_features = channels
     return model.train(model.training)
-
-
-def _num_classes(model: TransferModel) -> int:
-    linears = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("add_conv_block needs a head that ends in nn.Linear (as create_model builds).")
-    return linears[-1].out_features
 
 
 # --- gradual unfreezing and two-phase fine-tuning ------------------------------------------------------
@@ -338,17 +233,23 @@ def apply_strategy(
     unfreeze: Sequence[str] = (),
     conv_channels: int = 128,
 ) -> TransferModel:
-    """Set which parameters train at the start of ``strategy`` (gradual and two_phase start with the head alone)."""
+    """Set which parameters train at the start of ``strategy`` (one of ``STRATEGIES``; gradual and two_phase start with the head alone).
+
+    last_block / last_n_blocks: the head and the last ``n_blocks`` blocks below it; last_tensors: the last ``n_tensors``
+    parameter tensors; blocks: the blocks named in ``unfreeze`` and the head; full: every block; conv_block: a new
+    conv block (``add_conv_block``) and head on the frozen backbone.
+    """
     if strategy in ("head", "gradual", "two_phase"):
         return freeze(model)
     if strategy == "last_block":
-        return unfreeze_last_blocks(model, 1)
+        return _train_last_blocks(model, 1)
     if strategy == "last_n_blocks":
-        return unfreeze_last_blocks(model, n_blocks)
+        return _train_last_blocks(model, n_blocks)
     if strategy == "last_tensors":
-        return unfreeze_last_tensors(model, n_tensors)
-    if strategy == "blocks":
-        return unfreeze_blocks(model, unfreeze)
+        return _train_last_tensors(model, n_tensors)
+    if strategy == "blocks":  # exactly these blocks and the head
+        _check_names(model, unfreeze)
+        return set_trainable(freeze(model), unfreeze, True)
     if strategy == "full":
         return set_trainable(model, block_names(model), True)
     if strategy == "conv_block":
@@ -443,10 +344,10 @@ def run_strategy(
     seconds = time.perf_counter() - start
     label = name or (strategy if bn == "default" else f"{strategy}, BN {bn}")
     if not prefix_cache:
-        return RunResult(label, model, history, seconds, trainable_count(model))
+        return RunResult(label, model, history, seconds, parameter_counts(model)["total"]["trainable"])
     stats = None if cache is None else cache.stats
     print(f"{label}: {f'no prefix cache ({skipped})' if stats is None else stats.summary()}; {seconds:.1f} s in all.", flush=True)
-    return RunResult(label, model, history, seconds, trainable_count(model), stats)
+    return RunResult(label, model, history, seconds, parameter_counts(model)["total"]["trainable"], stats)
 
 
 def _prefix_cache_skipped(model: TransferModel, strategy: str, train_transform: Callable) -> str | None:

@@ -13,30 +13,10 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from .checkpoints import model_from_checkpoint
-from .data import LabeledImages, limit_per_class, make_loader
-from .models import TransferModel, block_names, set_trainable
+from .data import LabeledImages, make_loader
+from .models import TransferModel, block_names, head_linear, set_trainable
 from .prefix_cache import PrefixCache, PrefixCacheStats, Suffix, prefix_activations
 from .train import History, fit, predict, set_seed
-
-
-def select_classes(ds: LabeledImages, classes: Sequence[str]) -> LabeledImages:
-    """The images of ``ds`` whose class is in ``classes``, relabelled by position in ``classes``."""
-    unknown = [c for c in classes if c not in ds.classes]
-    if unknown:
-        raise ValueError(f"Classes {unknown} are not in the dataset, whose classes are {ds.classes}.")
-    new_label = {ds.classes.index(c): k for k, c in enumerate(classes)}
-    relabelled = [new_label.get(t, -1) for t in ds._all_targets]
-    kept = [j for j in ds.indices if relabelled[j] >= 0]
-    return LabeledImages(ds._load, relabelled, classes, kept)
-
-
-def with_classes(ds: LabeledImages, classes: Sequence[str]) -> LabeledImages:
-    """Same images, labels re-indexed into a longer class list (old classes first, new ones appended)."""
-    missing = [c for c in ds.classes if c not in classes]
-    if missing:
-        raise ValueError(f"Classes {missing} of the dataset are missing from {list(classes)}.")
-    position = {k: list(classes).index(c) for k, c in enumerate(ds.classes)}
-    return LabeledImages(ds._load, [position.get(t, -1) if t >= 0 else -1 for t in ds._all_targets], classes, ds.indices)
 
 
 def with_replay(new: LabeledImages, old: LabeledImages, per_class: int, seed: int) -> Dataset:
@@ -45,17 +25,7 @@ def with_replay(new: LabeledImages, old: LabeledImages, per_class: int, seed: in
         return new
     if new.classes != old.classes:
         raise ValueError("Replay needs both datasets labelled in the same class list: use with_classes first.")
-    return ConcatDataset([new, limit_per_class(old, per_class, seed)])
-
-
-def _head_linear(model: nn.Module) -> tuple[nn.Module, str]:
-    """The head's final Linear layer and its name inside ``model.head``."""
-    head = model.head
-    if isinstance(head, nn.Linear):
-        return head, ""
-    if isinstance(head, nn.Sequential) and isinstance(head[-1], nn.Linear):
-        return head[-1], str(len(head) - 1)
-    raise ValueError(f"Cannot expand a head of type {type(head).__name__}: expected Linear or Sequential ending in Linear.")
+    return ConcatDataset([new, old.limit_per_class(per_class, seed)])
 
 
 def expand_head(model: nn.Module, num_new: int, new_bias: float = -10.0) -> nn.Module:
@@ -66,7 +36,8 @@ def expand_head(model: nn.Module, num_new: int, new_bias: float = -10.0) -> nn.M
     """
     if num_new < 1:
         raise ValueError(f"num_new must be at least 1, got {num_new}.")
-    old, name = _head_linear(model)
+    old = head_linear(model)
+    name = next(name for name, module in model.head.named_modules() if module is old)  # "" when the head is the Linear
     new = nn.Linear(old.in_features, old.out_features + num_new).to(old.weight.device, old.weight.dtype)
     with torch.no_grad():
         new.weight.zero_()
@@ -76,7 +47,8 @@ def expand_head(model: nn.Module, num_new: int, new_bias: float = -10.0) -> nn.M
     new.weight.requires_grad_(old.weight.requires_grad)
     new.bias.requires_grad_(old.bias.requires_grad)
     if name:
-        model.head[int(name)] = new
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.head.get_submodule(parent), attribute, new)
     else:
         model.head = new
     return model
@@ -147,12 +119,6 @@ def group_accuracy(
         mask = torch.isin(labels, torch.tensor(list(members)))
         out[name] = correct[mask].float().mean().item() if mask.any() else float("nan")
     return out
-
-
-def without(ds: LabeledImages, used: LabeledImages) -> LabeledImages:
-    """The images of ``ds`` that are not in ``used`` (both drawn from the same source)."""
-    taken = set(used.indices)
-    return ds.subset([p for p, j in enumerate(ds.indices) if j not in taken])
 
 
 @dataclass

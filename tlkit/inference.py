@@ -22,8 +22,9 @@ import pandas as pd
 from PIL import Image
 
 from .checkpoints import model_from_checkpoint
-from .data import HEIF_EXTENSIONS, IMAGE_EXTENSIONS, eval_transform, to_rgb
+from .data import HEIF_EXTENSIONS, IMAGE_EXTENSIONS
 from .train import get_device, predict_images
+from .transforms import eval_transform, to_rgb
 
 DEFAULT_IMAGE_SIZE = 128  # the course's training size; pass the size the model was trained at
 

@@ -24,8 +24,8 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .finetune import param_groups
 from .models import TransferModel
+from .optim import param_groups
 
 SUGGESTION_RULE = (
     "suggestion: the LR where the smoothed loss falls fastest (steepest negative slope against log10 LR, looked for "

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import difflib
-import math
-import numbers
 import urllib.error
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .transforms import IMAGENET_NORM, TF_LITE_NORM, Normalization, _check_image_size
 
 OFFLINE_BACKBONE = "efficientnet_lite0"
 # Any timm model is reached as "timm:NAME" (NAME as timm.create_model takes it, optionally with a weights tag).
@@ -24,37 +23,6 @@ MIN_IMAGE_SIZE = 32
 
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be loaded (typically: no network to download them)."""
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """Per-channel mean and std the pretrained weights expect (inputs scaled to [0, 1] first).
-
-    ``interpolation`` and ``crop_pct`` describe the eval resize the weights were evaluated with
-    (timm's pretrained config): resize the short side to ``resize_size(image_size)``, then
-    center-crop ``image_size``. The built-in backbones keep 1.0 (resize straight to the crop).
-    """
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
-    crop_pct: float = 1.0
-
-    def resize_size(self, image_size: int) -> int:
-        """Short side to resize to before the ``image_size`` center crop (timm's rule: floor(size / crop_pct))."""
-        return math.floor(image_size / self.crop_pct)
-
-    @property
-    def interpolation_mode(self):
-        """``interpolation`` as torchvision's ``InterpolationMode`` (for ``v2.Resize(..., interpolation=...)``)."""
-        from torchvision.transforms import InterpolationMode
-
-        return InterpolationMode(self.interpolation)
-
-
-IMAGENET_NORM = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-# EfficientNet-Lite was trained in TensorFlow on inputs scaled to [-1, 1] (timm's config says the same).
-TF_LITE_NORM = Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 class TransferModel(nn.Module):
@@ -122,8 +90,7 @@ class TransferModel(nn.Module):
 
 def check_image_size(backbone: str, image_size: int) -> int:
     """Return ``image_size`` if ``backbone`` can use it; otherwise raise a ValueError naming the minimum."""
-    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral):
-        raise ValueError(f"image_size must be a whole number of pixels (e.g. 224), got {image_size!r}.")
+    _check_image_size(image_size)  # a whole number of pixels, as every transform checks
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(_too_small_message(backbone, f"image_size={image_size}"))
     return image_size
@@ -644,27 +611,52 @@ def _check_names(model: TransferModel, names: Iterable[str]) -> list[str]:
     return names
 
 
-def set_trainable(model: TransferModel, names: Iterable[str], trainable: bool = True) -> TransferModel:
-    """Make the named blocks trainable (or frozen), leaving the others as they are."""
+def blocks_below_head(model: TransferModel) -> list[str]:
+    """Block names below the head, input to output."""
+    names = block_names(model)
+    return names[: names.index(HEAD)]
+
+
+def _set_requires_grad(model: TransferModel, names: Iterable[str], trainable: bool) -> TransferModel:
+    # The one place that freezes or unfreezes blocks (as timm's freeze/unfreeze share _freeze_unfreeze).
     blocks = model.blocks()
     for name in _check_names(model, names):
         blocks[name].requires_grad_(trainable)
-    model.train(model.training)  # re-apply eval mode to blocks that are now frozen
-    return model
+    return model.train(model.training)  # re-apply eval mode to blocks that are now frozen
+
+
+def set_trainable(model: TransferModel, names: Iterable[str], trainable: bool = True) -> TransferModel:
+    """Make the named blocks trainable (or frozen), leaving the others as they are."""
+    return _set_requires_grad(model, names, trainable)
 
 
 def freeze(model: TransferModel, up_to: str | None = None) -> TransferModel:
     """Freeze every block below the head, or only the blocks up to and including ``up_to``; the rest train."""
     names = block_names(model)
     stop = names.index(HEAD) - 1 if up_to is None else names.index(_check_names(model, [up_to])[0])
-    set_trainable(model, names[: stop + 1], False)
-    set_trainable(model, names[stop + 1 :], True)
-    return model
+    _set_requires_grad(model, names[: stop + 1], False)
+    return _set_requires_grad(model, names[stop + 1 :], True)
 
 
 def unfreeze(model: TransferModel, names: Sequence[str] | None = None) -> TransferModel:
-    """Make the named blocks trainable, or every block when ``names`` is None."""
-    return set_trainable(model, block_names(model) if names is None else names, True)
+    """Make the named blocks trainable, or every block when ``names`` is None (``unfreeze(freeze(model), names)``
+    trains exactly ``names`` and the head)."""
+    return _set_requires_grad(model, block_names(model) if names is None else names, True)
+
+
+def below_head_frozen(model: nn.Module) -> bool:
+    """True if every parameter outside ``model.head`` is frozen."""
+    head = {id(p) for p in model.head.parameters()}
+    return not any(p.requires_grad for p in model.parameters() if id(p) not in head)
+
+
+def head_linear(model: nn.Module) -> nn.Linear:
+    """The last ``nn.Linear`` of ``model.head``: the layer with one output per class."""
+    linears = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"The model's head ({type(model.head).__name__}) has no nn.Linear layer: tlkit reads the number of "
+                         f"classes from the head's last Linear layer, as tlkit.create_model builds it.")
+    return linears[-1]
 
 
 def trainable_blocks(model: TransferModel) -> list[str]:

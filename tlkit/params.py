@@ -9,7 +9,7 @@ None is allowed. ``-y 'data_curve: [5, 10]'`` (YAML) passes real lists and needs
 
 Each ``check_*`` function takes the parameter's name (for the message) and its value and returns the cleaned
 value or raises ``ValueError``. ``check_parameters(values, spec)`` runs a whole spec;
-``check_notebook_parameters(notebook, values)`` runs the spec of one course notebook (``NOTEBOOK_SPECS``).
+the specs of the course's notebooks live in ``tlkit.notebook_params``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import functools
 import json
 import numbers
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -136,20 +136,6 @@ def check_seed(name: str, value: Any) -> int:
     return int(parsed)
 
 
-def check_dataset(value: Any, name: str = "dataset") -> str:
-    """``value`` as a dataset name or folder path: non-empty text (an empty path would load the current folder)."""
-    if isinstance(value, Path):
-        value = str(value)
-    if not isinstance(value, str) or not value.strip():
-        from .data import REGISTERED_DATASETS  # data imports this module
-
-        raise ValueError(
-            f"{name} must be a registered dataset name ({', '.join(REGISTERED_DATASETS)}) or the path of an image "
-            f"folder, got {value!r}."
-        )
-    return value
-
-
 def _as_list(name: str, value: Any, example: str) -> list:
     parsed = _from_text(value)
     if isinstance(parsed, str) and "," in parsed and not any(c in parsed for c in "[](){}\"'"):
@@ -240,166 +226,3 @@ def resolve_path(path: str | Path, base: str | Path | None = None) -> Path:
         return Path(os.path.relpath(target, Path.cwd()))
     except ValueError:  # another drive (Windows): no relative path exists
         return target
-
-
-# --- the course notebooks' parameters ---------------------------------------------------------------
-
-_size = rule(check_int, minimum=1)
-_size_or_none = rule(check_int, minimum=1, allow_none=True)
-_count = rule(check_int, minimum=0)
-_positive = rule(check_float, positive=True)
-_text = check_str
-_text_or_none = rule(check_str, allow_none=True)
-
-
-def _common() -> dict[str, Check]:
-    """Parameters every notebook has (tests/test_notebooks.py checks that they do)."""
-    return {
-        "dataset": lambda name, value: check_dataset(value, name),
-        "backbone": _text,
-        "weights": _text_or_none,
-        "image_size": _size,
-        "batch_size": _size,
-        "epochs": _size,
-        "lr": _positive,
-        "seed": check_seed,
-        "seeds": check_seed_list,
-        "device": _text,
-        "results_path": _text_or_none,
-        "data_root": _text,
-        "output_dir": _text,
-        "progress": check_bool,
-    }
-
-
-def _notebook_01() -> dict[str, Check]:
-    return {
-        **_common(),
-        "samples_per_class": _size_or_none,
-        "scratch_epochs": _size,
-        "scratch_seeds": rule(check_seed_list, allow_empty=True),
-        "data_curve": rule(parse_list, item=_size_or_none, example="[5, 10, 20, null]"),
-    }
-
-
-def _notebook_02() -> dict[str, Check]:
-    from .finetune import STRATEGIES
-
-    strategy = rule(check_str, choices=STRATEGIES)
-    strategies = rule(parse_list, item=strategy, example='["head", "last_block"]')
-    return {
-        **_common(),
-        "lr": rule(check_float, positive=True, allow_none=True),
-        "samples_per_class": _size_or_none,
-        "strategy": strategy,
-        "unfreeze": rule(parse_list, item=_text, example='["stage6"]'),
-        "n_blocks": _size,
-        "n_tensors": _size,
-        "layer_decay": rule(check_float, positive=True, maximum=1.0),
-        "lr_mult": rule(parse_dict, item=_positive),
-        "unfreeze_every": _size,
-        "head_epochs": _size,
-        "conv_channels": _size,
-        "compare": strategies,
-        "compare_once": strategies,
-        "bn_row": rule(check_str, choices=STRATEGIES, allow_none=True),
-    }
-
-
-def _notebook_03() -> dict[str, Check]:
-    from .augment import MIXES, PRESETS
-
-    return {
-        **_common(),
-        "augment": rule(check_str, choices=PRESETS),
-        "hflip": rule(check_bool, allow_none=True),
-        "mix": rule(check_str, choices=MIXES, allow_none=True),
-        "samples_per_class": _size_or_none,
-        "curve": rule(parse_list, item=_size_or_none, example="[5, 10, 25]"),
-        "on_device": _on_device,
-    }
-
-
-def _on_device(name: str, value: Any) -> bool | str:
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        return check_bool(name, value)
-    except ValueError:
-        raise ValueError(f"{name} must be 'auto', True or False, got {value!r}.") from None
-
-
-def _notebook_04() -> dict[str, Check]:
-    from .imbalance import REMEDIES
-
-    remedy = rule(check_str, choices=list(REMEDIES))
-    return {
-        **_common(),
-        "imbalance_ratio": rule(check_float, minimum=1.0, allow_none=True),
-        "remedy": remedy,
-        "remedies": rule(parse_list, item=remedy, example='["none", "class_weights"]'),
-        "effective_number_beta": rule(check_float, minimum=0.0, below=1.0),
-        "focal_gamma": rule(check_float, minimum=0.0),
-        "logit_tau": rule(check_float, minimum=0.0),
-    }
-
-
-def _notebook_05() -> dict[str, Check]:
-    return {
-        **_common(),
-        "old_classes": _size,
-        "samples_per_class": _size,
-        "new_sample_classes": _size,
-        "new_samples_per_class": _size,
-        "replay_per_class": _count,
-        "continue_lr_factor": _positive,
-    }
-
-
-# Keyed by the notebook's number (its file name's prefix).
-NOTEBOOK_SPECS: dict[str, Callable[[], dict[str, Check]]] = {
-    "01": _notebook_01, "02": _notebook_02, "03": _notebook_03, "04": _notebook_04, "05": _notebook_05,
-}
-
-
-def notebook_spec(notebook: str) -> dict[str, Check]:
-    """The parameter checks of course notebook ``notebook`` ('01' .. '05', or its file name)."""
-    key = Path(str(notebook)).name[:2]
-    if key not in NOTEBOOK_SPECS:
-        raise ValueError(f"No parameter spec for notebook {notebook!r}; known: {', '.join(NOTEBOOK_SPECS)}.")
-    return NOTEBOOK_SPECS[key]()
-
-
-def check_notebook_parameters(notebook: str, values: Mapping[str, Any]) -> dict[str, Any]:
-    """Check every parameter of course notebook ``notebook`` in ``values`` (its ``globals()``); the cleaned values.
-
-    In the notebook's first code cell: ``globals().update(tlkit.check_notebook_parameters("01", globals()))``.
-    Cross-parameter rules are checked as well (e.g. notebook 05's ``new_sample_classes <= old_classes``).
-    """
-    cleaned = check_parameters(values, notebook_spec(notebook))
-    for check in _CROSS_CHECKS.get(Path(str(notebook)).name[:2], ()):
-        check(cleaned)
-    return cleaned
-
-
-def _new_samples_within_old_classes(p: Mapping[str, Any]) -> None:
-    if p["new_sample_classes"] > p["old_classes"]:
-        raise ValueError(
-            f"new_sample_classes ({p['new_sample_classes']}) must be at most old_classes ({p['old_classes']}): "
-            f"new samples arrive for some of the known classes."
-        )
-
-
-def _image_size_fits_backbone(p: Mapping[str, Any]) -> None:
-    from .models import check_image_size
-
-    check_image_size(p["backbone"], p["image_size"])
-
-
-_CROSS_CHECKS: dict[str, Sequence[Callable[[Mapping[str, Any]], None]]] = {
-    "01": (_image_size_fits_backbone,),
-    "02": (_image_size_fits_backbone,),
-    "03": (_image_size_fits_backbone,),
-    "04": (_image_size_fits_backbone,),
-    "05": (_image_size_fits_backbone, _new_samples_within_old_classes),
-}

@@ -22,11 +22,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from ._cache import AugmentationDisablesCacheWarning, dataset_fingerprint, hash_tensor
 from .checkpoints import save_atomically
 from .data import BatchesOf, make_loader
-from .feature_store import AugmentationDisablesCacheWarning, _dataset_fingerprint, _hash_tensor
 from .models import HEAD, TransferModel
-from .train import _amp_dtype, _channels_last_batch, _with_progress, evaluate, is_deterministic
+from .train import _amp_dtype, _channels_last_batch, _with_progress, evaluate
+from .transforms import is_deterministic
 
 POOL = "pool"
 _FORMAT = b"tlkit-prefix-1"
@@ -222,7 +223,7 @@ def prefix_key(model: TransferModel, loader: DataLoader, boundary: str, device: 
     """The disk-cache key of the activations at ``boundary`` over ``loader``: the weights below the boundary, the
     boundary, the transform, the data and the precision (autocast on a GPU); None if the data has no fingerprint."""
     base = getattr(loader.dataset, "base", loader.dataset)
-    data = _dataset_fingerprint(base)
+    data = dataset_fingerprint(base)
     if data is None:
         return None
     h = hashlib.sha256(_FORMAT)
@@ -230,7 +231,7 @@ def prefix_key(model: TransferModel, loader: DataLoader, boundary: str, device: 
     for name, module in stages(model)[: _check_boundary(model, boundary)]:
         for key, tensor in module.state_dict().items():  # only the frozen prefix changes these activations
             h.update(f"{name}.{key}".encode())
-            _hash_tensor(h, tensor)
+            hash_tensor(h, tensor)
     h.update(repr(getattr(loader.dataset, "transform", None)).encode())
     h.update(data.encode())
     return h.hexdigest()[:32]

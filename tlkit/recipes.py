@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .data import DatasetSplits, eval_transform, make_loader
-from .feature_store import cached_features
-from .models import TransferModel, create_model, freeze, parameter_counts, unfreeze
+from .data import DatasetSplits, make_loader
+from .features import cached_features
+from .models import TransferModel, below_head_frozen, create_model, freeze, parameter_counts, unfreeze
 from .prefix_cache import PrefixCacheStats, evaluate_from_prefix
-from .train import History, below_head_frozen, evaluate, fit, fit_head, set_seed
+from .train import History, evaluate, fit, fit_head, set_seed
+from .transforms import eval_transform
 
 
 @dataclass

@@ -18,26 +18,13 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Sampler, Subset, TensorDataset
-from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from .checkpoints import CheckpointSaveError, load_checkpoint, save_checkpoint
-from .data import Upright, make_loader, to_rgb
+from .data import make_loader
+from .models import below_head_frozen, head_linear
 from .params import check_seed
-
-# Transforms that give the same output for the same input: a pipeline of only these allows caching.
-_DETERMINISTIC_TRANSFORMS = (
-    Upright,
-    v2.ToImage,
-    v2.PILToTensor,
-    v2.ToPureTensor,
-    v2.Resize,
-    v2.CenterCrop,
-    v2.ToDtype,
-    v2.Normalize,
-    v2.Grayscale,
-    v2.RGB,
-)
+from .transforms import to_rgb
 
 
 def set_seed(seed: int) -> None:
@@ -117,14 +104,6 @@ class History:
 
     def __len__(self) -> int:
         return len(self.epoch)
-
-
-def is_deterministic(transform: Callable | None) -> bool:
-    """True if ``transform`` is None or a v2.Compose made only of deterministic steps."""
-    if transform is None:
-        return True
-    steps = transform.transforms if isinstance(transform, v2.Compose) else [transform]
-    return all(isinstance(step, _DETERMINISTIC_TRANSFORMS) for step in steps)
 
 
 def _with_progress(loader: Iterable, desc: str, progress: bool) -> Iterator:
@@ -274,14 +253,16 @@ class RepeatedFitWarning(UserWarning):
 
 
 def _num_outputs(model: nn.Module) -> int | None:
-    """Number of classes ``model`` predicts: its head's last Linear layer (through wrappers that hold ``.model``); None if unknown."""
-    for candidate in (getattr(model, "head", None), getattr(getattr(model, "model", None), "head", None), model):
-        if isinstance(candidate, nn.Linear):
-            return candidate.out_features
-        if isinstance(candidate, nn.Sequential):
-            linears = [m for m in candidate.modules() if isinstance(m, nn.Linear)]
-            return linears[-1].out_features if linears else None
-    return None
+    """Number of classes ``model`` predicts: its head's last Linear layer (through wrappers that hold ``.model``; or
+    ``model`` itself when it is a bare head, as fit_head trains); None if unknown."""
+    for owner in (model, getattr(model, "model", None)):
+        if isinstance(getattr(owner, "head", None), nn.Module):
+            try:
+                return head_linear(owner).out_features
+            except ValueError:
+                return None
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)] if isinstance(model, (nn.Linear, nn.Sequential)) else []
+    return linears[-1].out_features if linears else None
 
 
 def _inner_dataset(dataset):
@@ -650,31 +631,6 @@ def predict_images(
 
 
 # --- cached features ---------------------------------------------------------------------------
-
-
-def below_head_frozen(model: nn.Module) -> bool:
-    """True if every parameter outside ``model.head`` is frozen."""
-    head = {id(p) for p in model.head.parameters()}
-    return not any(p.requires_grad for p in model.parameters() if id(p) not in head)
-
-
-@torch.no_grad()
-def extract_features(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu", *, progress: bool = True) -> TensorDataset:
-    """Run everything below the head once over ``loader``: a TensorDataset of (features, labels) on the CPU."""
-    if not is_deterministic(getattr(loader.dataset, "transform", None)):
-        raise ValueError(
-            "The loader's transform is random (augmentation): cached features would freeze one random "
-            "view of each image. Use the eval transform for feature extraction, or train without caching."
-        )
-    device = torch.device(device)
-    _channels_last_model(model).to(device).eval()
-    amp_dtype = _amp_dtype(device)
-    feats, labels = [], []
-    for x, y in _with_progress(loader, "features", progress):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            feats.append(model.forward_features(_channels_last_batch(x.to(device, non_blocking=True))).float().cpu())
-        labels.append(y)
-    return with_classes_of(loader.dataset, TensorDataset(torch.cat(feats), torch.cat(labels)))
 
 
 def fit_head(

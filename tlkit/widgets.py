@@ -12,9 +12,9 @@ import matplotlib.pyplot as plt
 import torch
 from torch.utils.data import DataLoader
 
-from .finetune import lr_multipliers, make_optimizer, param_groups
 from .lr_finder import LRFinderResult, lr_find
 from .models import TransferModel, block_names, parameter_counts, set_trainable, trainable_blocks
+from .optim import lr_multipliers, make_optimizer, param_groups
 from .plots import LiveCurves
 from .train import History, fit
 

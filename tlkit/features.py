@@ -1,4 +1,5 @@
-"""Backbone features kept on disk, keyed by backbone weights, transform and data, so a repeated run skips the backbone pass."""
+"""Feature extraction (notebook 01): the frozen backbone runs once over the images, and its features are kept in
+memory or on disk, keyed by backbone weights, transform and data, so a repeated run skips the backbone pass."""
 
 from __future__ import annotations
 
@@ -8,44 +9,41 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
+from ._cache import dataset_fingerprint, hash_tensor
 from .checkpoints import CheckpointSaveError, save_atomically
-from .train import extract_features, with_classes_of
+from .train import _amp_dtype, _channels_last_batch, _channels_last_model, _with_progress, with_classes_of
+from .transforms import is_deterministic
 
 # 2: (features, labels, {"format", "checksum"}): a checksum of the content, checked when read.
 _FORMAT = b"tlkit-features-2"
 
 
-class AugmentationDisablesCacheWarning(UserWarning):
-    """A cache (of features or of prefix activations) and random augmentation were both asked for; the cache is switched off."""
+@torch.no_grad()
+def extract_features(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu", *, progress: bool = True) -> TensorDataset:
+    """Run everything below the head once over ``loader``: a TensorDataset of (features, labels) on the CPU."""
+    if not is_deterministic(getattr(loader.dataset, "transform", None)):
+        raise ValueError(
+            "The loader's transform is random (augmentation): cached features would freeze one random "
+            "view of each image. Use the eval transform for feature extraction, or train without caching."
+        )
+    device = torch.device(device)
+    _channels_last_model(model).to(device).eval()
+    amp_dtype = _amp_dtype(device)
+    feats, labels = [], []
+    for x, y in _with_progress(loader, "features", progress):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            feats.append(model.forward_features(_channels_last_batch(x.to(device, non_blocking=True))).float().cpu())
+        labels.append(y)
+    return with_classes_of(loader.dataset, TensorDataset(torch.cat(feats), torch.cat(labels)))
 
-
-def _hash_tensor(h: hashlib._Hash, tensor: torch.Tensor) -> None:
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    h.update(str((tuple(tensor.shape), tensor.dtype)).encode())
-    h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-
-
-def _dataset_fingerprint(dataset) -> str | None:
-    """A string that changes when the images or labels change; None when the dataset cannot tell."""
-    if hasattr(dataset, "fingerprint"):
-        return dataset.fingerprint()
-    if isinstance(dataset, TensorDataset):
-        h = hashlib.sha256()
-        for tensor in dataset.tensors:
-            _hash_tensor(h, tensor)
-        return h.hexdigest()
-    if isinstance(dataset, ConcatDataset):  # e.g. new data + a replay sample (tlkit.with_replay)
-        parts = [_dataset_fingerprint(part) for part in dataset.datasets]
-        return None if None in parts else hashlib.sha256("|".join(parts).encode()).hexdigest()
-    return None
 
 
 def features_key(model: nn.Module, loader: DataLoader) -> str | None:
     """The cache key of ``model``'s features over ``loader``: backbone weights, transform, data; None if the data has no fingerprint."""
     base = getattr(loader.dataset, "base", loader.dataset)
-    data = _dataset_fingerprint(base)
+    data = dataset_fingerprint(base)
     if data is None:
         return None
     h = hashlib.sha256(_FORMAT)
@@ -53,7 +51,7 @@ def features_key(model: nn.Module, loader: DataLoader) -> str | None:
     for name, tensor in model.state_dict().items():
         if not name.startswith("head."):  # the head does not change the features
             h.update(name.encode())
-            _hash_tensor(h, tensor)
+            hash_tensor(h, tensor)
     h.update(repr(getattr(loader.dataset, "transform", None)).encode())
     h.update(data.encode())
     return h.hexdigest()[:32]
@@ -95,8 +93,8 @@ class _DamagedCache(Exception):
 
 def _checksum(features: torch.Tensor, labels: torch.Tensor) -> str:
     h = hashlib.sha256(_FORMAT)
-    _hash_tensor(h, features)
-    _hash_tensor(h, labels)
+    hash_tensor(h, features)
+    hash_tensor(h, labels)
     return h.hexdigest()
 
 

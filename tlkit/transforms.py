@@ -1,0 +1,205 @@
+"""Image preprocessing, as torchvision's classification ``presets.py``: the weights' normalisation, the eval
+transform and the training presets side by side, plus the steps every image passes (upright, RGB)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import ExifTags, Image, ImageOps
+from torchvision.transforms import v2
+
+PRESETS = ("none", "basic", "strong", "trivialaugment", "randaugment")
+
+
+# --- what the weights expect ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel mean and std the pretrained weights expect (inputs scaled to [0, 1] first).
+
+    ``interpolation`` and ``crop_pct`` describe the eval resize the weights were evaluated with
+    (timm's pretrained config): resize the short side to ``resize_size(image_size)``, then
+    center-crop ``image_size``. The built-in backbones keep 1.0 (resize straight to the crop).
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+
+    def resize_size(self, image_size: int) -> int:
+        """Short side to resize to before the ``image_size`` center crop (timm's rule: floor(size / crop_pct))."""
+        return math.floor(image_size / self.crop_pct)
+
+    @property
+    def interpolation_mode(self):
+        """``interpolation`` as torchvision's ``InterpolationMode`` (for ``v2.Resize(..., interpolation=...)``)."""
+        from torchvision.transforms import InterpolationMode
+
+        return InterpolationMode(self.interpolation)
+
+
+IMAGENET_NORM = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+# EfficientNet-Lite was trained in TensorFlow on inputs scaled to [-1, 1] (timm's config says the same).
+TF_LITE_NORM = Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+# --- every image: upright RGB ---------------------------------------------------------------------
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF Orientation tag says (as image viewers show it: phone photos are often stored sideways)."""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # unreadable EXIF data: the pixels are still fine, as stored
+        return image
+    return ImageOps.exif_transpose(image) if orientation not in (None, 1) else image
+
+
+class Upright:
+    """A transform step: a PIL image turned as its EXIF orientation says (``upright``); anything else passes unchanged.
+
+    Images from tlkit's datasets are upright already; this step makes the eval transform right for a photo
+    opened directly with ``Image.open`` too.
+    """
+
+    def __call__(self, image):
+        return upright(image) if isinstance(image, Image.Image) else image
+
+    def __repr__(self) -> str:
+        return "Upright()"
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An upright RGB copy of any Pillow image: EXIF orientation applied (``upright``), transparency composited on
+    white, 16-bit grayscale scaled to 8 bits. Every image tlkit loads, trains on or predicts passes through it."""
+    image = upright(image)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # Pillow's own conversion clips 16-bit values at 255, which turns most pixels white.
+        pixels = np.asarray(image, dtype=np.float32) / 257
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        # On white, as viewers show it: dropping the alpha channel would bring back whatever colour
+        # transparent pixels happen to hold (often black), which the user never saw.
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+# --- eval transform and training presets -------------------------------------------------------------
+
+
+def _check_image_size(image_size: int) -> None:
+    # The backbone's own minimum (tlkit.models.check_image_size) is checked when the model sees the images.
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
+        raise ValueError(f"image_size must be a whole number of pixels >= 1 (e.g. 224), got {image_size!r}.")
+
+
+def eval_transform(image_size: int, norm: Normalization) -> v2.Compose:
+    """Deterministic preset: EXIF orientation (``Upright``), resize the short side, center-crop a square, scale to [0, 1], normalize.
+
+    The resize follows the weights' own preprocessing (``norm.crop_pct`` and ``norm.interpolation``, from timm's
+    config for ``timm:`` backbones; the built-in backbones resize straight to ``image_size``, bilinear).
+    """
+    _check_image_size(image_size)
+    return v2.Compose(
+        [
+            Upright(),
+            v2.ToImage(),
+            v2.Resize(norm.resize_size(image_size), interpolation=norm.interpolation_mode, antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(norm.mean), list(norm.std)),
+        ]
+    )
+
+
+def check_preset(preset: str) -> str:
+    """``preset`` if it is a known preset name, else a ValueError listing the valid ones."""
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown augmentation preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
+    return preset
+
+
+def random_steps(preset: str, image_size: int, *, hflip: bool = True) -> tuple[list[v2.Transform], list[v2.Transform]]:
+    """The random steps of ``preset``: (steps on uint8 images, steps after normalization)."""
+    check_preset(preset)
+    if preset == "none":
+        return [], []
+    crop = [v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True)]
+    flip = [v2.RandomHorizontalFlip()] if hflip else []
+    policy = {
+        "basic": [],
+        "strong": [v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05)],
+        "trivialaugment": [v2.TrivialAugmentWide()],
+        "randaugment": [v2.RandAugment(num_ops=2, magnitude=9)],
+    }[preset]
+    after = [v2.RandomErasing(p=0.25, scale=(0.02, 0.15))] if preset == "strong" else []
+    return crop + flip + policy, after
+
+
+def resize_steps(image_size: int) -> list[v2.Transform]:
+    # Upright first, as in eval_transform: a phone photo opened directly is turned as its EXIF tag says.
+    return [Upright(), v2.ToImage(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+
+
+def normalize_steps(norm: Normalization) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(norm.mean), list(norm.std))]
+
+
+def train_transform(image_size: int, norm: Normalization, preset: str = "basic", *, hflip: bool = True) -> v2.Compose:
+    """The training preset: PIL image -> normalized float tensor with ``preset``'s augmentation (one of ``PRESETS``).
+
+    'none' is exactly the eval transform; 'basic' adds a random resized crop and (``hflip``) a horizontal flip.
+    """
+    _check_image_size(image_size)
+    if check_preset(preset) == "none":
+        return eval_transform(image_size, norm)
+    before, after = random_steps(preset, image_size, hflip=hflip)
+    return v2.Compose(resize_steps(image_size) + before + normalize_steps(norm) + after)
+
+
+def preset_table(image_size: int, *, hflip: bool = True) -> dict[str, str]:
+    """For each preset, its random steps by name (what it adds to the eval transform)."""
+    table = {}
+    for preset in PRESETS:
+        before, after = random_steps(preset, image_size, hflip=hflip)
+        table[preset] = " -> ".join(type(step).__name__ for step in before + after) or "(eval transform only)"
+    return table
+
+
+# Transforms that give the same output for the same input: a pipeline of only these allows caching.
+_DETERMINISTIC_TRANSFORMS = (
+    Upright,
+    v2.ToImage,
+    v2.PILToTensor,
+    v2.ToPureTensor,
+    v2.Resize,
+    v2.CenterCrop,
+    v2.ToDtype,
+    v2.Normalize,
+    v2.Grayscale,
+    v2.RGB,
+)
+
+
+def is_deterministic(transform: Callable | None) -> bool:
+    """True if ``transform`` is None or a v2.Compose made only of deterministic steps."""
+    if transform is None:
+        return True
+    steps = transform.transforms if isinstance(transform, v2.Compose) else [transform]
+    return all(isinstance(step, _DETERMINISTIC_TRANSFORMS) for step in steps)
