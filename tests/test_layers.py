@@ -1,5 +1,5 @@
 """tlkit's import layers (issue 13), read from the source with ast: no cycles, no imports of the package root,
-lessons apart, lower layers below lessons and top modules, a literal public API.
+lessons apart, every import going down a layer, a literal public API.
 
 The graph functions are those of scripts/module_graph.py (``python scripts/module_graph.py`` prints the graph).
 The first tests hold tlkit to the rules; the last ones run the graph functions and the checks on tiny fake
@@ -23,11 +23,21 @@ module_graph = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(module_graph)
 build_graph, cycles, layer_order, root_importers = module_graph.build_graph, module_graph.cycles, module_graph.layer_order, module_graph.root_importers
 
-# The target layers of issue 13 (layers 0-4, 5, 6); the rules below name no module outside these sets.
-LOWER = {"_version", "params", "compare", "results", "metrics", "transforms", "models", "checkpoints", "data", "train", "optim", "_cache",
-         "prefix_cache", "lr_finder"}
-LESSONS = {"features", "finetune", "augment", "imbalance", "incremental"}
-TOP = {"recipes", "plots", "widgets", "course", "sweep", "inference"}
+# The layers of issue 13, bottom to top: a module imports only modules of lower layers (lessons never each other).
+LAYERS: dict[str, int] = {
+    **dict.fromkeys(["_version", "params", "compare", "results", "metrics", "_cache"], 0),  # basics, numbers only
+    "transforms": 1, "models": 2,  # images, then the models that say how to normalise them
+    **dict.fromkeys(["checkpoints", "data"], 3),
+    **dict.fromkeys(["train", "optim"], 4),  # the training loop and its optimizers
+    **dict.fromkeys(["prefix_cache", "lr_finder"], 5),  # blocks several lessons share
+    **dict.fromkeys(["features", "finetune", "augment", "imbalance", "incremental"], 6),  # one module per lesson
+    **dict.fromkeys(["recipes", "plots", "course", "notebook_params", "inference"], 7),  # on top: whole runs, figures, the course
+    **dict.fromkeys(["widgets", "sweep"], 8),  # the freeze panel draws with plots; a sweep runs the course
+    "tlkit": 9,  # the package root, which picks the public API
+}
+LOWER = {name for name, layer in LAYERS.items() if layer < 6}
+LESSONS = {name for name, layer in LAYERS.items() if layer == 6}
+TOP = {name for name, layer in LAYERS.items() if 6 < layer < LAYERS["tlkit"]}
 MAX_PUBLIC_NAMES = 75
 
 
@@ -42,9 +52,17 @@ def lesson_imports(graph: dict[str, dict[str, bool]]) -> list[str]:
 
 
 def upward_imports(graph: dict[str, dict[str, bool]]) -> list[str]:
-    """Modules of layers 0-4 that import a lesson or a top module."""
+    """Modules below the lessons that import a lesson or a top module."""
     return [f"{module} imports {target}{_how(lazy)}" for module in sorted(LOWER & set(graph))
             for target, lazy in sorted(graph[module].items()) if target in LESSONS | TOP]
+
+
+def imports_not_downward(graph: dict[str, dict[str, bool]]) -> list[str]:
+    """Imports that do not go to a lower layer, and modules no layer names (a new module must be placed)."""
+    unplaced = [f"{module} is in no layer of LAYERS" for module in sorted(set(graph) - set(LAYERS))]
+    return unplaced + [f"{module} (layer {LAYERS[module]}) imports {target} (layer {LAYERS[target]}){_how(lazy)}"
+                       for module in sorted(set(graph) & set(LAYERS)) for target, lazy in sorted(graph[module].items())
+                       if target in LAYERS and LAYERS[target] >= LAYERS[module]]
 
 
 def bound_names(tree: ast.Module) -> set[str]:
@@ -114,9 +132,14 @@ def test_lessons_do_not_import_each_other(graph):
     assert not found, "lesson modules importing lesson modules:\n" + "\n".join(found)
 
 
-def test_layers_0_to_4_do_not_import_lessons_or_top_modules(graph):
+def test_lower_layers_do_not_import_lessons_or_top_modules(graph):
     found = upward_imports(graph)
-    assert not found, "layers 0-4 importing lesson or top modules:\n" + "\n".join(found)
+    assert not found, "lower layers importing lesson or top modules:\n" + "\n".join(found)
+
+
+def test_every_module_has_a_layer_and_imports_only_lower_layers(graph):
+    found = imports_not_downward(graph)
+    assert not found, "imports that do not go down a layer (see LAYERS):\n" + "\n".join(found)
 
 
 def test_public_api_is_a_literal_list_of_bound_names():
@@ -207,6 +230,12 @@ def test_layer_checks_report_lessons_importing_lessons_and_upward_imports():
              "data": {"augment": True}, "recipes": {"features": False}, "augment": {}, "plots": {}}
     assert lesson_imports(graph) == ["features imports finetune (lazily)"]
     assert upward_imports(graph) == ["data imports augment (lazily)", "train imports plots"]
+    graph["optim"], graph["mystery"] = {"train": False, "models": False}, {}
+    assert imports_not_downward(graph) == [
+        "mystery is in no layer of LAYERS", "data (layer 3) imports augment (layer 6) (lazily)",
+        "features (layer 6) imports finetune (layer 6) (lazily)", "optim (layer 4) imports train (layer 4)",
+        "train (layer 4) imports plots (layer 7)",
+    ]
 
 
 @pytest.mark.parametrize(("source", "problem"), [
