@@ -9,7 +9,7 @@ from torch import nn
 
 import tlkit
 from tlkit.course import run_notebook
-from tlkit.models import IMAGENET_NORM
+from tlkit.transforms import IMAGENET_NORM
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 COLORS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}

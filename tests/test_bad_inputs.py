@@ -16,8 +16,9 @@ from PIL import Image
 
 import tlkit
 from tlkit.checkpoints import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
-from tlkit.data import SkippedFilesWarning, UnreadableImageError, to_rgb
-from tlkit.models import IMAGENET_NORM, check_image_size
+from tlkit.data import SkippedFilesWarning, UnreadableImageError
+from tlkit.models import check_image_size
+from tlkit.transforms import IMAGENET_NORM, to_rgb
 
 
 def _jpeg_bytes(seed: int = 0) -> bytes:

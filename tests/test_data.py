@@ -12,7 +12,7 @@ import torch
 
 import tlkit
 from tlkit.data import HYMENOPTERA_URL
-from tlkit.models import IMAGENET_NORM
+from tlkit.transforms import IMAGENET_NORM
 
 
 def test_digits_split_is_stratified_and_deterministic():

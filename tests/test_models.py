@@ -7,7 +7,7 @@ from PIL import Image
 from torch import nn
 
 import tlkit
-from tlkit.models import TF_LITE_NORM
+from tlkit.transforms import TF_LITE_NORM
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 import tlkit
 import tlkit.checkpoints
 import tlkit.data
-from tlkit.models import IMAGENET_NORM
+from tlkit.transforms import IMAGENET_NORM
 
 REPO = Path(__file__).resolve().parents[1]
 

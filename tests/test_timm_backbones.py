@@ -11,8 +11,9 @@ import torch
 from conftest import toy_tensors
 
 import tlkit
-from tlkit.feature_store import cached_features
-from tlkit.models import TIMM_PREFIX, Normalization, WeightsUnavailableError, has_batchnorm
+from tlkit.features import cached_features
+from tlkit.models import TIMM_PREFIX, WeightsUnavailableError, has_batchnorm
+from tlkit.transforms import Normalization
 
 CNN, VIT = "resnet18", "vit_tiny_patch16_224"
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tlkit
-from tlkit.models import IMAGENET_NORM
+from tlkit.transforms import IMAGENET_NORM
 
 
 @pytest.fixture(scope="module")

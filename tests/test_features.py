@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tlkit
-from tlkit.feature_store import cached_features, features_key
+from tlkit.features import cached_features, features_key
 
 
 @pytest.fixture(scope="module")
