@@ -15,7 +15,6 @@ from .augment import (
     DeviceBatches,
     InMemoryImages,
     augment_on_device,
-    augmentation_grid,
     augmented_loader,
     batch_mix,
     device_loader,
@@ -23,8 +22,6 @@ from .augment import (
     fine_tune_augmented,
     mix_collate,
     preset_table,
-    show_batch,
-    to_pil,
     train_preset,
 )
 from .checkpoints import (
@@ -73,7 +70,6 @@ from .finetune import (
     lr_multipliers,
     make_optimizer,
     param_groups,
-    plot_val_accuracy,
     run_strategy,
     trainable_tensor_names,
     unfreeze_blocks,
@@ -99,7 +95,6 @@ from .imbalance import (
     make_long_tailed,
     make_remedy,
     oversampling_sampler,
-    plot_class_counts,
     undersample,
     validate_remedies,
 )
@@ -121,8 +116,6 @@ from .metrics import (
     classification_metrics,
     per_class_recall,
     per_class_report,
-    plot_per_class_recall,
-    plot_pr_curves,
     reweighted_accuracy,
 )
 from .models import (
@@ -160,14 +153,21 @@ from .params import (
 )
 from .plots import (
     LiveCurves,
+    augmentation_grid,
     compare_histories,
+    plot_class_counts,
     plot_confusion_matrix,
     plot_history,
+    plot_lr_find,
+    plot_per_class_recall,
+    plot_pr_curves,
     plot_seed_curves,
     plot_seed_summary,
     plot_tracked,
     save_figure,
+    show_batch,
     show_images,
+    to_pil,
 )
 from .prefix_cache import PrefixCache, PrefixCacheStats, PrefixCacheTooLargeError, SuffixModel, cached_prefix, forward_from, prefix_boundary
 from .recipes import RunResult, evaluate_on, linear_probe, train_all
