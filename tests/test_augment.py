@@ -175,8 +175,8 @@ def test_asking_for_cached_features_with_augmentation_warns():
 
 def test_soft_label_titles():
     classes = ["cat", "dog", "fox"]
-    assert tlkit.augment.target_title(torch.tensor(2), classes) == "fox"
-    assert tlkit.augment.target_title(torch.tensor([0.25, 0.75, 0.0]), classes) == "dog 75% + cat 25%"
+    assert tlkit.plots.target_title(torch.tensor(2), classes) == "fox"
+    assert tlkit.plots.target_title(torch.tensor([0.25, 0.75, 0.0]), classes) == "dog 75% + cat 25%"
 
 
 @pytest.mark.notebook

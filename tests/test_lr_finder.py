@@ -129,7 +129,7 @@ def test_plot_marks_both_suggestions():
     net = nn.Linear(8, 2)
     x = torch.randn(32, 8)
     result = lr_find(net, DataLoader(TensorDataset(x, (x[:, 1] > 0).long()), batch_size=8), num_steps=12)
-    fig = result.plot()
+    fig = tlkit.plot_lr_find(result)
     assert isinstance(fig, Figure)
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
     assert any(label.startswith("steepest descent") for label in labels) and any(label.startswith("minimum / 10") for label in labels)

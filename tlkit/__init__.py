@@ -67,7 +67,7 @@ __all__ = [
     "freeze", "extract_features", "cached_features", "fit_head", "imagenet_categories", "linear_probe", "train_all", "evaluate_on",
     # 02 partial unfreezing
     "unfreeze", "set_trainable", "trainable_blocks", "STRATEGIES", "apply_strategy", "run_strategy", "make_optimizer",
-    "lr_find", "PrefixCache", "FreezePanel",
+    "lr_find", "plot_lr_find", "PrefixCache", "FreezePanel",
     # 03 augmentation
     "PRESETS", "fine_tune_augmented",
     # 04 class imbalance

@@ -12,13 +12,10 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import torch
-from matplotlib.figure import Figure
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
@@ -26,7 +23,6 @@ from torchvision.transforms import v2
 from ._cache import AugmentationDisablesCacheWarning
 from .data import BatchesOf, DatasetSplits, LabeledImages, TransformedDataset, make_loader
 from .models import below_head_frozen, block_names, create_model, freeze, parameter_counts
-from .plots import show_images
 from .prefix_cache import PrefixBatches, PrefixCache
 from .recipes import RunResult, train_head_on_features
 from .train import fit, set_seed
@@ -307,49 +303,3 @@ def _through_prefix_cache(model, splits: DatasetSplits, augment: str, *, image_s
                                             device=device, hflip=hflip, mix=mix, on_device=on_device)
         train = PrefixBatches(augmented, cache)
     return cache.suffix, train, cache.loader("val", val_batch, shuffle=False)
-
-
-# --- pictures -------------------------------------------------------------------------------------
-
-
-def to_pil(x: torch.Tensor, norm: Normalization) -> Image.Image:
-    """Undo ``norm`` on one (C, H, W) float tensor (or take a uint8 one as is) and return a PIL image."""
-    x = x.detach().cpu()
-    if x.dtype != torch.uint8:
-        mean = torch.tensor(norm.mean).view(-1, 1, 1)
-        std = torch.tensor(norm.std).view(-1, 1, 1)
-        x = ((x.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
-    return v2.functional.to_pil_image(x)
-
-
-def augmentation_grid(
-    image: Image.Image, transforms: Mapping[str, Callable], norm: Normalization, *, n: int = 8, seed: int = 0
-) -> Figure:
-    """One image under many augmentations: a row of ``n`` random draws per named transform."""
-    torch.manual_seed(seed)
-    rows = list(transforms.items())
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.4 * len(rows)), squeeze=False)
-    for (name, transform), row in zip(rows, axes):
-        for ax in row:
-            ax.imshow(to_pil(transform(image), norm))
-            ax.set_xticks([])
-            ax.set_yticks([])
-        row[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def target_title(target: torch.Tensor, classes: Sequence[str]) -> str:
-    """A hard label's class name, or a soft label's two largest shares (e.g. '3 62% + 8 38%')."""
-    if target.ndim == 0:
-        return classes[int(target)]
-    top = target.topk(min(2, len(target)))
-    parts = [f"{classes[int(i)]} {p:.0%}" for p, i in zip(top.values.tolist(), top.indices.tolist()) if p > 0.005]
-    return " + ".join(parts)
-
-
-def show_batch(images: torch.Tensor, targets: torch.Tensor, classes: Sequence[str], norm: Normalization, *, ncols: int = 8, suptitle: str = "") -> Figure:
-    """A batch as the model sees it (augmented, maybe mixed), titled with its (soft) labels."""
-    pictures = [to_pil(x, norm) for x in images]
-    titles = [target_title(t, classes) for t in targets.detach().cpu()]
-    return show_images(pictures, titles, ncols=ncols, suptitle=suptitle)

@@ -8,11 +8,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-import numpy as np
 import torch
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -360,22 +356,3 @@ def _prefix_cache_skipped(model: TransferModel, strategy: str, train_transform: 
     if not prefix_cache_allowed(model, train_transform):
         return "nothing below the first trainable block is frozen in eval mode"
     return None
-
-
-def plot_val_accuracy(histories: Mapping[str, History], title: str = "") -> Figure:
-    """Validation accuracy of each run against epoch (left) and against cumulative wall time (right)."""
-    fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
-    for name, history in histories.items():
-        by_epoch.plot(history.epoch, history.val_acc, "o-", label=name)
-        by_time.plot(np.cumsum(history.epoch_time), history.val_acc, "o-", label=name)
-    by_epoch.set_xlabel("epoch")
-    by_time.set_xlabel("wall time (s, training + validation)")
-    by_epoch.set_ylabel("val accuracy")
-    by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in (by_epoch, by_time):
-        ax.grid(alpha=0.3)
-    by_time.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import TensorDataset, WeightedRandomSampler
 
@@ -80,28 +78,6 @@ def long_tail_subset(ds: LabeledImages, imbalance_ratio: float, seed: int, *, he
 def make_long_tailed(splits: DatasetSplits, imbalance_ratio: float, seed: int, *, head_count: int | None = None) -> DatasetSplits:
     """The same splits with a long-tailed training set; validation (and test) are kept exactly as they are."""
     return dataclasses.replace(splits, train=long_tail_subset(splits.train, imbalance_ratio, seed, head_count=head_count))
-
-
-def plot_class_counts(counts: Mapping[str, Mapping[str, int]], *, title: str = "", log: bool = False) -> Figure:
-    """Grouped bars of images per class, one colour per split (e.g. ``DatasetSplits.summary()``)."""
-    splits = list(counts)
-    classes = list(next(iter(counts.values())))
-    x = np.arange(len(classes))
-    width = 0.8 / len(splits)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(classes) + 2), 3.4))
-    for k, split in enumerate(splits):
-        values = [counts[split][name] for name in classes]
-        bars = ax.bar(x + (k - (len(splits) - 1) / 2) * width, values, width, label=split)
-        ax.bar_label(bars, fontsize=7)
-    ax.set_xticks(x, classes)
-    ax.set_xlabel("class")
-    ax.set_ylabel("images")
-    if log:
-        ax.set_yscale("log")
-    ax.legend()
-    ax.set_title(title)
-    fig.tight_layout()
-    return fig
 
 
 # --- remedies: each one small ------------------------------------------------------------------------

@@ -16,11 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -45,6 +43,7 @@ class LRFinderResult:
     (batch noise there, not learning) and the loss minimum; ``min_over_10`` is the LR at the
     minimum divided by 10 (fastai's older rule), and stands in for ``suggestion`` when the loss
     never falls. ``min_over_10`` can lie below the swept range when the loss only rises.
+    ``tlkit.plot_lr_find(result)`` draws it.
     """
 
     lrs: list[float]
@@ -55,27 +54,6 @@ class LRFinderResult:
     diverged: bool
     multipliers: dict[str, float] = field(default_factory=dict)
     rule: str = SUGGESTION_RULE
-
-    def plot(self, title: str = "") -> Figure:
-        """Loss against learning rate (log scale), both suggestions marked."""
-        fig, ax = plt.subplots(figsize=(6.5, 3.8))
-        ax.plot(self.lrs, self.losses, color="0.7", lw=1, label="batch loss")
-        ax.plot(self.lrs, self.smoothed, color="C0", lw=2, label="smoothed")
-        ax.axvline(self.suggestion, color="C3", ls="--", label=f"steepest descent: {self.suggestion:.2e}")
-        ax.axvline(self.min_over_10, color="C2", ls=":", label=f"minimum / 10: {self.min_over_10:.2e}")
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate (times each group's multiplier)")
-        ax.set_ylabel("training loss")
-        # The last points of a diverged sweep would squash the interesting part of the curve.
-        finite = [v for v in self.smoothed if math.isfinite(v)]
-        if finite:
-            low, high = min(finite), finite[0]
-            ax.set_ylim(low - 0.1 * (high - low + 1e-8), max(high, low) + 0.5 * (high - low + 1e-8))
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-        ax.set_title(title or ("LR range test (stopped: loss diverged)" if self.diverged else "LR range test"))
-        fig.tight_layout()
-        return fig
 
     def __repr__(self) -> str:
         return (

@@ -1,15 +1,12 @@
-"""Metrics that stay honest when classes are imbalanced (scikit-learn), as numbers, tables and figures."""
+"""Metrics that stay honest when classes are imbalanced (scikit-learn), as numbers and tables (their figures are in ``tlkit.plots``)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 from sklearn.metrics import (
-    PrecisionRecallDisplay,
     accuracy_score,
     average_precision_score,
     balanced_accuracy_score,
@@ -58,37 +55,3 @@ def average_precision_per_class(y_true: Sequence[int], probs: np.ndarray) -> np.
     probs = np.asarray(probs)
     onehot = np.eye(probs.shape[1], dtype=int)[np.asarray(y_true, dtype=int)]  # (label_binarize gives 1 column for 2 classes)
     return average_precision_score(onehot, probs, average=None)
-
-
-def plot_pr_curves(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str], *, title: str = "") -> Figure:
-    """One-vs-rest precision-recall curve of every class, its average precision (PR-AUC) in the legend."""
-    probs = np.asarray(probs)
-    y_true = np.asarray(y_true)
-    fig, ax = plt.subplots(figsize=(6.2, 4.6))
-    palette = plt.get_cmap("tab10")
-    for c, name in enumerate(classes):
-        PrecisionRecallDisplay.from_predictions(
-            y_true == c, probs[:, c], ax=ax, name=str(name), curve_kwargs={"color": palette(c % 10)},
-        )
-    macro = float(np.mean(average_precision_per_class(y_true, probs)))
-    ax.set(xlabel="recall", ylabel="precision", title=title or f"one-vs-rest precision-recall, macro PR-AUC {macro:.3f}")
-    ax.legend(fontsize=7, loc="lower left", ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def plot_per_class_recall(recalls: Mapping[str, Sequence[float]], classes: Sequence[str], *, title: str = "") -> Figure:
-    """Recall of every class, one line per run (e.g. per remedy): where each run gains or loses."""
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    for name, values in recalls.items():
-        ax.plot(range(len(classes)), values, "o-", label=name, alpha=0.85)
-    ax.set_xticks(range(len(classes)), list(classes))
-    ax.set_xlabel("class")
-    ax.set_ylabel("recall on validation")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
-    ax.set_title(title)
-    fig.tight_layout()
-    return fig

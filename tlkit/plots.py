@@ -1,21 +1,31 @@
-"""Training curves (live in a notebook), confusion matrices and image grids."""
+"""Every figure of the course: training curves (live in a notebook), confusion matrices, image grids and augmented
+batches, the LR range test, class counts, precision-recall and per-class recall. Other modules return numbers; this
+one draws them."""
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
+from torchvision.transforms import v2
 
+from .metrics import average_precision_per_class
 from .train import History
+from .transforms import Normalization
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from .lr_finder import LRFinderResult
 
 
 def plot_history(history: History, title: str = "", fig: Figure | None = None) -> Figure:
@@ -155,8 +165,67 @@ def show_images(
     return fig
 
 
-def compare_histories(histories: dict[str, History], metric: str = "val_acc", title: str = "") -> Figure:
-    """One curve per run of ``metric`` against epoch."""
+def to_pil(x: torch.Tensor, norm: Normalization) -> Image.Image:
+    """Undo ``norm`` on one (C, H, W) float tensor (or take a uint8 one as is) and return a PIL image."""
+    x = x.detach().cpu()
+    if x.dtype != torch.uint8:
+        mean = torch.tensor(norm.mean).view(-1, 1, 1)
+        std = torch.tensor(norm.std).view(-1, 1, 1)
+        x = ((x.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    return v2.functional.to_pil_image(x)
+
+
+def augmentation_grid(
+    image: Image.Image, transforms: Mapping[str, Callable], norm: Normalization, *, n: int = 8, seed: int = 0
+) -> Figure:
+    """One image under many augmentations: a row of ``n`` random draws per named transform."""
+    torch.manual_seed(seed)
+    rows = list(transforms.items())
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.4 * len(rows)), squeeze=False)
+    for (name, transform), row in zip(rows, axes):
+        for ax in row:
+            ax.imshow(to_pil(transform(image), norm))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def target_title(target: torch.Tensor, classes: Sequence[str]) -> str:
+    """A hard label's class name, or a soft label's two largest shares (e.g. '3 62% + 8 38%')."""
+    if target.ndim == 0:
+        return classes[int(target)]
+    top = target.topk(min(2, len(target)))
+    parts = [f"{classes[int(i)]} {p:.0%}" for p, i in zip(top.values.tolist(), top.indices.tolist()) if p > 0.005]
+    return " + ".join(parts)
+
+
+def show_batch(images: torch.Tensor, targets: torch.Tensor, classes: Sequence[str], norm: Normalization, *, ncols: int = 8, suptitle: str = "") -> Figure:
+    """A batch as the model sees it (augmented, maybe mixed), titled with its (soft) labels."""
+    pictures = [to_pil(x, norm) for x in images]
+    titles = [target_title(t, classes) for t in targets.detach().cpu()]
+    return show_images(pictures, titles, ncols=ncols, suptitle=suptitle)
+
+
+def compare_histories(histories: Mapping[str, History], metric: str = "val_acc", title: str = "", *, by_time: bool = False) -> Figure:
+    """One curve per run of ``metric`` against epoch; with ``by_time`` also against cumulative wall time (right panel)."""
+    if by_time:
+        fig, (by_epoch, by_wall) = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+        for name, history in histories.items():
+            by_epoch.plot(history.epoch, getattr(history, metric), "o-", label=name)
+            by_wall.plot(np.cumsum(history.epoch_time), getattr(history, metric), "o-", label=name)
+        by_epoch.set_xlabel("epoch")
+        by_wall.set_xlabel("wall time (s, training + validation)")
+        by_epoch.set_ylabel("val accuracy" if metric == "val_acc" else metric)
+        by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for ax in (by_epoch, by_wall):
+            ax.grid(alpha=0.3)
+        by_wall.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        return fig
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, history in histories.items():
         ax.plot(history.epoch, getattr(history, metric), "o-", label=name)
@@ -224,6 +293,86 @@ def plot_seed_curves(summaries: dict[str, pd.DataFrame], metric: str, *, xlabel:
     ax.set_ylabel(f"{metric} (mean ± std)")
     ax.grid(alpha=0.3)
     ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_lr_find(result: LRFinderResult, title: str = "") -> Figure:
+    """An LR range test (``tlkit.lr_find``): loss against learning rate (log scale), both suggestions marked."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.plot(result.lrs, result.losses, color="0.7", lw=1, label="batch loss")
+    ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label="smoothed")
+    ax.axvline(result.suggestion, color="C3", ls="--", label=f"steepest descent: {result.suggestion:.2e}")
+    ax.axvline(result.min_over_10, color="C2", ls=":", label=f"minimum / 10: {result.min_over_10:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (times each group's multiplier)")
+    ax.set_ylabel("training loss")
+    # The last points of a diverged sweep would squash the interesting part of the curve.
+    finite = [v for v in result.smoothed if math.isfinite(v)]
+    if finite:
+        low, high = min(finite), finite[0]
+        ax.set_ylim(low - 0.1 * (high - low + 1e-8), max(high, low) + 0.5 * (high - low + 1e-8))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(title or ("LR range test (stopped: loss diverged)" if result.diverged else "LR range test"))
+    fig.tight_layout()
+    return fig
+
+
+def plot_class_counts(counts: Mapping[str, Mapping[str, int]], *, title: str = "", log: bool = False) -> Figure:
+    """Grouped bars of images per class, one colour per split (e.g. ``DatasetSplits.summary()``)."""
+    splits = list(counts)
+    classes = list(next(iter(counts.values())))
+    x = np.arange(len(classes))
+    width = 0.8 / len(splits)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(classes) + 2), 3.4))
+    for k, split in enumerate(splits):
+        values = [counts[split][name] for name in classes]
+        bars = ax.bar(x + (k - (len(splits) - 1) / 2) * width, values, width, label=split)
+        ax.bar_label(bars, fontsize=7)
+    ax.set_xticks(x, classes)
+    ax.set_xlabel("class")
+    ax.set_ylabel("images")
+    if log:
+        ax.set_yscale("log")
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_pr_curves(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str], *, title: str = "") -> Figure:
+    """One-vs-rest precision-recall curve of every class, its average precision (PR-AUC) in the legend."""
+    from sklearn.metrics import PrecisionRecallDisplay
+
+    probs = np.asarray(probs)
+    y_true = np.asarray(y_true)
+    fig, ax = plt.subplots(figsize=(6.2, 4.6))
+    palette = plt.get_cmap("tab10")
+    for c, name in enumerate(classes):
+        PrecisionRecallDisplay.from_predictions(
+            y_true == c, probs[:, c], ax=ax, name=str(name), curve_kwargs={"color": palette(c % 10)},
+        )
+    macro = float(np.mean(average_precision_per_class(y_true, probs)))
+    ax.set(xlabel="recall", ylabel="precision", title=title or f"one-vs-rest precision-recall, macro PR-AUC {macro:.3f}")
+    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_per_class_recall(recalls: Mapping[str, Sequence[float]], classes: Sequence[str], *, title: str = "") -> Figure:
+    """Recall of every class, one line per run (e.g. per remedy): where each run gains or loses."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    for name, values in recalls.items():
+        ax.plot(range(len(classes)), values, "o-", label=name, alpha=0.85)
+    ax.set_xticks(range(len(classes)), list(classes))
+    ax.set_xlabel("class")
+    ax.set_ylabel("recall on validation")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
     ax.set_title(title)
     fig.tight_layout()
     return fig

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from .lr_finder import LRFinderResult, lr_find
 from .models import TransferModel, block_names, parameter_counts, set_trainable, trainable_blocks
 from .optim import lr_multipliers, make_optimizer, param_groups
-from .plots import LiveCurves
+from .plots import LiveCurves, plot_lr_find
 from .train import History, fit
 
 
@@ -145,7 +145,7 @@ class FreezePanel:
             self.output.clear_output(wait=True)
             from IPython.display import display  # ipywidgets' own dependency
 
-            fig = self.lr_finder.plot(f"trainable: {', '.join(trainable_blocks(self.model))}")
+            fig = plot_lr_find(self.lr_finder, f"trainable: {', '.join(trainable_blocks(self.model))}")
             display(fig)
             plt.close(fig)
             print(f"head lr set to {self.lr.value:.3g} ({self.lr_finder.rule})")

@@ -1,0 +1,102 @@
+"""Every figure function lives in tlkit.plots: the other modules return numbers and never import matplotlib or plots."""
+
+import ast
+import importlib
+import inspect
+import pkgutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+import tlkit
+from tlkit.train import History
+
+# Modules below plots in the layers of the package: they may not draw (lazy imports count).
+NUMBERS_ONLY = ("augment", "imbalance", "metrics", "lr_finder", "finetune")
+# Figure functions allowed outside plots, each with its reason (the test fails when one of them disappears).
+FIGURES_ELSEWHERE = {
+    # the sweep command's own results.png; plots cannot import sweep (sweep imports plots.save_figure)
+    "tlkit.sweep.plot_sweep",
+}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module a source file imports anywhere (module level, functions, TYPE_CHECKING), relative ones as '.name'."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            names.add(base)
+            if node.module is None:  # from . import plots
+                names.update(base + alias.name for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("module", NUMBERS_ONLY)
+def test_lower_modules_import_neither_matplotlib_nor_plots(module):
+    imported = _imported_modules(Path(tlkit.__file__).parent / f"{module}.py")
+    drawing = sorted(name for name in imported if name.split(".")[0] == "matplotlib" or name in (".plots", "tlkit.plots"))
+    assert not drawing, f"tlkit.{module} imports {drawing}: its figures belong in tlkit.plots"
+
+
+def _returns_figure(function) -> bool:
+    annotation = inspect.signature(function).return_annotation  # a string under `from __future__ import annotations`
+    return annotation is Figure or (isinstance(annotation, str) and annotation.split(".")[-1] == "Figure")
+
+
+def _figure_functions() -> set[str]:
+    """'module.qualname' of every function and method defined in tlkit (public or not) annotated to return a Figure."""
+    found = set()
+    for info in pkgutil.iter_modules(tlkit.__path__):
+        if info.name == "__main__":  # importing it would run it
+            continue
+        module = importlib.import_module(f"tlkit.{info.name}")
+        for _, value in inspect.getmembers(module):
+            if getattr(value, "__module__", None) != module.__name__:
+                continue
+            if inspect.isclass(value):
+                functions = [f for f in vars(value).values() if inspect.isfunction(f)]
+                functions += [f.__func__ for f in vars(value).values() if isinstance(f, (staticmethod, classmethod))]
+            else:
+                functions = [value] if inspect.isfunction(value) else []
+            found.update(f"{module.__name__}.{f.__qualname__}" for f in functions if _returns_figure(f))
+    return found
+
+
+def test_every_figure_function_is_defined_in_plots():
+    found = _figure_functions()
+    in_plots = {name.removeprefix("tlkit.plots.") for name in found if name.startswith("tlkit.plots.")}
+    # the walk sees the figures that moved here (it does not pass by finding nothing)
+    assert {"augmentation_grid", "show_batch", "plot_class_counts", "plot_pr_curves", "plot_per_class_recall",
+            "plot_lr_find", "compare_histories", "plot_history"} <= in_plots
+    elsewhere = {name for name in found if not name.startswith("tlkit.plots.")}
+    assert elsewhere <= FIGURES_ELSEWHERE, f"figure functions outside tlkit.plots: {sorted(elsewhere - FIGURES_ELSEWHERE)}"
+    assert FIGURES_ELSEWHERE <= elsewhere, f"no longer outside tlkit.plots, drop from the list: {sorted(FIGURES_ELSEWHERE - elsewhere)}"
+    assert not hasattr(tlkit.LRFinderResult, "plot")  # tlkit.plot_lr_find(result) draws it
+
+
+def _history(val_acc, epoch_time) -> History:
+    n = len(val_acc)
+    return History(epoch=list(range(1, n + 1)), train_loss=[1.0] * n, train_acc=[0.5] * n, val_loss=[1.0] * n,
+                   val_acc=list(val_acc), lr=[0.1] * n, epoch_time=list(epoch_time))
+
+
+def test_compare_histories_by_epoch_and_by_wall_time():
+    histories = {"head": _history([0.5, 0.6, 0.7], [1.0, 1.0, 1.0]), "full": _history([0.6, 0.8], [3.0, 2.5])}
+    plain = tlkit.compare_histories(histories, title="runs")
+    assert len(plain.axes) == 1 and plain.axes[0].get_ylabel() == "val_acc" and plain.axes[0].get_title() == "runs"
+    fig = tlkit.compare_histories(histories, title="val accuracy per epoch and per second", by_time=True)
+    by_epoch, by_time = fig.axes
+    assert [tuple(line.get_xdata()) for line in by_epoch.get_lines()] == [(1, 2, 3), (1, 2)]
+    assert [tuple(line.get_xdata()) for line in by_time.get_lines()] == [(1.0, 2.0, 3.0), (3.0, 5.5)]
+    assert [tuple(line.get_ydata()) for line in by_time.get_lines()] == [(0.5, 0.6, 0.7), (0.6, 0.8)]
+    assert by_epoch.get_ylabel() == "val accuracy" and by_time.get_xlabel() == "wall time (s, training + validation)"
+    assert [t.get_text() for t in by_time.get_legend().get_texts()] == ["head", "full"]
+    assert fig.get_suptitle() == "val accuracy per epoch and per second"
+    train = tlkit.compare_histories(histories, metric="train_acc", by_time=True)
+    assert train.axes[0].get_ylabel() == "train_acc" and tuple(train.axes[1].get_lines()[1].get_ydata()) == (0.5, 0.5)
+    assert np.allclose(train.axes[1].get_lines()[1].get_xdata(), np.cumsum([3.0, 2.5]))
