@@ -38,6 +38,7 @@ from .plots import (
     compare_histories,
     plot_confusion_matrix,
     plot_history,
+    plot_lr_find,
     plot_seed_curves,
     plot_seed_summary,
     save_figure,
