@@ -20,7 +20,6 @@ from .augment import (
     batch_mix,
     device_loader,
     feature_cache_allowed,
-    fine_tune_augmented,
     mix_collate,
     preset_table,
     show_batch,
@@ -74,7 +73,6 @@ from .finetune import (
     make_optimizer,
     param_groups,
     plot_val_accuracy,
-    run_strategy,
     trainable_tensor_names,
     unfreeze_blocks,
     unfreeze_into,
@@ -86,11 +84,9 @@ from .imbalance import (
     FocalLoss,
     LogitAdjustedLoss,
     Remedy,
-    RemedyRun,
     adjust_probabilities,
     class_weights,
     effective_number_weights,
-    fit_head_with_remedy,
     label_counts,
     logit_adjusted_loss,
     logit_offsets,
@@ -105,9 +101,7 @@ from .imbalance import (
 )
 from .incremental import (
     AccuracyTracker,
-    ContinuedRun,
     DistillationLoss,
-    continue_training,
     expand_head,
     group_accuracy,
     select_classes,
@@ -170,7 +164,17 @@ from .plots import (
     show_images,
 )
 from .prefix_cache import PrefixCache, PrefixCacheStats, PrefixCacheTooLargeError, SuffixModel, cached_prefix, forward_from, prefix_boundary
-from .recipes import RunResult, evaluate_on, linear_probe, train_all
+from .recipes import (
+    RunConfig,
+    RunResult,
+    continue_training,
+    evaluate_on,
+    fine_tune_augmented,
+    fit_head_with_remedy,
+    linear_probe,
+    run_strategy,
+    train_all,
+)
 from .results import write_results
 from .train import (
     History,
