@@ -39,8 +39,9 @@ def main() -> None:
         accs, seconds = [], []
         for seed in args.seeds:
             splits = tlkit.load_dataset(args.dataset, seed=seed, samples_per_class=args.samples_per_class)
-            run = tlkit.linear_probe(splits, backbone="efficientnet_lite0", weights="imagenet", image_size=size,
-                                     batch_size=32, epochs=args.epochs, lr=3e-3, seed=seed, device=device)
+            config = tlkit.RunConfig(backbone="efficientnet_lite0", weights="imagenet", image_size=size, batch_size=32,
+                                     epochs=args.epochs, lr=3e-3, seed=seed, device=device)
+            run = tlkit.linear_probe(config, splits)
             accs.append(run.val_acc)
             seconds.append(run.seconds)
         mean, std, secs = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0, statistics.mean(seconds)

@@ -143,11 +143,11 @@ def main() -> None:
           f"cache also skips (many epochs); {costs.run_limit(train_batches, val_batches, args.epochs):.1f}x expected for "
           f"{args.epochs} epochs with one prefix pass", flush=True)
 
-    common = dict(backbone=args.backbone, weights="imagenet", image_size=args.image_size, batch_size=args.batch_size,
-                  epochs=args.epochs, lr=args.lr, seed=0, device=device, n_blocks=args.n_blocks)
-    plain = tlkit.run_strategy(splits, "last_n_blocks", **common)
+    config = tlkit.RunConfig(backbone=args.backbone, weights="imagenet", image_size=args.image_size, batch_size=args.batch_size,
+                             epochs=args.epochs, lr=args.lr, seed=0, device=device)
+    plain = tlkit.run_strategy(config, splits, "last_n_blocks", n_blocks=args.n_blocks)
     print(f"frozen blocks every epoch:   {plain.seconds:8.2f}s  val acc {plain.val_acc:.4f}", flush=True)
-    cached = tlkit.run_strategy(splits, "last_n_blocks", prefix_cache=True, **common)
+    cached = tlkit.run_strategy(config, splits, "last_n_blocks", n_blocks=args.n_blocks, prefix_cache=True)
     stats = cached.prefix_cache
     print(f"prefix cache (tlkit):        {cached.seconds:8.2f}s  val acc {cached.val_acc:.4f}  (prefix pass "
           f"{stats.prefix_seconds:.2f}s, training {cached.seconds - stats.prefix_seconds:.2f}s)")

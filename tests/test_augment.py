@@ -198,14 +198,15 @@ def test_notebook_03_measures_augmentation(tmp_path):
 @pytest.mark.parametrize("augment", ["none", "basic"])
 def test_fine_tune_augmented_through_the_prefix_cache_trains_as_without_it(tmp_path, split_folder, augment):
     splits = tlkit.image_folder(split_folder, seed=0)
-    args = dict(backbone="efficientnet_lite0", weights="imagenet", image_size=32, batch_size=4, epochs=2, lr=1e-3,
-                seed=0, augment=augment, on_device=False)
-    plain = tlkit.fine_tune_augmented(splits, **args)
-    cached = tlkit.fine_tune_augmented(splits, prefix_cache=True, cache_dir=tmp_path / "cache", **args)
+    config = tlkit.RunConfig(image_size=32, batch_size=4, epochs=2, lr=1e-3, seed=0)
+    args = dict(augment=augment, on_device=False)
+    cached_config = config.replace(cache_dir=tmp_path / "cache")
+    plain = tlkit.fine_tune_augmented(config, splits, **args)
+    cached = tlkit.fine_tune_augmented(cached_config, splits, prefix_cache=True, **args)
     assert cached.history.train_loss == pytest.approx(plain.history.train_loss, abs=1e-4)
     assert cached.history.val_loss == pytest.approx(plain.history.val_loss, abs=1e-4)
     # the test split scored from cached activations equals a full forward pass
     full = tlkit.evaluate(cached.model, tlkit.make_loader(splits.val, tlkit.eval_transform(32, cached.model.normalization), 8, shuffle=False))
-    via_prefix = tlkit.evaluate_on(cached.model, splits.val, 32, batch_size=8, cache_dir=tmp_path / "cache")
+    via_prefix = tlkit.evaluate_on(cached.model, splits.val, cached_config, batch_size=8)
     assert via_prefix["acc"] == full["acc"] and via_prefix["loss"] == pytest.approx(full["loss"], abs=1e-5)
     assert list((tmp_path / "cache").glob("prefix-*.pt"))

@@ -140,18 +140,18 @@ def test_fine_tune_is_two_phases_in_one_history(model, loaders):
 
 def test_run_strategy_trains_on_images_and_counts_the_final_trainable_parameters(class_folder):
     splits = tlkit.load_dataset(str(class_folder))
-    common = dict(backbone="efficientnet_lite0", weights="imagenet", image_size=32, batch_size=16, epochs=2, lr=1e-3, seed=0)
-    gradual = tlkit.run_strategy(splits, "gradual", **common)
-    head = tlkit.run_strategy(splits, "head", **common)
+    config = tlkit.RunConfig(image_size=32, batch_size=16, epochs=2, lr=1e-3, seed=0)
+    gradual = tlkit.run_strategy(config, splits, "gradual")
+    head = tlkit.run_strategy(config, splits, "head")
     assert len(gradual.history) == 2 and 0 <= gradual.val_acc <= 1
     assert head.trainable_params == 1280 * 3 + 3
     assert gradual.trainable_params == head.trainable_params + 412160  # top after epoch 1; nothing after the last
-    bn = tlkit.run_strategy(splits, "head", bn="train", **common)
+    bn = tlkit.run_strategy(config, splits, "head", bn="train")
     assert bn.name == "head, BN train" and not bn.model.eval_frozen_blocks
     with pytest.raises(ValueError, match="Unknown bn mode 'fixed'"):
-        tlkit.run_strategy(splits, "head", bn="fixed", **common)
+        tlkit.run_strategy(config, splits, "head", bn="fixed")
     with pytest.raises(ValueError, match="head_epochs"):
-        tlkit.run_strategy(splits, "two_phase", head_epochs=2, **common)
+        tlkit.run_strategy(config, splits, "two_phase", head_epochs=2)
 
 
 def test_freeze_batchnorm_fixes_statistics_while_convolutions_train(model):

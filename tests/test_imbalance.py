@@ -144,10 +144,8 @@ def test_every_remedy_trains_a_head_on_cached_features_from_the_same_start():
     val = TensorDataset(centers[val_y] + torch.randn(len(val_y), 8, generator=generator), val_y)
     model = tlkit.freeze(tlkit.create_model("efficientnet_lite0", 3, weights=None))
     model.head = nn.Linear(8, 3)
-    runs = {
-        name: tlkit.fit_head_with_remedy(model, train, val, name, epochs=8, batch_size=8, seed=0, lr=0.1, progress=False)
-        for name in tlkit.REMEDIES
-    }
+    config = tlkit.RunConfig(epochs=8, batch_size=8, seed=0, lr=0.1, progress=False)
+    runs = {name: tlkit.fit_head_with_remedy(config, model, train, val, name) for name in tlkit.REMEDIES}
     for run in runs.values():
         assert run.probs.shape == (15, 3) and torch.equal(run.labels, val_y)
         assert torch.allclose(run.probs.sum(1), torch.ones(15), atol=1e-5)
@@ -156,7 +154,7 @@ def test_every_remedy_trains_a_head_on_cached_features_from_the_same_start():
     # threshold trains exactly as none does (same head init, same batches); only its post-hoc step differs
     assert runs["threshold"].history.train_loss == runs["none"].history.train_loss
     assert not torch.equal(runs["threshold"].probs, runs["none"].probs)
-    again = tlkit.fit_head_with_remedy(model, train, val, "oversample", epochs=8, batch_size=8, seed=0, lr=0.1, progress=False)
+    again = tlkit.fit_head_with_remedy(config, model, train, val, "oversample")
     assert torch.equal(again.probs, runs["oversample"].probs)
 
 

@@ -111,14 +111,15 @@ def test_continue_training_with_the_prefix_cache_matches_it_without(tmp_path, cl
     classes = splits.classes
     groups = {"old": range(2), "new": range(2, 3)}
     train = splits.train.select_classes(classes[2:]).with_classes(classes)
-    args = dict(classes=classes, transform=transform, epochs=2, lr=1e-3, batch_size=8, seed=0,
-                test_set=splits.val, **kw)
-    plain = tlkit.continue_training(path, train, splits.val, groups, **args)
-    cached = tlkit.continue_training(path, train, splits.val, groups, prefix_cache=True, cache_dir=tmp_path / "cache", **args)
+    config = tlkit.RunConfig(epochs=2, lr=1e-3, batch_size=8, seed=0)
+    args = dict(classes=classes, transform=transform, test_set=splits.val, **kw)
+    plain = tlkit.continue_training(config, path, train, splits.val, groups, **args)
+    cached_config = config.replace(cache_dir=tmp_path / "cache")
+    cached = tlkit.continue_training(cached_config, path, train, splits.val, groups, prefix_cache=True, **args)
     assert plain.prefix_cache is None and cached.prefix_cache.boundaries == [kw["trainable"][0]]
     assert cached.history.train_loss == pytest.approx(plain.history.train_loss, abs=1e-4)
     for group in groups:
         assert cached.tracked[group] == pytest.approx(plain.tracked[group], abs=1e-6)
-        assert cached.test[group] == pytest.approx(plain.test[group], abs=1e-6)
+        assert cached.metrics[f"test_acc/{group}"] == pytest.approx(plain.metrics[f"test_acc/{group}"], abs=1e-6)
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(cached.model.eval()(x), plain.model.eval()(x), atol=1e-4)

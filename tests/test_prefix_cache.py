@@ -166,9 +166,9 @@ def _same_training(plain: tlkit.RunResult, cached: tlkit.RunResult) -> None:
 
 @pytest.mark.parametrize("strategy, boundaries", [("last_block", ["top"]), ("gradual", ["head", "top", "stage7"])])
 def test_training_with_the_cache_gives_the_same_weights_and_accuracy(splits, strategy, boundaries):
-    common = dict(backbone="efficientnet_lite0", weights="imagenet", image_size=32, batch_size=8, epochs=3, lr=1e-2, seed=0)
-    plain = tlkit.run_strategy(splits, strategy, **common)
-    cached = tlkit.run_strategy(splits, strategy, prefix_cache=True, **common)
+    config = tlkit.RunConfig(image_size=32, batch_size=8, epochs=3, lr=1e-2, seed=0)
+    plain = tlkit.run_strategy(config, splits, strategy)
+    cached = tlkit.run_strategy(config, splits, strategy, prefix_cache=True)
     _same_training(plain, cached)
     assert type(plain) is tlkit.RunResult  # the option off changes nothing
     assert cached.prefix_cache.boundaries == boundaries  # gradual: the boundary moved down after each epoch
@@ -182,7 +182,7 @@ def test_random_train_transform_turns_the_cache_off_with_the_feature_cache_warni
         assert not prefix_cache_allowed(model, augment)
     with pytest.raises(ValueError, match="transform is random"):
         cached_prefix(model, tlkit.make_loader(splits.train, augment, 8, shuffle=False), progress=False)
+    config = tlkit.RunConfig(image_size=32, batch_size=8, epochs=1, lr=1e-3, seed=0)
     with pytest.warns(tlkit.AugmentationDisablesCacheWarning):
-        result = tlkit.run_strategy(splits, "last_block", backbone="efficientnet_lite0", weights="imagenet", image_size=32,
-                                    batch_size=8, epochs=1, lr=1e-3, seed=0, train_transform=augment, prefix_cache=True)
+        result = tlkit.run_strategy(config, splits, "last_block", train_transform=augment, prefix_cache=True)
     assert result.prefix_cache is None and len(result.history) == 1

@@ -9,14 +9,12 @@ live in ``tlkit.sweep`` (``python -m tlkit.sweep``), imported only when used.
 
 from . import augment, features, finetune, imbalance, incremental, lr_finder, metrics, models, optim, plots, prefix_cache, transforms
 from ._version import __version__
-from .augment import fine_tune_augmented
 from .checkpoints import model_from_checkpoint, read_checkpoint
 from .compare import headline_metrics, mean_std_table, ranking_sentence, summarize_seeds, versus_sentence
 from .data import DatasetSplits, LabeledImages, class_counts, load_dataset, make_loader
 from .features import cached_features, extract_features
-from .finetune import STRATEGIES, apply_strategy, run_strategy
-from .imbalance import REMEDIES, fit_head_with_remedy
-from .incremental import continue_training
+from .finetune import STRATEGIES, apply_strategy
+from .imbalance import REMEDIES
 from .lr_finder import lr_find
 from .metrics import classification_metrics
 from .models import (
@@ -45,7 +43,17 @@ from .plots import (
     show_images,
 )
 from .prefix_cache import PrefixCache
-from .recipes import RunResult, evaluate_on, linear_probe, train_all
+from .recipes import (
+    RunConfig,
+    RunResult,
+    continue_training,
+    evaluate_on,
+    fine_tune_augmented,
+    fit_head_with_remedy,
+    linear_probe,
+    run_strategy,
+    train_all,
+)
 from .results import write_results
 from .train import History, TrainingInterrupted, evaluate, fit, fit_head, get_device, predict, predict_images, set_seed
 from .transforms import PRESETS, eval_transform, train_transform
@@ -56,7 +64,7 @@ __all__ = [
     "set_seed", "get_device", "check_notebook_parameters", "resolve_path", "write_results",
     "DatasetSplits", "LabeledImages", "load_dataset", "class_counts", "make_loader", "eval_transform", "train_transform",
     "TransferModel", "create_model", "block_names", "parameter_counts",
-    "RunResult",
+    "RunConfig", "RunResult",
     # comparing methods over seeds
     "summarize_seeds", "mean_std_table", "versus_sentence", "ranking_sentence", "headline_metrics",
     # training and prediction

@@ -10,10 +10,8 @@ tensors.
 from __future__ import annotations
 
 import functools
-import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,17 +19,11 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
 from ._cache import AugmentationDisablesCacheWarning
-from .data import BatchesOf, DatasetSplits, LabeledImages, TransformedDataset, make_loader
-from .models import below_head_frozen, block_names, create_model, freeze, parameter_counts
-from .prefix_cache import PrefixBatches, PrefixCache
-from .recipes import RunResult, train_head_on_features
-from .train import fit, set_seed
-from .transforms import Normalization, check_preset, eval_transform, normalize_steps, random_steps, resize_steps, train_transform
+from .data import BatchesOf, LabeledImages, TransformedDataset, make_loader
+from .models import below_head_frozen
+from .transforms import Normalization, check_preset, normalize_steps, random_steps, resize_steps
 
 MIXES = ("mixup", "cutmix", "mixup_or_cutmix")
-
-
-# --- presets ------------------------------------------------------------------------------------
 
 
 # --- MixUp / CutMix ------------------------------------------------------------------------------
@@ -203,103 +195,3 @@ def feature_cache_allowed(model: nn.Module, augment: str, *, mix: str | None = N
         )
         return False
     return True
-
-
-# --- recipe ---------------------------------------------------------------------------------------
-
-
-def fine_tune_augmented(
-    splits: DatasetSplits,
-    *,
-    backbone: str,
-    weights: str | None,
-    image_size: int,
-    batch_size: int,
-    epochs: int,
-    lr: float,
-    seed: int,
-    device: torch.device | str = "cpu",
-    augment: str = "basic",
-    hflip: bool = True,
-    mix: str | None = None,
-    freeze_up_to: str | None = None,
-    on_device: bool | str = "auto",
-    cache_features: bool = False,
-    prefix_cache: bool = False,
-    cache_dir: str | Path | None = None,
-    name: str = "",
-    progress: bool = False,
-    on_epoch_end: Callable | None = None,
-) -> RunResult:
-    """Fine-tune the blocks above ``freeze_up_to`` (default: the backbone's last block and the head) with ``augment``.
-
-    ``on_device`` ('auto': on a GPU) decodes the images once into uint8 tensors and augments each batch on
-    the device. ``cache_features`` trains the head on cached features when that is valid (head only, no
-    augmentation) and warns, training uncached, when it is not. ``prefix_cache`` runs the frozen blocks once
-    over the validation images (and, without augmentation, over the training images: ``PrefixCache``), and over
-    each augmented training batch as it comes (``PrefixBatches``); ``cache_dir`` keeps those activations on disk.
-    The numbers are those of the run without it, up to float noise.
-    """
-    check_preset(augment)
-    set_seed(seed)
-    model = create_model(backbone, len(splits.classes), weights)
-    freeze(model, up_to=freeze_up_to or block_names(model)[-3])
-    val_batch = max(batch_size, 128)
-    start = time.perf_counter()
-    if feature_cache_allowed(model, augment, mix=mix, cache_features=cache_features):
-        history = train_head_on_features(model, splits, image_size, batch_size=batch_size, epochs=epochs, lr=lr, seed=seed,
-                                         device=device, val_batch_size=val_batch, progress=progress, on_epoch_end=on_epoch_end)
-    else:
-        loaders = dict(image_size=image_size, batch_size=batch_size, seed=seed, device=device, hflip=hflip, mix=mix, on_device=on_device)
-        if prefix_cache:
-            stepper, train_loader, val_loader = _through_prefix_cache(
-                model, splits, augment, val_batch=val_batch, cache_dir=cache_dir, progress=progress, **loaders)
-        else:
-            stepper = model
-            train_loader = _augmented_train_loader(splits, model, augment, **loaders)
-            val_loader = _val_loader(splits, model, image_size=image_size, val_batch=val_batch, device=device, on_device=on_device)
-        history = fit(stepper, train_loader, val_loader, epochs=epochs, lr=lr, device=device,
-                      progress=progress, on_epoch_end=on_epoch_end)
-    seconds = time.perf_counter() - start
-    label = name or f"{augment}{' + ' + mix if mix else ''}"
-    return RunResult(label, model, history, seconds, parameter_counts(model)["total"]["trainable"])
-
-
-def _augmented_train_loader(splits: DatasetSplits, model, augment: str, *, image_size: int, batch_size: int, seed: int,
-                            device, hflip: bool, mix: str | None, on_device: bool | str):
-    """The training loader of ``fine_tune_augmented``: PIL per item, or uint8 batches augmented on the device."""
-    norm = model.normalization
-    if augment_on_device(on_device, device):
-        mixer = batch_mix(mix, len(splits.classes)) if mix is not None else None
-        transform = BatchTransform(norm, augment, image_size=image_size, hflip=hflip, mix=mixer)
-        return device_loader(InMemoryImages.from_dataset(splits.train, image_size), batch_size, device,
-                             transform, shuffle=True, seed=seed)
-    return augmented_loader(splits.train, train_transform(image_size, norm, augment, hflip=hflip), batch_size,
-                            seed=seed, mix=mix, num_classes=len(splits.classes))
-
-
-def _val_loader(splits: DatasetSplits, model, *, image_size: int, val_batch: int, device, on_device: bool | str):
-    """The validation loader of ``fine_tune_augmented`` without the prefix cache: PIL, or uint8 batches on the device."""
-    norm = model.normalization
-    if augment_on_device(on_device, device):
-        return device_loader(InMemoryImages.from_dataset(splits.val, image_size), val_batch, device,
-                             BatchTransform(norm, image_size=image_size), shuffle=False)
-    return make_loader(splits.val, eval_transform(image_size, norm), val_batch, shuffle=False)
-
-
-def _through_prefix_cache(model, splits: DatasetSplits, augment: str, *, image_size: int, batch_size: int, val_batch: int,
-                          seed: int, device, hflip: bool, mix: str | None, on_device: bool | str, cache_dir, progress: bool):
-    """(suffix, train loader, val loader) that run the frozen blocks once per image set where the images do not change."""
-    plain = augment == "none" and mix is None  # no augmentation: the training images' activations are the same every epoch
-    transform = eval_transform(image_size, model.normalization)
-    fixed = {"val": make_loader(splits.val, transform, val_batch, shuffle=False)}
-    if plain:
-        fixed["train"] = make_loader(splits.train, transform, batch_size, shuffle=False)
-    cache = PrefixCache(model, fixed, device, cache_dir=cache_dir, progress=progress, report=False)
-    if plain:
-        train = cache.loader("train", batch_size, shuffle=True, seed=seed)
-    else:  # built only here, so that a plain run decodes no training images it would not use
-        augmented = _augmented_train_loader(splits, model, augment, image_size=image_size, batch_size=batch_size, seed=seed,
-                                            device=device, hflip=hflip, mix=mix, on_device=on_device)
-        train = PrefixBatches(augmented, cache)
-    return cache.suffix, train, cache.loader("val", val_batch, shuffle=False)

@@ -1,34 +1,27 @@
 """Partial unfreezing and fine-tuning: per-block learning rates, gradual unfreezing, two-phase fine-tuning,
-a new conv block on the feature map, and the strategies of notebook 02 as one-call recipes."""
+a new conv block on the feature map, and the strategies of notebook 02 (``apply_strategy``; the whole run is
+``tlkit.recipes.run_strategy``)."""
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import DatasetSplits, make_loader
 from .models import (
     TransferModel,
     _check_names,
     block_names,
     blocks_below_head,
-    create_model,
     freeze,
     head_linear,
-    parameter_counts,
     set_trainable,
 )
 from .optim import lr_multipliers, make_optimizer, unfreeze_into
-from .prefix_cache import PrefixCache, prefix_cache_allowed
-from .recipes import RunResult
-from .train import History, fit, set_seed
-from .transforms import eval_transform, is_deterministic
+from .train import History, fit
 
 BN_MODES = ("default", "train", "frozen")
 STRATEGIES = ("head", "last_block", "last_n_blocks", "last_tensors", "blocks", "gradual", "two_phase", "full", "conv_block")
@@ -217,7 +210,7 @@ def fine_tune(
     return fit(model, train_loader, val_loader, epochs=epochs, history=history, on_epoch_end=on_epoch_end, **common)
 
 
-# --- strategies as recipes ----------------------------------------------------------------------------
+# --- strategies ------------------------------------------------------------------------------------------
 
 
 def apply_strategy(
@@ -253,106 +246,3 @@ def apply_strategy(
     raise ValueError(f"Unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
 
 
-def run_strategy(
-    splits: DatasetSplits,
-    strategy: str,
-    *,
-    backbone: str,
-    weights: str | None,
-    image_size: int,
-    batch_size: int,
-    epochs: int,
-    lr: float,
-    seed: int,
-    device: torch.device | str = "cpu",
-    layer_decay: float = 1.0,
-    lr_mult: Mapping[str, float] | None = None,
-    n_blocks: int = 2,
-    n_tensors: int = 10,
-    unfreeze: Sequence[str] = (),
-    unfreeze_every: int = 1,
-    head_epochs: int = 1,
-    conv_channels: int = 128,
-    bn: str = "default",
-    name: str = "",
-    progress: bool = False,
-    on_epoch_end: Callable[[History], None] | None = None,
-    train_transform: Callable | None = None,
-    prefix_cache: bool = False,
-    cache_dir: str | Path | None = None,
-    max_bytes: float | None = None,
-) -> RunResult:
-    """Train a new model with one strategy on images, ``epochs`` epochs in all, same seed and data for every strategy.
-
-    ``bn`` (see ``BN_MODES``): "default" keeps BatchNorm of fully frozen blocks in eval mode while
-    trainable blocks update theirs; "train" lets frozen blocks' BatchNorm train too; "frozen" fixes
-    every BatchNorm of the backbone (statistics and scale/shift, ``freeze_batchnorm``). Trainable
-    parameters are counted at the end (for gradual: the blocks unfrozen by then).
-    ``train_transform`` defaults to the eval transform (no augmentation).
-
-    ``prefix_cache=True`` computes the activations below the first trainable block once (``tlkit.PrefixCache``;
-    on disk in ``cache_dir`` if given, refused over ``max_bytes``) and trains the rest of the network on them:
-    the same batches and, up to float noise, the same numbers, faster. It applies where the trainable part sits
-    above frozen blocks in eval mode (head, last_block, last_n_blocks, blocks, gradual, conv_block, last_tensors);
-    full, two_phase and bn="train" run as without it, and a random ``train_transform`` turns it off with an
-    ``AugmentationDisablesCacheWarning``. The result's ``prefix_cache`` then says
-    what the cache did (None where it did not apply).
-    """
-    if strategy == "two_phase" and not 0 < head_epochs < epochs:
-        raise ValueError(f"two_phase needs 0 < head_epochs < epochs, got head_epochs={head_epochs}, epochs={epochs}.")
-    if bn not in BN_MODES:
-        raise ValueError(f"Unknown bn mode {bn!r}; choose one of {', '.join(BN_MODES)}.")
-    set_seed(seed)
-    model = create_model(backbone, len(splits.classes), weights, eval_frozen_blocks=bn != "train")
-    apply_strategy(model, strategy, n_blocks=n_blocks, n_tensors=n_tensors, unfreeze=unfreeze, conv_channels=conv_channels)
-    if bn == "frozen":
-        freeze_batchnorm(model)
-    model.to(device)
-    transform = eval_transform(image_size, model.normalization)
-    train_transform = transform if train_transform is None else train_transform
-    train_loader = make_loader(splits.train, train_transform, batch_size, shuffle=True, seed=seed)
-    val_loader = make_loader(splits.val, transform, batch_size, shuffle=False)
-    decay = dict(layer_decay=layer_decay, lr_mult=lr_mult)
-    common = dict(device=device, progress=progress)
-    start = time.perf_counter()
-    cache, skipped = None, _prefix_cache_skipped(model, strategy, train_transform) if prefix_cache else None
-    if prefix_cache and skipped is None:
-        ordered = make_loader(splits.train, train_transform, batch_size, shuffle=False)
-        cache = PrefixCache(model, {"train": ordered, "val": val_loader}, device, cache_dir=cache_dir,
-                            max_bytes=max_bytes, progress=progress)
-        train_loader = cache.loader("train", batch_size, shuffle=True, seed=seed)
-        val_loader = cache.loader("val", batch_size, shuffle=False)
-    stepper = model if cache is None else cache.suffix  # the suffix shares the model's parameters
-    if strategy == "two_phase":
-        history = fine_tune(
-            model, train_loader, val_loader, head_epochs=head_epochs, epochs=epochs - head_epochs, lr=lr,
-            on_epoch_end=on_epoch_end, **decay, **common,
-        )
-    else:
-        optimizer = make_optimizer(model, lr, **decay)
-        callback = on_epoch_end
-        if strategy == "gradual":
-            # unfreeze only blocks that get at least one epoch of training (none after the last epoch)
-            order = blocks_below_head(model)[::-1][: (epochs - 1) // unfreeze_every]
-            unfreezing = GradualUnfreezing(model, optimizer, lr=lr, every=unfreeze_every, order=order, **decay)
-            callback = Callbacks(unfreezing, on_epoch_end)
-        history = fit(stepper, train_loader, val_loader, epochs=epochs, optimizer=optimizer, on_epoch_end=callback, **common)
-    seconds = time.perf_counter() - start
-    label = name or (strategy if bn == "default" else f"{strategy}, BN {bn}")
-    if not prefix_cache:
-        return RunResult(label, model, history, seconds, parameter_counts(model)["total"]["trainable"])
-    stats = None if cache is None else cache.stats
-    print(f"{label}: {f'no prefix cache ({skipped})' if stats is None else stats.summary()}; {seconds:.1f} s in all.", flush=True)
-    return RunResult(label, model, history, seconds, parameter_counts(model)["total"]["trainable"], stats)
-
-
-def _prefix_cache_skipped(model: TransferModel, strategy: str, train_transform: Callable) -> str | None:
-    """Why the prefix cache cannot serve this run, or None when it can (a random transform also warns)."""
-    if strategy == "two_phase":
-        return "two_phase trains through fine_tune on the model itself, and its second phase trains every block"
-    if not is_deterministic(train_transform):
-        prefix_cache_allowed(model, train_transform)  # warns, as the feature cache does
-        return "the train transform is random"
-    if not prefix_cache_allowed(model, train_transform):
-        return "nothing below the first trainable block is frozen in eval mode"
-    return None

@@ -10,10 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset, WeightedRandomSampler
+from torch.utils.data import WeightedRandomSampler
 
-from .data import DatasetSplits, LabeledImages, make_loader
-from .train import History, fit_head, predict, set_seed
+from .data import DatasetSplits, LabeledImages
 
 REMEDIES: dict[str, str] = {
     "none": "plain cross-entropy on the long-tailed data",
@@ -222,79 +221,3 @@ def make_remedy(
     if name == "threshold":
         return Remedy(name, adjust=lambda probs: adjust_probabilities(probs, counts, tau))
     return Remedy(name)
-
-
-# --- one remedy on cached features --------------------------------------------------------------------
-
-
-@dataclass
-class RemedyRun:
-    """A head trained with one remedy: its history and its (post-hoc adjusted) validation probabilities."""
-
-    name: str
-    history: History
-    probs: torch.Tensor
-    labels: torch.Tensor
-    test_probs: torch.Tensor | None = None  # the same head (and post-hoc step) on test features, when given
-    test_labels: torch.Tensor | None = None
-
-    @property
-    def predicted(self) -> torch.Tensor:
-        """The predicted class of every validation item."""
-        return self.probs.argmax(1)
-
-
-def _output_size(head: nn.Module) -> int:
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("The model's head has no nn.Linear layer to read the number of classes from.")
-    return linears[-1].out_features
-
-
-def _reset_head(head: nn.Module, seed: int) -> None:
-    set_seed(seed)
-    for module in head.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-
-
-def fit_head_with_remedy(
-    model: nn.Module,
-    train_features: TensorDataset,
-    val_features: TensorDataset,
-    name: str,
-    *,
-    epochs: int,
-    batch_size: int,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    beta: float = 0.99,
-    gamma: float = 2.0,
-    tau: float = 1.0,
-    test_features: TensorDataset | None = None,
-    **fit_kwargs,
-) -> RemedyRun:
-    """Re-initialise ``model.head`` (from ``seed``), train it on cached features with remedy ``name``, predict on val.
-
-    Every remedy starts from the same head and the same seed, so runs differ only by the remedy.
-    Validation features are never resampled or reweighted. With ``test_features``, the trained head (and the
-    remedy's post-hoc step, fitted on the training counts, never on test) also predicts the test split.
-    """
-    features, labels = train_features.tensors
-    remedy = make_remedy(name, labels.tolist(), _output_size(model.head), seed=seed, beta=beta, gamma=gamma, tau=tau)
-    if remedy.train_positions is not None:
-        keep = torch.as_tensor(remedy.train_positions)
-        train_features = TensorDataset(features[keep], labels[keep])
-    if remedy.loss_fn is not None:
-        remedy.loss_fn.to(device)  # class weights and offsets live where the logits are
-    _reset_head(model.head, seed)
-    history = fit_head(
-        model, train_features, val_features, epochs=epochs, batch_size=batch_size, seed=seed,
-        sampler=remedy.sampler, loss_fn=remedy.loss_fn, device=device, **fit_kwargs,
-    )
-    probs, val_labels = predict(model.head, make_loader(val_features, None, batch_size, shuffle=False), device)
-    run = RemedyRun(name, history, remedy.apply(probs), val_labels)
-    if test_features is not None:
-        test_probs, run.test_labels = predict(model.head, make_loader(test_features, None, batch_size, shuffle=False), device)
-        run.test_probs = remedy.apply(test_probs)
-    return run

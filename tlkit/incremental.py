@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -12,11 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from .checkpoints import model_from_checkpoint
-from .data import LabeledImages, make_loader
-from .models import TransferModel, block_names, head_linear, set_trainable
-from .prefix_cache import PrefixCache, PrefixCacheStats, Suffix, prefix_activations
-from .train import History, fit, predict, set_seed
+from .data import LabeledImages
+from .models import TransferModel, head_linear
+from .prefix_cache import prefix_activations
+from .train import History, predict
 
 
 def with_replay(new: LabeledImages, old: LabeledImages, per_class: int, seed: int) -> Dataset:
@@ -121,88 +118,3 @@ def group_accuracy(
     return out
 
 
-@dataclass
-class ContinuedRun:
-    """A model trained further from a checkpoint, with its history and per-epoch accuracy per class group."""
-
-    model: nn.Module
-    history: History
-    tracked: dict[str, list[float]]  # validation accuracy per group, after every epoch
-    test: dict[str, float] | None = None  # accuracy per group on the test set after training; None without one
-    prefix_cache: PrefixCacheStats | None = None  # what the prefix cache did; None without it
-
-
-def continue_training(
-    checkpoint: str | Path,
-    train_set: Dataset,
-    val_set: Dataset,
-    groups: dict[str, Sequence[int]],
-    *,
-    classes: Sequence[str],
-    trainable: Sequence[str],
-    transform: Callable,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    device: torch.device | str = "cpu",
-    distill: bool = False,
-    resume_optimizer: bool = False,
-    early_stopping_patience: int | None = 2,
-    test_set: Dataset | None = None,
-    prefix_cache: bool = False,
-    cache_dir: str | Path | None = None,
-) -> ContinuedRun:
-    """Load ``checkpoint`` in a fresh state, grow its head to ``classes`` if needed, train ``trainable`` blocks on ``train_set``.
-
-    ``resume_optimizer`` reloads the saved optimizer state (same classes and blocks only) and then
-    sets ``lr``; ``distill`` adds LwF distillation on the old classes' logits. ``val_set`` drives
-    the LR plateau schedule and early stopping; accuracy per class group is tracked every epoch, and
-    measured once on ``test_set`` at the end. ``prefix_cache`` runs the frozen blocks below ``trainable``
-    once per image set (``PrefixCache``; on disk in ``cache_dir``) and trains the rest on their activations:
-    the same numbers up to float noise, with the teacher of ``distill`` run from the same activations.
-    """
-    set_seed(seed)
-    model, ckpt = model_from_checkpoint(checkpoint)
-    if list(classes[: len(ckpt.classes)]) != ckpt.classes:
-        raise ValueError(f"New class list must start with the checkpoint's classes {ckpt.classes}, got {list(classes)}.")
-    teacher = copy.deepcopy(model) if distill else None
-    if len(classes) > len(ckpt.classes):
-        expand_head(model, len(classes) - len(ckpt.classes))
-    set_trainable(model, block_names(model), False)
-    set_trainable(model, trainable, True)
-    model.to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    if resume_optimizer:
-        if ckpt.optimizer is None or len(classes) != len(ckpt.classes):
-            raise ValueError("resume_optimizer needs a checkpoint with optimizer state and the same classes.")
-        optimizer.load_state_dict(ckpt.optimizer)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-    loaders = {
-        "train": make_loader(train_set, transform, batch_size, shuffle=True, seed=seed),
-        "val": make_loader(val_set, transform, batch_size, shuffle=False),
-    }
-    if test_set is not None:
-        loaders["test"] = make_loader(test_set, transform, batch_size, shuffle=False)
-    stepper, cache = model, None
-    if prefix_cache:
-        ordered = {**loaders, "train": make_loader(train_set, transform, batch_size, shuffle=False)}
-        cache = PrefixCache(model, ordered, device, cache_dir=cache_dir, progress=False, report=False)
-        stepper = cache.suffix  # the suffix shares the model's parameters
-        loaders = {name: cache.loader(name, batch_size, shuffle=name == "train", seed=seed) for name in ordered}
-        if teacher is not None:
-            teacher = Suffix(teacher.to(device), cache.boundary)  # the teacher's frozen blocks are the student's
-    tracker = AccuracyTracker(stepper, loaders["val"], groups, device)
-    loss_fn = DistillationLoss(stepper, teacher.to(device)) if teacher is not None else None
-    try:
-        history = fit(
-            stepper, loaders["train"], loaders["val"],
-            epochs=epochs, optimizer=optimizer, scheduler="plateau", device=device, loss_fn=loss_fn,
-            early_stopping_patience=early_stopping_patience, on_epoch_end=tracker, progress=False,
-        )
-    finally:
-        if loss_fn is not None:
-            loss_fn.remove()
-    test = group_accuracy(stepper, loaders["test"], groups, device) if "test" in loaders else None
-    return ContinuedRun(model, history, tracker.acc, test, None if cache is None else cache.stats)

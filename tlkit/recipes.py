@@ -1,39 +1,206 @@
-"""Whole training recipes in one call, for comparisons and batch runs."""
+"""Whole training runs in one call, for comparisons and batch runs: one configuration type, one result type.
+
+Every recipe takes a ``RunConfig`` first (backbone, weights, image size, batch size, epochs, LR, seed, device,
+progress bars, cache folder), then its data, then its own keywords, and returns a ``RunResult``:
+
+- ``linear_probe``, ``train_all`` (notebook 01), ``run_strategy`` (02), ``fine_tune_augmented`` (03),
+  ``fit_head_with_remedy`` (04), ``continue_training`` (05);
+- ``evaluate_on`` scores a trained model on one more split (e.g. test) with the same configuration.
+
+A notebook builds its configuration once from its parameters,
+``config = tlkit.RunConfig.from_parameters(globals(), device=dev, cache_dir=cache_dir)``, and varies it per run
+with ``config.replace(seed=s)``. The building blocks stay in the lesson modules (``finetune``, ``augment``,
+``imbalance``, ``incremental``); this module imports them, never the other way round.
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
+import math
+import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
 
+from . import finetune
+from .augment import BatchTransform, InMemoryImages, augment_on_device, augmented_loader, batch_mix, device_loader, feature_cache_allowed
+from .checkpoints import model_from_checkpoint
 from .data import DatasetSplits, make_loader
 from .features import cached_features
-from .models import TransferModel, below_head_frozen, create_model, freeze, parameter_counts, unfreeze
-from .prefix_cache import PrefixCacheStats, evaluate_from_prefix
-from .train import History, evaluate, fit, fit_head, set_seed
-from .transforms import eval_transform
+from .finetune import BN_MODES, GradualUnfreezing, apply_strategy, fine_tune, freeze_batchnorm
+from .imbalance import make_remedy
+from .incremental import AccuracyTracker, DistillationLoss, expand_head, group_accuracy
+from .models import (
+    TransferModel,
+    below_head_frozen,
+    block_names,
+    blocks_below_head,
+    check_image_size,
+    create_model,
+    freeze,
+    head_linear,
+    parameter_counts,
+    set_trainable,
+    unfreeze,
+)
+from .optim import make_optimizer
+from .params import check_bool, check_float, check_int, check_seed, check_str
+from .prefix_cache import PrefixBatches, PrefixCache, PrefixCacheStats, Suffix, evaluate_from_prefix, prefix_cache_allowed
+from .train import History, evaluate, fit, fit_head, get_device, predict, set_seed
+from .transforms import check_preset, eval_transform, is_deterministic, train_transform
+
+# --- configuration ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The settings every recipe shares; each recipe's own options are keywords of that recipe.
+
+    ``weights=None`` trains from random init. ``device="auto"`` becomes CUDA when present, else the CPU.
+    ``cache_dir`` keeps cached features and prefix activations on disk (None: in memory only). Values are
+    checked when the configuration is made: a bad one raises ValueError naming the field.
+    """
+
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = "imagenet"
+    image_size: int = 128
+    batch_size: int = 32
+    epochs: int = 8
+    lr: float = 3e-3
+    seed: int = 0
+    device: torch.device | str = "cpu"
+    progress: bool = False
+    cache_dir: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        checks: dict[str, Callable[[str, Any], Any]] = {
+            "backbone": check_str,
+            "weights": functools.partial(check_str, allow_none=True),
+            "image_size": lambda _, value: check_image_size(self.backbone, value),
+            "batch_size": functools.partial(check_int, minimum=1),
+            "epochs": functools.partial(check_int, minimum=1),
+            "lr": functools.partial(check_float, positive=True),
+            "seed": check_seed,
+            "device": _check_device,
+            "progress": check_bool,
+            "cache_dir": _check_cache_dir,
+        }
+        for name, check in checks.items():
+            try:
+                value = check(name, getattr(self, name))
+            except ValueError as err:
+                raise ValueError(f"RunConfig: {err} Fix it where the configuration is made, e.g. config.replace({name}=...).") from None
+            object.__setattr__(self, name, value)  # the cleaned value ('5' -> 5, 'auto' -> a device)
+
+    @classmethod
+    def from_parameters(cls, values: Mapping[str, Any], **overrides: Any) -> RunConfig:
+        """The configuration from a notebook's parameters, e.g. ``RunConfig.from_parameters(globals(), device=dev)``.
+
+        Takes the entries of ``values`` named like a field and ignores every other name (a notebook's globals
+        hold much more); a field missing from ``values`` keeps its default. ``overrides`` win over ``values``.
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise TypeError(f"RunConfig has no field {', '.join(map(repr, unknown))}; its fields are {', '.join(names)}.")
+        picked = {name: values[name] for name in names if name in values}
+        return cls(**{**picked, **overrides})
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with ``changes`` (``dataclasses.replace``), e.g. ``config.replace(seed=1)``; checked again."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_device(name: str, value: Any) -> torch.device | str:
+    if isinstance(value, torch.device):
+        return value
+    if value == "auto":
+        return get_device("auto")
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{name} must be a device such as 'cpu', 'cuda', 'cuda:0' or 'auto' (or a torch.device), got {value!r}.") from err
+    return value
+
+
+def _check_cache_dir(name: str, value: Any) -> str | Path | None:
+    if value is None or (isinstance(value, (str, os.PathLike)) and str(value).strip()):
+        return value
+    raise ValueError(f"{name} must be a folder path or None (no disk cache), got {value!r}.")
+
+
+# --- result -------------------------------------------------------------------------------------------
 
 
 @dataclass
 class RunResult:
-    """What one recipe produced: the trained model, its history and the figures to compare."""
+    """What one recipe produced: the trained model, its history, its time and its numbers.
+
+    ``metrics`` always holds ``"val_acc"``, the validation accuracy after the last epoch (not the best epoch:
+    that would be picked on val), and the recipe's own numbers:
+
+    - ``fit_head_with_remedy`` with ``test_features``: ``"test_acc"``, the accuracy of the test predictions after
+      the remedy's post-hoc step;
+    - ``continue_training`` with ``test_set``: ``"test_acc/<group>"`` for every class group, the test accuracy on the
+      images of that group's classes after training (``by_group("test_acc")`` gives them back keyed by group).
+
+    ``prefix_cache``: what the prefix cache did (None: no cache, or it did not apply). ``tracked``: validation
+    accuracy per class group after every epoch (``continue_training``). ``predictions``: split -> (probabilities,
+    labels) (``fit_head_with_remedy``: "val", and "test" with test features; after the remedy's post-hoc step).
+    """
 
     name: str
-    model: TransferModel
+    model: nn.Module
     history: History
     seconds: float
     trainable_params: int
-    prefix_cache: PrefixCacheStats | None = None  # what run_strategy(prefix_cache=True)'s cache did; None: no cache
+    metrics: dict[str, float] = field(default_factory=dict)
+    prefix_cache: PrefixCacheStats | None = None
+    tracked: dict[str, list[float]] = field(default_factory=dict)
+    predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if "val_acc" not in self.metrics:
+            last = self.history.val_acc[-1] if self.history.val_acc else math.nan
+            self.metrics = {"val_acc": last, **self.metrics}
 
     @property
     def val_acc(self) -> float:
         """Validation accuracy after the last epoch (not the best epoch: that would be picked on val)."""
-        return self.history.val_acc[-1]
+        return self.metrics["val_acc"]
+
+    def by_group(self, metric: str = "test_acc") -> dict[str, float]:
+        """The ``"<metric>/<group>"`` entries of ``metrics`` keyed by group, e.g. ``{"old": 0.9, "new": 0.7}``."""
+        prefix = f"{metric}/"
+        return {key[len(prefix):]: value for key, value in self.metrics.items() if key.startswith(prefix)}
+
+    def _val_predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if "val" not in self.predictions:
+            raise AttributeError(f"Run {self.name!r} kept no validation predictions (fit_head_with_remedy keeps them).")
+        return self.predictions["val"]
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """Predicted probabilities of every validation item (``predictions["val"]``)."""
+        return self._val_predictions()[0]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """True labels of the validation items, in the order of ``probs``."""
+        return self._val_predictions()[1]
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        """The predicted class of every validation item."""
+        return self.probs.argmax(1)
 
     def row(self) -> dict[str, float | int | str]:
         """One table row: name, trainable parameters, seconds, final val accuracy."""
@@ -45,115 +212,430 @@ class RunResult:
         }
 
 
+def _trainable(model: nn.Module) -> int:
+    return parameter_counts(model)["total"]["trainable"]
+
+
+def _on_epoch_end(callbacks: Sequence[Callable[[History], None]]) -> Callable[[History], None] | None:
+    """The recipes' ``callbacks`` as today's single ``on_epoch_end`` argument (None when there are none)."""
+    return finetune.Callbacks(*callbacks) if callbacks else None
+
+
+# --- notebook 01: frozen backbone ---------------------------------------------------------------------
+
+
 def train_head_on_features(
+    config: RunConfig,
     model: TransferModel,
     splits: DatasetSplits,
-    image_size: int,
     *,
-    batch_size: int,
-    epochs: int,
-    lr: float,
-    seed: int,
-    device: torch.device | str = "cpu",
     val_batch_size: int | None = None,
-    progress: bool = False,
-    on_epoch_end: Callable[[History], None] | None = None,
-    cache_dir: str | Path | None = None,
+    callbacks: Sequence[Callable[[History], None]] = (),
 ) -> History:
     """Run ``model``'s frozen backbone once over both splits (eval transform), then train its head on those features.
 
-    ``cache_dir``: keep the features on disk there (``tlkit.cached_features``), so runs that share a backbone
+    ``config.cache_dir``: keep the features on disk there (``tlkit.cached_features``), so runs that share a backbone
     and images (e.g. the same validation split over several seeds) compute them once.
     """
-    transform = eval_transform(image_size, model.normalization)
-    features = functools.partial(cached_features, device=device, cache_dir=cache_dir, progress=progress)
-    train = features(model, make_loader(splits.train, transform, batch_size, shuffle=False))
-    val = features(model, make_loader(splits.val, transform, val_batch_size or batch_size, shuffle=False))
+    transform = eval_transform(config.image_size, model.normalization)
+    features = functools.partial(cached_features, device=config.device, cache_dir=config.cache_dir, progress=config.progress)
+    train = features(model, make_loader(splits.train, transform, config.batch_size, shuffle=False))
+    val = features(model, make_loader(splits.val, transform, val_batch_size or config.batch_size, shuffle=False))
     history = fit_head(
-        model, train, val, epochs=epochs, batch_size=batch_size, seed=seed, lr=lr,
-        device=device, progress=progress, on_epoch_end=on_epoch_end,
+        model, train, val, epochs=config.epochs, batch_size=config.batch_size, seed=config.seed, lr=config.lr,
+        device=config.device, progress=config.progress, on_epoch_end=_on_epoch_end(callbacks),
     )
-    model.to(device)  # the backbone stayed where extraction put it; keep model and head together
+    model.to(config.device)  # the backbone stayed where extraction put it; keep model and head together
     return history
 
 
 def linear_probe(
+    config: RunConfig,
     splits: DatasetSplits,
     *,
-    backbone: str,
-    weights: str | None,
-    image_size: int,
-    batch_size: int,
-    epochs: int,
-    lr: float,
-    seed: int,
-    device: torch.device | str = "cpu",
     name: str = "",
-    progress: bool = False,
-    on_epoch_end: Callable[[History], None] | None = None,
-    cache_dir: str | Path | None = None,
+    callbacks: Sequence[Callable[[History], None]] = (),
 ) -> RunResult:
-    """Freeze the whole backbone, cache its features once (on disk too with ``cache_dir``), train a new linear head on them."""
-    set_seed(seed)
-    model = freeze(create_model(backbone, len(splits.classes), weights))
+    """Freeze the whole backbone, cache its features once (on disk too with ``config.cache_dir``), train a new linear head on them."""
+    set_seed(config.seed)
+    model = freeze(create_model(config.backbone, len(splits.classes), config.weights))
     start = time.perf_counter()
-    history = train_head_on_features(
-        model, splits, image_size, batch_size=batch_size, epochs=epochs, lr=lr, seed=seed,
-        device=device, progress=progress, on_epoch_end=on_epoch_end, cache_dir=cache_dir,
-    )
+    history = train_head_on_features(config, model, splits, callbacks=callbacks)
     seconds = time.perf_counter() - start
-    return RunResult(name or f"{weights or 'random'} frozen + head", model, history, seconds, parameter_counts(model)["total"]["trainable"])
+    return RunResult(name or f"{config.weights or 'random'} frozen + head", model, history, seconds, _trainable(model))
 
 
 def train_all(
+    config: RunConfig,
     splits: DatasetSplits,
     *,
-    backbone: str,
-    weights: str | None,
-    image_size: int,
-    batch_size: int,
-    epochs: int,
-    lr: float,
-    seed: int,
-    device: torch.device | str = "cpu",
     name: str = "",
-    progress: bool = False,
-    on_epoch_end: Callable[[History], None] | None = None,
+    callbacks: Sequence[Callable[[History], None]] = (),
 ) -> RunResult:
-    """Train every block of ``backbone`` (from ``weights``, or from random init when None) with a new head."""
-    set_seed(seed)
-    model = unfreeze(create_model(backbone, len(splits.classes), weights))
-    transform = eval_transform(image_size, model.normalization)
-    train_loader = make_loader(splits.train, transform, batch_size, shuffle=True, seed=seed)
-    val_loader = make_loader(splits.val, transform, batch_size, shuffle=False)
+    """Train every block of ``config.backbone`` (from ``config.weights``, or from random init when None) with a new head."""
+    set_seed(config.seed)
+    model = unfreeze(create_model(config.backbone, len(splits.classes), config.weights))
+    transform = eval_transform(config.image_size, model.normalization)
+    train_loader = make_loader(splits.train, transform, config.batch_size, shuffle=True, seed=config.seed)
+    val_loader = make_loader(splits.val, transform, config.batch_size, shuffle=False)
     start = time.perf_counter()
     history = fit(
-        model, train_loader, val_loader, epochs=epochs, lr=lr, device=device,
-        progress=progress, on_epoch_end=on_epoch_end,
+        model, train_loader, val_loader, epochs=config.epochs, lr=config.lr, device=config.device,
+        progress=config.progress, on_epoch_end=_on_epoch_end(callbacks),
     )
     seconds = time.perf_counter() - start
-    return RunResult(name or f"{weights or 'random'} init, all blocks train", model, history, seconds, parameter_counts(model)["total"]["trainable"])
+    return RunResult(name or f"{config.weights or 'random'} init, all blocks train", model, history, seconds, _trainable(model))
 
 
-def evaluate_on(
-    model: TransferModel,
-    dataset: Dataset,
-    image_size: int,
-    *,
-    batch_size: int,
-    device: torch.device | str = "cpu",
-    cache_dir: str | Path | None = None,
-) -> dict[str, float]:
+def evaluate_on(model: TransferModel, dataset: Dataset, config: RunConfig, *, batch_size: int | None = None) -> dict[str, float]:
     """Loss and accuracy of ``model`` on ``dataset`` with the eval transform (e.g. the test split, once at the end).
 
+    Uses ``config.image_size``, ``config.device``, ``config.cache_dir`` and ``batch_size`` (None: ``config.batch_size``).
     A model whose blocks below the head are all frozen is evaluated on its backbone's features; one whose lower
     blocks are frozen, on the activations below its first trainable block (``evaluate_from_prefix``). Both are read
-    from ``cache_dir`` when the same frozen blocks saw the same images before (e.g. the pretrained backbone of
+    from ``config.cache_dir`` when the same frozen blocks saw the same images before (e.g. the pretrained backbone of
     every seed), so scoring many runs on one test split runs the frozen blocks over it once.
     """
-    transform = eval_transform(image_size, model.normalization)
+    batch_size = config.batch_size if batch_size is None else check_int("batch_size", batch_size, minimum=1)
+    transform = eval_transform(config.image_size, model.normalization)
     loader = make_loader(dataset, transform, batch_size, shuffle=False)
     if below_head_frozen(model):
-        features = cached_features(model, loader, device, cache_dir=cache_dir, progress=False)
-        return evaluate(model.head, make_loader(features, None, batch_size, shuffle=False), device)
-    return evaluate_from_prefix(model, loader, device, cache_dir=cache_dir)
+        features = cached_features(model, loader, config.device, cache_dir=config.cache_dir, progress=False)
+        return evaluate(model.head, make_loader(features, None, batch_size, shuffle=False), config.device)
+    return evaluate_from_prefix(model, loader, config.device, cache_dir=config.cache_dir)
+
+
+# --- notebook 02: partial unfreezing ------------------------------------------------------------------
+
+
+def run_strategy(
+    config: RunConfig,
+    splits: DatasetSplits,
+    strategy: str,
+    *,
+    layer_decay: float = 1.0,
+    lr_mult: Mapping[str, float] | None = None,
+    n_blocks: int = 2,
+    n_tensors: int = 10,
+    unfreeze: Sequence[str] = (),
+    unfreeze_every: int = 1,
+    head_epochs: int = 1,
+    conv_channels: int = 128,
+    bn: str = "default",
+    train_transform: Callable | None = None,
+    prefix_cache: bool = False,
+    max_bytes: float | None = None,
+    name: str = "",
+    callbacks: Sequence[Callable[[History], None]] = (),
+) -> RunResult:
+    """Train a new model with one strategy on images, ``config.epochs`` epochs in all, same seed and data for every strategy.
+
+    ``bn`` (see ``BN_MODES``): "default" keeps BatchNorm of fully frozen blocks in eval mode while
+    trainable blocks update theirs; "train" lets frozen blocks' BatchNorm train too; "frozen" fixes
+    every BatchNorm of the backbone (statistics and scale/shift, ``freeze_batchnorm``). Trainable
+    parameters are counted at the end (for gradual: the blocks unfrozen by then).
+    ``train_transform`` defaults to the eval transform (no augmentation).
+
+    ``prefix_cache=True`` computes the activations below the first trainable block once (``tlkit.PrefixCache``;
+    on disk in ``config.cache_dir`` if given, refused over ``max_bytes``) and trains the rest of the network on them:
+    the same batches and, up to float noise, the same numbers, faster. It applies where the trainable part sits
+    above frozen blocks in eval mode (head, last_block, last_n_blocks, blocks, gradual, conv_block, last_tensors);
+    full, two_phase and bn="train" run as without it, and a random ``train_transform`` turns it off with an
+    ``AugmentationDisablesCacheWarning``. The result's ``prefix_cache`` then says
+    what the cache did (None where it did not apply).
+    """
+    epochs, lr, batch_size, seed, device = config.epochs, config.lr, config.batch_size, config.seed, config.device
+    on_epoch_end = _on_epoch_end(callbacks)
+    if strategy == "two_phase" and not 0 < head_epochs < epochs:
+        raise ValueError(f"two_phase needs 0 < head_epochs < epochs, got head_epochs={head_epochs}, epochs={epochs}.")
+    if bn not in BN_MODES:
+        raise ValueError(f"Unknown bn mode {bn!r}; choose one of {', '.join(BN_MODES)}.")
+    set_seed(seed)
+    model = create_model(config.backbone, len(splits.classes), config.weights, eval_frozen_blocks=bn != "train")
+    apply_strategy(model, strategy, n_blocks=n_blocks, n_tensors=n_tensors, unfreeze=unfreeze, conv_channels=conv_channels)
+    if bn == "frozen":
+        freeze_batchnorm(model)
+    model.to(device)
+    transform = eval_transform(config.image_size, model.normalization)
+    train_transform = transform if train_transform is None else train_transform
+    train_loader = make_loader(splits.train, train_transform, batch_size, shuffle=True, seed=seed)
+    val_loader = make_loader(splits.val, transform, batch_size, shuffle=False)
+    decay = dict(layer_decay=layer_decay, lr_mult=lr_mult)
+    common = dict(device=device, progress=config.progress)
+    start = time.perf_counter()
+    cache, skipped = None, _prefix_cache_skipped(model, strategy, train_transform) if prefix_cache else None
+    if prefix_cache and skipped is None:
+        ordered = make_loader(splits.train, train_transform, batch_size, shuffle=False)
+        cache = PrefixCache(model, {"train": ordered, "val": val_loader}, device, cache_dir=config.cache_dir,
+                            max_bytes=max_bytes, progress=config.progress)
+        train_loader = cache.loader("train", batch_size, shuffle=True, seed=seed)
+        val_loader = cache.loader("val", batch_size, shuffle=False)
+    stepper = model if cache is None else cache.suffix  # the suffix shares the model's parameters
+    if strategy == "two_phase":
+        history = fine_tune(
+            model, train_loader, val_loader, head_epochs=head_epochs, epochs=epochs - head_epochs, lr=lr,
+            on_epoch_end=on_epoch_end, **decay, **common,
+        )
+    else:
+        optimizer = make_optimizer(model, lr, **decay)
+        callback = on_epoch_end
+        if strategy == "gradual":
+            # unfreeze only blocks that get at least one epoch of training (none after the last epoch)
+            order = blocks_below_head(model)[::-1][: (epochs - 1) // unfreeze_every]
+            unfreezing = GradualUnfreezing(model, optimizer, lr=lr, every=unfreeze_every, order=order, **decay)
+            callback = finetune.Callbacks(unfreezing, *callbacks)
+        history = fit(stepper, train_loader, val_loader, epochs=epochs, optimizer=optimizer, on_epoch_end=callback, **common)
+    seconds = time.perf_counter() - start
+    label = name or (strategy if bn == "default" else f"{strategy}, BN {bn}")
+    if not prefix_cache:
+        return RunResult(label, model, history, seconds, _trainable(model))
+    stats = None if cache is None else cache.stats
+    print(f"{label}: {f'no prefix cache ({skipped})' if stats is None else stats.summary()}; {seconds:.1f} s in all.", flush=True)
+    return RunResult(label, model, history, seconds, _trainable(model), prefix_cache=stats)
+
+
+def _prefix_cache_skipped(model: TransferModel, strategy: str, train_transform: Callable) -> str | None:
+    """Why the prefix cache cannot serve this run, or None when it can (a random transform also warns)."""
+    if strategy == "two_phase":
+        return "two_phase trains through fine_tune on the model itself, and its second phase trains every block"
+    if not is_deterministic(train_transform):
+        prefix_cache_allowed(model, train_transform)  # warns, as the feature cache does
+        return "the train transform is random"
+    if not prefix_cache_allowed(model, train_transform):
+        return "nothing below the first trainable block is frozen in eval mode"
+    return None
+
+
+# --- notebook 03: augmentation ------------------------------------------------------------------------
+
+
+def fine_tune_augmented(
+    config: RunConfig,
+    splits: DatasetSplits,
+    *,
+    augment: str = "basic",
+    hflip: bool = True,
+    mix: str | None = None,
+    freeze_up_to: str | None = None,
+    on_device: bool | str = "auto",
+    cache_features: bool = False,
+    prefix_cache: bool = False,
+    name: str = "",
+    callbacks: Sequence[Callable[[History], None]] = (),
+) -> RunResult:
+    """Fine-tune the blocks above ``freeze_up_to`` (default: the backbone's last block and the head) with ``augment``.
+
+    ``on_device`` ('auto': on a GPU) decodes the images once into uint8 tensors and augments each batch on
+    the device. ``cache_features`` trains the head on cached features when that is valid (head only, no
+    augmentation; in memory, ``config.cache_dir`` is not used for them) and warns, training uncached, when it is
+    not. ``prefix_cache`` runs the frozen blocks once over the validation images (and, without augmentation, over
+    the training images: ``PrefixCache``), and over each augmented training batch as it comes (``PrefixBatches``);
+    ``config.cache_dir`` keeps those activations on disk. The numbers are those of the run without it, up to float noise.
+    """
+    image_size, batch_size, seed, device = config.image_size, config.batch_size, config.seed, config.device
+    on_epoch_end = _on_epoch_end(callbacks)
+    check_preset(augment)
+    set_seed(seed)
+    model = create_model(config.backbone, len(splits.classes), config.weights)
+    freeze(model, up_to=freeze_up_to or block_names(model)[-3])
+    val_batch = max(batch_size, 128)
+    start = time.perf_counter()
+    if feature_cache_allowed(model, augment, mix=mix, cache_features=cache_features):
+        history = train_head_on_features(config.replace(cache_dir=None), model, splits, val_batch_size=val_batch, callbacks=callbacks)
+    else:
+        loaders = dict(image_size=image_size, batch_size=batch_size, seed=seed, device=device, hflip=hflip, mix=mix, on_device=on_device)
+        if prefix_cache:
+            stepper, train_loader, val_loader = _through_prefix_cache(
+                model, splits, augment, val_batch=val_batch, cache_dir=config.cache_dir, progress=config.progress, **loaders)
+        else:
+            stepper = model
+            train_loader = _augmented_train_loader(splits, model, augment, **loaders)
+            val_loader = _val_loader(splits, model, image_size=image_size, val_batch=val_batch, device=device, on_device=on_device)
+        history = fit(stepper, train_loader, val_loader, epochs=config.epochs, lr=config.lr, device=device,
+                      progress=config.progress, on_epoch_end=on_epoch_end)
+    seconds = time.perf_counter() - start
+    label = name or f"{augment}{' + ' + mix if mix else ''}"
+    return RunResult(label, model, history, seconds, _trainable(model))
+
+
+def _augmented_train_loader(splits: DatasetSplits, model, augment: str, *, image_size: int, batch_size: int, seed: int,
+                            device, hflip: bool, mix: str | None, on_device: bool | str):
+    """The training loader of ``fine_tune_augmented``: PIL per item, or uint8 batches augmented on the device."""
+    norm = model.normalization
+    if augment_on_device(on_device, device):
+        mixer = batch_mix(mix, len(splits.classes)) if mix is not None else None
+        transform = BatchTransform(norm, augment, image_size=image_size, hflip=hflip, mix=mixer)
+        return device_loader(InMemoryImages.from_dataset(splits.train, image_size), batch_size, device,
+                             transform, shuffle=True, seed=seed)
+    return augmented_loader(splits.train, train_transform(image_size, norm, augment, hflip=hflip), batch_size,
+                            seed=seed, mix=mix, num_classes=len(splits.classes))
+
+
+def _val_loader(splits: DatasetSplits, model, *, image_size: int, val_batch: int, device, on_device: bool | str):
+    """The validation loader of ``fine_tune_augmented`` without the prefix cache: PIL, or uint8 batches on the device."""
+    norm = model.normalization
+    if augment_on_device(on_device, device):
+        return device_loader(InMemoryImages.from_dataset(splits.val, image_size), val_batch, device,
+                             BatchTransform(norm, image_size=image_size), shuffle=False)
+    return make_loader(splits.val, eval_transform(image_size, norm), val_batch, shuffle=False)
+
+
+def _through_prefix_cache(model, splits: DatasetSplits, augment: str, *, image_size: int, batch_size: int, val_batch: int,
+                          seed: int, device, hflip: bool, mix: str | None, on_device: bool | str, cache_dir, progress: bool):
+    """(suffix, train loader, val loader) that run the frozen blocks once per image set where the images do not change."""
+    plain = augment == "none" and mix is None  # no augmentation: the training images' activations are the same every epoch
+    transform = eval_transform(image_size, model.normalization)
+    fixed = {"val": make_loader(splits.val, transform, val_batch, shuffle=False)}
+    if plain:
+        fixed["train"] = make_loader(splits.train, transform, batch_size, shuffle=False)
+    cache = PrefixCache(model, fixed, device, cache_dir=cache_dir, progress=progress, report=False)
+    if plain:
+        train = cache.loader("train", batch_size, shuffle=True, seed=seed)
+    else:  # built only here, so that a plain run decodes no training images it would not use
+        augmented = _augmented_train_loader(splits, model, augment, image_size=image_size, batch_size=batch_size, seed=seed,
+                                            device=device, hflip=hflip, mix=mix, on_device=on_device)
+        train = PrefixBatches(augmented, cache)
+    return cache.suffix, train, cache.loader("val", val_batch, shuffle=False)
+
+
+# --- notebook 04: class imbalance ---------------------------------------------------------------------
+
+
+def _reset_head(head: nn.Module, seed: int) -> None:
+    set_seed(seed)
+    for module in head.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+def fit_head_with_remedy(
+    config: RunConfig,
+    model: nn.Module,
+    train_features: TensorDataset,
+    val_features: TensorDataset,
+    remedy: str,
+    *,
+    beta: float = 0.99,
+    gamma: float = 2.0,
+    tau: float = 1.0,
+    test_features: TensorDataset | None = None,
+    name: str = "",
+) -> RunResult:
+    """Re-initialise ``model.head`` (from ``config.seed``), train it on cached features with ``remedy``, predict on val.
+
+    Every remedy starts from the same head and the same seed, so runs differ only by the remedy. ``config``'s
+    epochs, batch size, LR, seed, device and progress apply (backbone, weights and image size are the features').
+    Validation features are never resampled or reweighted. The result's ``predictions["val"]`` holds the
+    (post-hoc adjusted) validation probabilities and labels (also as ``probs``, ``labels``, ``predicted``). With
+    ``test_features``, the trained head (and the remedy's post-hoc step, fitted on the training counts, never on
+    test) also predicts the test split: ``predictions["test"]`` and ``metrics["test_acc"]``. ``metrics["val_acc"]`` is
+    the last epoch's validation accuracy of the head itself (before any post-hoc step). ``name`` defaults to ``remedy``.
+    """
+    batch_size, seed, device = config.batch_size, config.seed, config.device
+    features, labels = train_features.tensors
+    chosen = make_remedy(remedy, labels.tolist(), head_linear(model).out_features, seed=seed, beta=beta, gamma=gamma, tau=tau)
+    if chosen.train_positions is not None:
+        keep = torch.as_tensor(chosen.train_positions)
+        train_features = TensorDataset(features[keep], labels[keep])
+    if chosen.loss_fn is not None:
+        chosen.loss_fn.to(device)  # class weights and offsets live where the logits are
+    start = time.perf_counter()
+    _reset_head(model.head, seed)
+    history = fit_head(
+        model, train_features, val_features, epochs=config.epochs, batch_size=batch_size, seed=seed,
+        sampler=chosen.sampler, loss_fn=chosen.loss_fn, device=device, lr=config.lr, progress=config.progress,
+    )
+    probs, val_labels = predict(model.head, make_loader(val_features, None, batch_size, shuffle=False), device)
+    predictions = {"val": (chosen.apply(probs), val_labels)}
+    metrics = {"val_acc": history.val_acc[-1]}
+    if test_features is not None:
+        test_probs, test_labels = predict(model.head, make_loader(test_features, None, batch_size, shuffle=False), device)
+        predictions["test"] = (chosen.apply(test_probs), test_labels)
+        metrics["test_acc"] = (predictions["test"][0].argmax(1) == test_labels).float().mean().item()
+    seconds = time.perf_counter() - start
+    trainable = sum(p.numel() for p in model.head.parameters() if p.requires_grad)
+    return RunResult(name or remedy, model, history, seconds, trainable, metrics=metrics, predictions=predictions)
+
+
+# --- notebook 05: continuing from a checkpoint --------------------------------------------------------
+
+
+def continue_training(
+    config: RunConfig,
+    checkpoint: str | Path,
+    train_set: Dataset,
+    val_set: Dataset,
+    groups: dict[str, Sequence[int]],
+    *,
+    classes: Sequence[str],
+    trainable: Sequence[str],
+    transform: Callable,
+    distill: bool = False,
+    resume_optimizer: bool = False,
+    early_stopping_patience: int | None = 2,
+    test_set: Dataset | None = None,
+    prefix_cache: bool = False,
+    name: str = "",
+) -> RunResult:
+    """Load ``checkpoint`` in a fresh state, grow its head to ``classes`` if needed, train ``trainable`` blocks on ``train_set``.
+
+    ``config``'s epochs, LR, batch size, seed, device, progress and cache folder apply; the checkpoint gives the
+    backbone and weights, ``transform`` the images' size and scaling. ``resume_optimizer`` reloads the saved
+    optimizer state (same classes and blocks only) and then sets ``config.lr``; ``distill`` adds LwF distillation on
+    the old classes' logits. ``val_set`` drives the LR plateau schedule and early stopping; accuracy per class group
+    is tracked every epoch (the result's ``tracked``), and measured once on ``test_set`` at the end: the result's
+    ``metrics["test_acc/<group>"]`` for every group of ``groups`` (``by_group("test_acc")``). ``prefix_cache`` runs
+    the frozen blocks below ``trainable`` once per image set (``PrefixCache``; on disk in ``config.cache_dir``) and
+    trains the rest on their activations: the same numbers up to float noise, with the teacher of ``distill`` run
+    from the same activations. ``name`` defaults to "continued from <checkpoint file name>".
+    """
+    lr, batch_size, seed, device = config.lr, config.batch_size, config.seed, config.device
+    set_seed(seed)
+    model, ckpt = model_from_checkpoint(checkpoint)
+    if list(classes[: len(ckpt.classes)]) != ckpt.classes:
+        raise ValueError(f"New class list must start with the checkpoint's classes {ckpt.classes}, got {list(classes)}.")
+    teacher = copy.deepcopy(model) if distill else None
+    if len(classes) > len(ckpt.classes):
+        expand_head(model, len(classes) - len(ckpt.classes))
+    set_trainable(model, block_names(model), False)
+    set_trainable(model, trainable, True)
+    model.to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    if resume_optimizer:
+        if ckpt.optimizer is None or len(classes) != len(ckpt.classes):
+            raise ValueError("resume_optimizer needs a checkpoint with optimizer state and the same classes.")
+        optimizer.load_state_dict(ckpt.optimizer)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    start = time.perf_counter()
+    loaders = {
+        "train": make_loader(train_set, transform, batch_size, shuffle=True, seed=seed),
+        "val": make_loader(val_set, transform, batch_size, shuffle=False),
+    }
+    if test_set is not None:
+        loaders["test"] = make_loader(test_set, transform, batch_size, shuffle=False)
+    stepper, cache = model, None
+    if prefix_cache:
+        ordered = {**loaders, "train": make_loader(train_set, transform, batch_size, shuffle=False)}
+        cache = PrefixCache(model, ordered, device, cache_dir=config.cache_dir, progress=config.progress, report=False)
+        stepper = cache.suffix  # the suffix shares the model's parameters
+        loaders = {split: cache.loader(split, batch_size, shuffle=split == "train", seed=seed) for split in ordered}
+        if teacher is not None:
+            teacher = Suffix(teacher.to(device), cache.boundary)  # the teacher's frozen blocks are the student's
+    tracker = AccuracyTracker(stepper, loaders["val"], groups, device)
+    loss_fn = DistillationLoss(stepper, teacher.to(device)) if teacher is not None else None
+    try:
+        history = fit(
+            stepper, loaders["train"], loaders["val"],
+            epochs=config.epochs, optimizer=optimizer, scheduler="plateau", device=device, loss_fn=loss_fn,
+            early_stopping_patience=early_stopping_patience, on_epoch_end=tracker, progress=config.progress,
+        )
+    finally:
+        if loss_fn is not None:
+            loss_fn.remove()
+    metrics = {"val_acc": history.val_acc[-1]}
+    if "test" in loaders:
+        metrics.update({f"test_acc/{group}": acc for group, acc in group_accuracy(stepper, loaders["test"], groups, device).items()})
+    seconds = time.perf_counter() - start
+    return RunResult(name or f"continued from {Path(checkpoint).name}", model, history, seconds, _trainable(model),
+                     metrics=metrics, prefix_cache=None if cache is None else cache.stats, tracked=tracker.acc)

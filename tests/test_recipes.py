@@ -1,0 +1,174 @@
+"""The recipe layer: RunConfig (from a notebook's parameters, checked), one RunResult from every recipe, same seed same run."""
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import tlkit
+
+TINY = dict(image_size=32, batch_size=8, epochs=1, lr=1e-3, seed=0)
+
+
+# --- RunConfig ----------------------------------------------------------------------------------------
+
+
+def test_from_parameters_picks_the_config_fields_and_ignores_every_other_name():
+    notebook_globals = {
+        "dataset": "clothing", "backbone": "efficientnet_lite0", "weights": None, "image_size": 64, "batch_size": 16,
+        "epochs": 3, "lr": 1e-2, "seed": 4, "seeds": [0, 1], "device": "auto", "progress": True, "augment": "basic",
+        "tlkit": tlkit, "_": None,
+    }
+    config = tlkit.RunConfig.from_parameters(notebook_globals, device="cpu", cache_dir=Path("cache"))
+    assert config == tlkit.RunConfig(weights=None, image_size=64, batch_size=16, epochs=3, lr=1e-2, seed=4, device="cpu",
+                                     progress=True, cache_dir=Path("cache"))
+    assert not hasattr(config, "dataset") and not hasattr(config, "seeds")
+    # a field the parameters lack keeps its default; overrides win over the parameters
+    assert tlkit.RunConfig.from_parameters({"seed": 2}, seed=5) == tlkit.RunConfig(seed=5)
+    assert tlkit.RunConfig.from_parameters({}) == tlkit.RunConfig()
+
+
+def test_from_parameters_resolves_device_auto_and_refuses_unknown_overrides():
+    assert tlkit.RunConfig.from_parameters({"device": "auto"}).device == tlkit.get_device("auto")
+    with pytest.raises(TypeError, match="no field 'samples_per_class'"):
+        tlkit.RunConfig.from_parameters({}, samples_per_class=5)
+
+
+def test_replace_changes_one_field_and_the_config_stays_frozen():
+    config = tlkit.RunConfig(seed=0)
+    assert config.replace(seed=3).seed == 3 and config.seed == 0
+    assert config.replace(lr=0.1) == tlkit.RunConfig(lr=0.1)
+    with pytest.raises(AttributeError):
+        config.seed = 1
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", -1e-3, "lr must be a positive number"),
+    ("lr", None, "lr must be a number"),
+    ("epochs", 0, "epochs must be a whole number of at least 1"),
+    ("batch_size", 2.5, "batch_size must be a whole number"),
+    ("image_size", 16, "image_size must be at least 32"),
+    ("image_size", True, "image_size must be a whole number"),
+    ("seed", -1, "seed must be a whole number between 0"),
+    ("backbone", "", "backbone must be a non-empty text"),
+    ("weights", 3, "weights must be a non-empty text"),
+    ("device", "gpu", "device must be a device such as 'cpu'"),
+    ("progress", "maybe", "progress must be True or False"),
+    ("cache_dir", "", "cache_dir must be a folder path or None"),
+])
+def test_bad_values_fail_with_the_field_and_the_fix(field, value, message):
+    with pytest.raises(ValueError, match=message) as caught:
+        tlkit.RunConfig(**{field: value})
+    assert f"config.replace({field}=...)" in str(caught.value)
+    with pytest.raises(ValueError, match=message):
+        tlkit.RunConfig.from_parameters({field: value})
+    with pytest.raises(ValueError, match=message):
+        tlkit.RunConfig().replace(**{field: value})
+
+
+# --- RunResult ----------------------------------------------------------------------------------------
+
+
+def _history(val_acc):
+    history = tlkit.History()
+    for epoch, acc in enumerate(val_acc, start=1):
+        history.append(epoch=epoch, train_loss=1.0, train_acc=0.5, val_loss=1.0, val_acc=acc, lr=1e-3, epoch_time=1.0)
+    return history
+
+
+def test_run_result_always_has_val_acc_and_reads_groups_and_predictions():
+    result = tlkit.RunResult("r", torch.nn.Linear(2, 2), _history([0.5, 0.75]), 1.25, 6,
+                             metrics={"test_acc/old": 0.9, "test_acc/new": 0.4})
+    assert result.metrics["val_acc"] == result.val_acc == 0.75
+    assert result.by_group("test_acc") == {"old": 0.9, "new": 0.4}
+    assert result.row() == {"run": "r", "trainable params": 6, "train seconds": 1.2, "val acc": 0.75}
+    with pytest.raises(AttributeError, match="no validation predictions"):
+        _ = result.predicted
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    result.predictions["val"] = (probs, torch.tensor([0, 0]))
+    assert result.predicted.tolist() == [0, 1] and torch.equal(result.probs, probs) and result.labels.tolist() == [0, 0]
+    assert math.isnan(tlkit.RunResult("empty", torch.nn.Linear(2, 2), tlkit.History(), 0.0, 0).val_acc)
+
+
+# --- every recipe -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def splits(class_folder):
+    return tlkit.image_folder(class_folder, seed=0)
+
+
+def _is_run_result(result, name=None):
+    assert type(result) is tlkit.RunResult
+    assert 0.0 <= result.metrics["val_acc"] <= 1.0 and result.val_acc == result.history.val_acc[-1]
+    assert result.seconds > 0 and result.trainable_params > 0
+    if name is not None:
+        assert result.name == name
+
+
+def test_image_recipes_return_a_run_result(tmp_path, splits):
+    config = tlkit.RunConfig(**TINY, cache_dir=tmp_path / "cache")
+    _is_run_result(tlkit.linear_probe(config, splits), "imagenet frozen + head")
+    _is_run_result(tlkit.train_all(config.replace(weights=None), splits, name="scratch"), "scratch")
+    seen = []
+    result = tlkit.run_strategy(config, splits, "last_block", prefix_cache=True, callbacks=[seen.append])
+    _is_run_result(result, "last_block")
+    assert result.prefix_cache is not None and len(seen) == 1
+    _is_run_result(tlkit.fine_tune_augmented(config, splits, augment="basic", on_device=False), "basic")
+    scores = tlkit.evaluate_on(result.model, splits.val, config)
+    assert set(scores) >= {"loss", "acc"} and 0.0 <= scores["acc"] <= 1.0
+
+
+def test_fit_head_with_remedy_returns_a_run_result_with_val_and_test_predictions():
+    generator = torch.Generator().manual_seed(0)
+    y = torch.tensor([0] * 12 + [1] * 4 + [2] * 2)
+    features = TensorDataset(torch.eye(3, 8)[y] * 4 + torch.randn(len(y), 8, generator=generator), y)
+    model = tlkit.freeze(tlkit.create_model("efficientnet_lite0", 3, weights=None))
+    model.head = torch.nn.Linear(8, 3)
+    result = tlkit.fit_head_with_remedy(tlkit.RunConfig(**{**TINY, "epochs": 2}), model, features, features, "threshold",
+                                        test_features=features)
+    _is_run_result(result, "threshold")
+    assert result.trainable_params == 8 * 3 + 3
+    assert set(result.predictions) == {"val", "test"} and result.probs.shape == (18, 3) and torch.equal(result.labels, y)
+    test_probs, test_labels = result.predictions["test"]
+    assert result.metrics["test_acc"] == (test_probs.argmax(1) == test_labels).float().mean().item()
+
+
+def test_continue_training_returns_a_run_result_with_test_accuracy_per_group(tmp_path, splits):
+    old = tlkit.select_classes(splits.train, splits.classes[:2])
+    tlkit.set_seed(0)
+    model = tlkit.freeze(tlkit.create_model("efficientnet_lite0", 2, "imagenet"), up_to="stage7")
+    transform = tlkit.eval_transform(32, model.normalization)
+    path = tmp_path / "first.pt"
+    tlkit.fit(model, tlkit.make_loader(old, transform, 8, shuffle=True, seed=0),
+              tlkit.make_loader(tlkit.select_classes(splits.val, splits.classes[:2]), transform, 8, shuffle=False),
+              epochs=1, checkpoint_path=path, classes=splits.classes[:2], progress=False)
+    groups = {"old": range(2), "new": range(2, 3)}
+    new = tlkit.with_classes(tlkit.select_classes(splits.train, splits.classes[2:]), splits.classes)
+    result = tlkit.continue_training(tlkit.RunConfig(**{**TINY, "epochs": 2}), path, new, splits.val, groups,
+                                     classes=splits.classes, trainable=["top", "head"], transform=transform, test_set=splits.val)
+    _is_run_result(result, "continued from first.pt")
+    assert set(result.metrics) == {"val_acc", "test_acc/old", "test_acc/new"}
+    assert set(result.by_group("test_acc")) == set(groups)
+    assert {g: len(v) for g, v in result.tracked.items()} == {"old": len(result.history), "new": len(result.history)}
+
+
+def test_the_same_config_and_seed_give_the_same_run_twice(splits):
+    config = tlkit.RunConfig(**{**TINY, "epochs": 2})
+    first, second = (tlkit.run_strategy(config, splits, "last_block") for _ in range(2))
+    assert first.val_acc == second.val_acc
+    assert first.history.train_loss == second.history.train_loss and first.history.val_loss == second.history.val_loss
+    probes = [tlkit.linear_probe(config, splits) for _ in range(2)]
+    assert probes[0].val_acc == probes[1].val_acc and probes[0].history.train_loss == probes[1].history.train_loss
+
+
+def test_the_lesson_modules_do_not_import_the_recipes():
+    root = Path(tlkit.__file__).parent
+    for module in ("finetune", "augment", "imbalance", "incremental"):
+        tree = ast.parse((root / f"{module}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+        assert "recipes" not in imported and not any(name.endswith(".recipes") for name in imported), module
