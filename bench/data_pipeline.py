@@ -4,7 +4,7 @@ Two pipelines feed the same fine-tuning step (EfficientNet-Lite0, last blocks tr
   * "PIL loader": the usual way, every epoch decodes each image and runs the 'basic' augmentation
     (RandomResizedCrop + flip) on the CPU in DataLoader workers;
   * "in-memory, on device": tlkit decodes each image once into a uint8 tensor and runs the same
-    augmentation on the training device (``tlkit.InMemoryImages`` + ``tlkit.device_loader``).
+    augmentation on the training device (``tlkit.augment.InMemoryImages`` + ``tlkit.augment.device_loader``).
 The model-only rate repeats one batch already on the device. Prints, last, the loop's share of
 the model-only rate for the in-memory pipeline (the issue's target on a GPU: at least 80%).
 
@@ -79,7 +79,7 @@ def main() -> None:
     device = tlkit.get_device(args.device)
     splits = tlkit.load_dataset(args.dataset, data_root="data", seed=0)
     tlkit.set_seed(0)
-    model = tlkit.freeze(tlkit.create_model(tlkit.OFFLINE_BACKBONE, len(splits.classes), "imagenet"), up_to=args.frozen_up_to)
+    model = tlkit.freeze(tlkit.create_model(tlkit.models.OFFLINE_BACKBONE, len(splits.classes), "imagenet"), up_to=args.frozen_up_to)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -89,10 +89,10 @@ def main() -> None:
     pil = tlkit.make_loader(splits.train, tlkit.train_transform(args.image_size, norm, "basic"), args.batch_size,
                             shuffle=True, seed=0, num_workers=args.workers, pin_memory=device.type == "cuda")
     start = time.perf_counter()
-    cached = tlkit.InMemoryImages.from_dataset(splits.train, args.image_size)
+    cached = tlkit.augment.InMemoryImages.from_dataset(splits.train, args.image_size)
     decode_seconds = time.perf_counter() - start
-    on_device = tlkit.device_loader(cached, args.batch_size, device,
-                                    tlkit.BatchTransform(norm, "basic", image_size=args.image_size), shuffle=True, seed=0)
+    on_device = tlkit.augment.device_loader(cached, args.batch_size, device,
+                                    tlkit.augment.BatchTransform(norm, "basic", image_size=args.image_size), shuffle=True, seed=0)
     fixed = next(iter(on_device))
     print(f"{splits.name}: {len(splits.train)} train images at {args.image_size}px, batch {args.batch_size}, device {device}, "
           f"{args.workers} PIL workers, {torch.get_num_threads()} threads; decoding once into memory took {decode_seconds:.2f}s")

@@ -22,7 +22,7 @@ import tlkit
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--backbone", default=tlkit.OFFLINE_BACKBONE)
+    parser.add_argument("--backbone", default=tlkit.models.OFFLINE_BACKBONE)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=10)

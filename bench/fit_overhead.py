@@ -75,7 +75,7 @@ def main() -> None:
     channels_last = device.type == "cuda"
     splits = tlkit.load_dataset(args.dataset, data_root="data", seed=0, samples_per_class=args.samples_per_class)
     tlkit.set_seed(0)
-    template = tlkit.freeze(tlkit.create_model(tlkit.OFFLINE_BACKBONE, len(splits.classes), "imagenet"), up_to=args.frozen_up_to)
+    template = tlkit.freeze(tlkit.create_model(tlkit.models.OFFLINE_BACKBONE, len(splits.classes), "imagenet"), up_to=args.frozen_up_to)
     transform = tlkit.eval_transform(args.image_size, template.normalization)
 
     def as_tensors(ds):  # decode once: both loops then see the very same tensors

@@ -116,7 +116,7 @@ def measure_costs(splits, args, device: torch.device) -> Costs:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="clothing")
-    parser.add_argument("--backbone", default=tlkit.OFFLINE_BACKBONE)
+    parser.add_argument("--backbone", default=tlkit.models.OFFLINE_BACKBONE)
     parser.add_argument("--image-size", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=10)

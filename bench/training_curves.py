@@ -34,14 +34,14 @@ def main() -> None:
     device = tlkit.get_device(args.device)
     splits = tlkit.load_dataset(args.dataset, data_root="data", seed=0)
     tlkit.set_seed(0)
-    model = tlkit.freeze(tlkit.create_model(tlkit.OFFLINE_BACKBONE, len(splits.classes), "imagenet"), up_to=args.frozen_up_to)
+    model = tlkit.freeze(tlkit.create_model(tlkit.models.OFFLINE_BACKBONE, len(splits.classes), "imagenet"), up_to=args.frozen_up_to)
     norm = model.normalization
     on_gpu = device.type == "cuda"
     if on_gpu:  # decoded once into memory, augmented on the GPU: the loader keeps up with the model
-        train_loader = tlkit.device_loader(tlkit.InMemoryImages.from_dataset(splits.train, args.image_size), args.batch_size,
-                                           device, tlkit.BatchTransform(norm, "basic", image_size=args.image_size), shuffle=True)
-        val_loader = tlkit.device_loader(tlkit.InMemoryImages.from_dataset(splits.val, args.image_size), args.batch_size,
-                                         device, tlkit.BatchTransform(norm, "none", image_size=args.image_size), shuffle=False)
+        train_loader = tlkit.augment.device_loader(tlkit.augment.InMemoryImages.from_dataset(splits.train, args.image_size), args.batch_size,
+                                           device, tlkit.augment.BatchTransform(norm, "basic", image_size=args.image_size), shuffle=True)
+        val_loader = tlkit.augment.device_loader(tlkit.augment.InMemoryImages.from_dataset(splits.val, args.image_size), args.batch_size,
+                                         device, tlkit.augment.BatchTransform(norm, "none", image_size=args.image_size), shuffle=False)
     else:
         train_loader = tlkit.make_loader(splits.train, tlkit.train_transform(args.image_size, norm, "basic"), args.batch_size, shuffle=True)
         val_loader = tlkit.make_loader(splits.val, tlkit.eval_transform(args.image_size, norm), args.batch_size, shuffle=False)

@@ -38,9 +38,9 @@ def test_every_preset_keeps_shape_and_dtype_on_both_paths(color_splits, preset):
     image = color_splits.train[0][0]
     x = tlkit.train_transform(20, IMAGENET_NORM, preset, hflip=False)(image)
     assert x.shape == (3, 20, 20) and x.dtype == torch.float32
-    cached = tlkit.InMemoryImages.from_dataset(color_splits.train.subset(range(5)), 20)
+    cached = tlkit.augment.InMemoryImages.from_dataset(color_splits.train.subset(range(5)), 20)
     assert cached.images.shape == (5, 3, 20, 20) and cached.images.dtype == torch.uint8
-    batch, labels = tlkit.BatchTransform(IMAGENET_NORM, preset, image_size=20)(cached.images, cached.labels)
+    batch, labels = tlkit.augment.BatchTransform(IMAGENET_NORM, preset, image_size=20)(cached.images, cached.labels)
     assert batch.shape == (5, 3, 20, 20) and batch.dtype == torch.float32
     assert torch.equal(labels, cached.labels)
 
@@ -48,9 +48,9 @@ def test_every_preset_keeps_shape_and_dtype_on_both_paths(color_splits, preset):
 @pytest.mark.parametrize("preset", ["basic", "strong"])
 def test_shuffled_batches_keep_each_label_with_its_image(color_splits, preset):
     torch.manual_seed(0)
-    loader = tlkit.augmented_loader(color_splits.train, tlkit.train_transform(16, IMAGENET_NORM, preset), 5, seed=1)
-    cached = tlkit.InMemoryImages.from_dataset(color_splits.train, 16)
-    on_device = tlkit.device_loader(cached, 5, "cpu", tlkit.BatchTransform(IMAGENET_NORM, preset, image_size=16), shuffle=True, seed=1)
+    loader = tlkit.augment.augmented_loader(color_splits.train, tlkit.train_transform(16, IMAGENET_NORM, preset), 5, seed=1)
+    cached = tlkit.augment.InMemoryImages.from_dataset(color_splits.train, 16)
+    on_device = tlkit.augment.device_loader(cached, 5, "cpu", tlkit.augment.BatchTransform(IMAGENET_NORM, preset, image_size=16), shuffle=True, seed=1)
     for batches in (loader, on_device):
         pairs = [(x, y) for x, y in batches]
         seen = torch.cat([y for _, y in pairs])
@@ -65,11 +65,11 @@ def test_eval_transform_is_deterministic_and_random_presets_are_not(color_splits
     image = color_splits.train[0][0]
     none = tlkit.train_transform(24, IMAGENET_NORM, "none")
     assert torch.equal(none(image), tlkit.eval_transform(24, IMAGENET_NORM)(image)) and torch.equal(none(image), none(image))
-    assert tlkit.is_deterministic(none) and tlkit.is_deterministic(tlkit.train_transform(24, IMAGENET_NORM, "none"))
+    assert tlkit.transforms.is_deterministic(none) and tlkit.transforms.is_deterministic(tlkit.train_transform(24, IMAGENET_NORM, "none"))
     torch.manual_seed(0)
     for preset in tlkit.PRESETS[1:]:
         transform = tlkit.train_transform(24, IMAGENET_NORM, preset)
-        assert not tlkit.is_deterministic(transform)
+        assert not tlkit.transforms.is_deterministic(transform)
         draws = [transform(image) for _ in range(4)]
         assert any(not torch.equal(draws[0], d) for d in draws[1:]), preset
 
@@ -78,13 +78,13 @@ def test_each_image_of_a_batch_gets_its_own_random_parameters():
     image = torch.arange(3 * 16 * 16, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, 16, 16)
     batch = image.expand(8, 3, 16, 16).contiguous()
     torch.manual_seed(0)
-    out, _ = tlkit.BatchTransform(IMAGENET_NORM, "basic", image_size=16)(batch, torch.zeros(8, dtype=torch.long))
+    out, _ = tlkit.augment.BatchTransform(IMAGENET_NORM, "basic", image_size=16)(batch, torch.zeros(8, dtype=torch.long))
     assert len({tuple(x.flatten().tolist()) for x in out}) > 1
 
 
 def test_flips_can_be_switched_off():
-    assert "RandomHorizontalFlip" in tlkit.preset_table(32)["basic"]
-    assert all("Flip" not in steps for steps in tlkit.preset_table(32, hflip=False).values())
+    assert "RandomHorizontalFlip" in tlkit.transforms.preset_table(32)["basic"]
+    assert all("Flip" not in steps for steps in tlkit.transforms.preset_table(32, hflip=False).values())
 
 
 def test_unknown_names_list_the_valid_ones():
@@ -93,16 +93,16 @@ def test_unknown_names_list_the_valid_ones():
     with pytest.raises(ValueError, match="Unknown augmentation preset 'fancy'"):
         tlkit.train_transform(32, IMAGENET_NORM, "fancy")
     with pytest.raises(ValueError, match="Unknown mix 'blend'.*mixup, cutmix"):
-        tlkit.batch_mix("blend", 3)
+        tlkit.augment.batch_mix("blend", 3)
     with pytest.raises(ValueError, match="on_device"):
-        tlkit.augment_on_device("sometimes", "cpu")
+        tlkit.augment.augment_on_device("sometimes", "cpu")
 
 
 def test_mixup_mixes_images_and_labels_in_the_same_proportion():
     torch.manual_seed(0)
     x = torch.rand(4, 3, 8, 8)
     labels = torch.tensor([0, 1, 2, 3])
-    mixed, soft = tlkit.batch_mix("mixup", 5)(x, labels)
+    mixed, soft = tlkit.augment.batch_mix("mixup", 5)(x, labels)
     lam = soft[0, 0].item()  # image 0 keeps share lam of itself and gets 1 - lam of image 3 (roll by one)
     assert 0 < lam < 1
     expected = lam * nn.functional.one_hot(labels, 5) + (1 - lam) * nn.functional.one_hot(labels.roll(1), 5)
@@ -110,15 +110,15 @@ def test_mixup_mixes_images_and_labels_in_the_same_proportion():
     assert torch.allclose(mixed, lam * x + (1 - lam) * x.roll(1, 0), atol=1e-6)
 
 
-@pytest.mark.parametrize("mix", tlkit.MIXES)
+@pytest.mark.parametrize("mix", tlkit.augment.MIXES)
 def test_mixed_batches_have_soft_targets_that_sum_to_one(color_splits, mix):
     torch.manual_seed(0)
-    loader = tlkit.augmented_loader(color_splits.train, tlkit.train_transform(16, IMAGENET_NORM, "basic"), 6, seed=0, mix=mix, num_classes=3)
+    loader = tlkit.augment.augmented_loader(color_splits.train, tlkit.train_transform(16, IMAGENET_NORM, "basic"), 6, seed=0, mix=mix, num_classes=3)
     for x, y in loader:
         assert x.shape[1:] == (3, 16, 16) and y.shape == (len(x), 3) and y.dtype == torch.float32
         assert torch.allclose(y.sum(1), torch.ones(len(y)))
     with pytest.raises(ValueError, match="num_classes"):
-        tlkit.augmented_loader(color_splits.train, None, 6, mix=mix)
+        tlkit.augment.augmented_loader(color_splits.train, None, 6, mix=mix)
 
 
 def test_accuracy_with_soft_targets_compares_with_their_largest_class():
@@ -133,7 +133,7 @@ def test_accuracy_with_soft_targets_compares_with_their_largest_class():
 def test_fit_trains_on_mixed_targets(color_splits):
     torch.manual_seed(0)
     model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
-    train = tlkit.augmented_loader(color_splits.train, tlkit.train_transform(16, IMAGENET_NORM, "basic"), 9, seed=0,
+    train = tlkit.augment.augmented_loader(color_splits.train, tlkit.train_transform(16, IMAGENET_NORM, "basic"), 9, seed=0,
                                    mix="mixup_or_cutmix", num_classes=3)
     val = tlkit.make_loader(color_splits.val, tlkit.eval_transform(16, IMAGENET_NORM), 9, shuffle=False)
     history = tlkit.fit(model, train, val, epochs=25, lr=0.1, progress=False)
@@ -143,34 +143,34 @@ def test_fit_trains_on_mixed_targets(color_splits):
 
 def test_in_memory_uint8_path_gives_the_eval_tensors_of_the_pil_path(color_splits):
     pil = tlkit.make_loader(color_splits.val, tlkit.eval_transform(20, IMAGENET_NORM), 4, shuffle=False)
-    cached = tlkit.InMemoryImages.from_dataset(color_splits.val, 20)
-    in_memory = tlkit.device_loader(cached, 4, "cpu", tlkit.BatchTransform(IMAGENET_NORM, image_size=20), shuffle=False)
+    cached = tlkit.augment.InMemoryImages.from_dataset(color_splits.val, 20)
+    in_memory = tlkit.augment.device_loader(cached, 4, "cpu", tlkit.augment.BatchTransform(IMAGENET_NORM, image_size=20), shuffle=False)
     assert len(in_memory) == len(pil) == 3
     for (a, ya), (b, yb) in zip(pil, in_memory):
         assert torch.equal(ya, yb)
         assert torch.allclose(a, b, atol=1e-6)
-    assert tlkit.to_pil(a[0], IMAGENET_NORM).size == (20, 20)
+    assert tlkit.plots.to_pil(a[0], IMAGENET_NORM).size == (20, 20)
 
 
 def test_on_device_auto_means_gpu_only():
-    assert tlkit.augment_on_device("auto", "cpu") is False
-    assert tlkit.augment_on_device("auto", "cuda") is True
-    assert tlkit.augment_on_device(True, "cpu") is True
+    assert tlkit.augment.augment_on_device("auto", "cpu") is False
+    assert tlkit.augment.augment_on_device("auto", "cuda") is True
+    assert tlkit.augment.augment_on_device(True, "cpu") is True
 
 
 def test_asking_for_cached_features_with_augmentation_warns():
     model = tlkit.freeze(tlkit.create_model("efficientnet_lite0", 3, weights=None))
-    with pytest.warns(tlkit.AugmentationDisablesCacheWarning, match="cached-feature path is switched off"):
-        assert tlkit.feature_cache_allowed(model, "basic") is False
-    with pytest.warns(tlkit.AugmentationDisablesCacheWarning):
-        assert tlkit.feature_cache_allowed(model, "none", mix="mixup") is False
+    with pytest.warns(tlkit._cache.AugmentationDisablesCacheWarning, match="cached-feature path is switched off"):
+        assert tlkit.augment.feature_cache_allowed(model, "basic") is False
+    with pytest.warns(tlkit._cache.AugmentationDisablesCacheWarning):
+        assert tlkit.augment.feature_cache_allowed(model, "none", mix="mixup") is False
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert tlkit.feature_cache_allowed(model, "none") is True
-        assert tlkit.feature_cache_allowed(model, "basic", cache_features=False) is False
+        assert tlkit.augment.feature_cache_allowed(model, "none") is True
+        assert tlkit.augment.feature_cache_allowed(model, "basic", cache_features=False) is False
     tlkit.freeze(model, up_to="stage7")
     with pytest.warns(UserWarning, match="every block below the head frozen"):
-        assert tlkit.feature_cache_allowed(model, "none") is False
+        assert tlkit.augment.feature_cache_allowed(model, "none") is False
 
 
 def test_soft_label_titles():
@@ -197,7 +197,7 @@ def test_notebook_03_measures_augmentation(tmp_path):
 
 @pytest.mark.parametrize("augment", ["none", "basic"])
 def test_fine_tune_augmented_through_the_prefix_cache_trains_as_without_it(tmp_path, split_folder, augment):
-    splits = tlkit.image_folder(split_folder, seed=0)
+    splits = tlkit.data.image_folder(split_folder, seed=0)
     config = tlkit.RunConfig(image_size=32, batch_size=4, epochs=2, lr=1e-3, seed=0)
     args = dict(augment=augment, on_device=False)
     cached_config = config.replace(cache_dir=tmp_path / "cache")

@@ -71,7 +71,7 @@ def test_a_class_with_no_readable_image_is_an_error(tmp_path):
     for i in range(2):
         (root / "birds").mkdir(exist_ok=True)
         (root / "birds" / f"b{i}.jpg").write_bytes(_jpeg_bytes(i)[:300])
-    with pytest.raises(tlkit.DatasetUnavailableError, match="No image in class folder .*birds could be read") as info:
+    with pytest.raises(tlkit.data.DatasetUnavailableError, match="No image in class folder .*birds could be read") as info:
         tlkit.load_dataset(str(root))
     assert str(root / "birds" / "b0.jpg") in str(info.value) and "delete the folder" in str(info.value)
 
@@ -135,17 +135,17 @@ def test_an_empty_class_folder_is_an_error(tmp_path):
     root = _two_classes(tmp_path / "pets")
     (root / "birds").mkdir()
     (root / "birds" / "readme.txt").write_text("to do")
-    with pytest.raises(tlkit.DatasetUnavailableError, match=r"Class folder .*birds holds no images .*readme.txt.*Add images"):
+    with pytest.raises(tlkit.data.DatasetUnavailableError, match=r"Class folder .*birds holds no images .*readme.txt.*Add images"):
         tlkit.load_dataset(str(root))
 
 
 def test_a_single_class_is_an_error_that_spots_a_nested_dataset(tmp_path):
     write_images(tmp_path / "only" / "cats", 4, (200, 40, 40), seed=0)
-    with pytest.raises(tlkit.DatasetUnavailableError, match=r"single class folder \('cats'\).*at least two classes"):
+    with pytest.raises(tlkit.data.DatasetUnavailableError, match=r"single class folder \('cats'\).*at least two classes"):
         tlkit.load_dataset(str(tmp_path / "only"))
     _two_classes(tmp_path / "outer" / "pets" / "train")
     _two_classes(tmp_path / "outer" / "pets" / "val", n=2)
-    with pytest.raises(tlkit.DatasetUnavailableError, match=r"If .*outer/pets holds the dataset itself, pass dataset="):
+    with pytest.raises(tlkit.data.DatasetUnavailableError, match=r"If .*outer/pets holds the dataset itself, pass dataset="):
         tlkit.load_dataset(str(tmp_path / "outer"))
     assert tlkit.load_dataset(str(tmp_path / "outer" / "pets")).classes == ["cats", "dogs"]
 
@@ -155,7 +155,7 @@ def test_train_and_val_class_folders_that_differ_say_which(tmp_path):
     _two_classes(root / "train")
     write_images(root / "val" / "cats", 2, (200, 40, 40), seed=2)
     write_images(root / "val" / "birds", 2, (40, 200, 40), seed=3)
-    with pytest.raises(tlkit.DatasetUnavailableError) as info:
+    with pytest.raises(tlkit.data.DatasetUnavailableError) as info:
         tlkit.load_dataset(str(root))
     assert "only in train/: ['dogs']; only in val/: ['birds']" in str(info.value)
 
@@ -164,7 +164,7 @@ def test_a_missing_train_folder_is_an_error_not_a_class(tmp_path):
     root = tmp_path / "pets"
     _two_classes(root / "val", n=2)
     _two_classes(root / "test", n=2)
-    with pytest.raises(tlkit.DatasetUnavailableError, match=r"has val/ and test/ but no train/ folder"):
+    with pytest.raises(tlkit.data.DatasetUnavailableError, match=r"has val/ and test/ but no train/ folder"):
         tlkit.load_dataset(str(root))
 
 
@@ -184,12 +184,12 @@ def test_train_without_val_is_split_by_seed_and_keeps_test(tmp_path):
 
 def test_a_path_that_does_not_exist_or_is_an_archive(tmp_path):
     missing = tmp_path / "no" / "such"
-    with pytest.raises(tlkit.DatasetUnavailableError, match=r"Dataset folder .*no/such does not exist .*check the spelling"):
+    with pytest.raises(tlkit.data.DatasetUnavailableError, match=r"Dataset folder .*no/such does not exist .*check the spelling"):
         tlkit.load_dataset(str(missing))
-    with pytest.raises(tlkit.DatasetUnavailableError, match="does not exist"):
-        tlkit.image_folder(missing)
+    with pytest.raises(tlkit.data.DatasetUnavailableError, match="does not exist"):
+        tlkit.data.image_folder(missing)
     (tmp_path / "pets.zip").write_bytes(b"PK\x03\x04")
-    with pytest.raises(tlkit.DatasetUnavailableError, match="is a file, not a folder: unpack it first"):
+    with pytest.raises(tlkit.data.DatasetUnavailableError, match="is a file, not a folder: unpack it first"):
         tlkit.load_dataset(str(tmp_path / "pets.zip"))
 
 
@@ -247,10 +247,10 @@ def test_one_block_name_given_as_a_string_is_one_name(lite0):
 
 
 def test_unknown_dataset_lists_the_registered_names_and_accepts_a_path(tmp_path):
-    with pytest.raises(tlkit.DatasetUnavailableError) as info:
+    with pytest.raises(tlkit.data.DatasetUnavailableError) as info:
         tlkit.load_dataset("CIFAR-10", data_root=tmp_path)
     message = str(info.value)
-    assert ", ".join(tlkit.REGISTERED_DATASETS) in message and "Did you mean 'cifar10'?" in message
+    assert ", ".join(tlkit.data.REGISTERED_DATASETS) in message and "Did you mean 'cifar10'?" in message
     assert "or the path of an image folder" in message
 
 

@@ -73,7 +73,7 @@ def test_headline_metrics_pair_each_mean_with_its_std():
 @pytest.mark.parametrize("bad", [3, "0,1,2", [], [0, 0], [-1], [1.5], [True]])
 def test_bad_seeds_say_how_to_pass_them(bad):
     with pytest.raises(ValueError, match="seeds must"):
-        tlkit.check_seeds(bad)
+        tlkit.compare.check_seeds(bad)
 
 
 def test_missing_metric_is_named():

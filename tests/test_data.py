@@ -50,12 +50,12 @@ def test_train_val_folders_are_used_as_given(split_folder):
 
 def test_train_and_val_with_different_classes_is_an_error(split_folder):
     (split_folder / "val" / "wasps").mkdir()
-    with pytest.raises(tlkit.DatasetUnavailableError, match="different class folders"):
+    with pytest.raises(tlkit.data.DatasetUnavailableError, match="different class folders"):
         tlkit.load_dataset(str(split_folder))
 
 
 def test_unknown_dataset_names_the_registered_ones(tmp_path):
-    with pytest.raises(tlkit.DatasetUnavailableError, match="Unknown dataset 'nope'.*clothing, clothing_full, digits, hymenoptera"):
+    with pytest.raises(tlkit.data.DatasetUnavailableError, match="Unknown dataset 'nope'.*clothing, clothing_full, digits, hymenoptera"):
         tlkit.load_dataset("nope", data_root=tmp_path)
 
 
@@ -66,7 +66,7 @@ def test_failed_download_says_where_to_put_the_data(monkeypatch, tmp_path):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
-    with pytest.raises(tlkit.DatasetUnavailableError) as info:
+    with pytest.raises(tlkit.data.DatasetUnavailableError) as info:
         tlkit.load_dataset("hymenoptera", data_root=tmp_path)
     assert HYMENOPTERA_URL in str(info.value) and str(tmp_path) in str(info.value)
     assert "dataset='clothing'" in str(info.value)
@@ -84,8 +84,8 @@ def test_eval_transform_is_deterministic_and_train_preset_can_augment(class_fold
     x = eval_tf(image)
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     assert torch.equal(x, eval_tf(image))
-    assert tlkit.is_deterministic(tlkit.train_transform(32, IMAGENET_NORM, "none"))
-    assert not tlkit.is_deterministic(tlkit.train_transform(32, IMAGENET_NORM, "basic"))
+    assert tlkit.transforms.is_deterministic(tlkit.train_transform(32, IMAGENET_NORM, "none"))
+    assert not tlkit.transforms.is_deterministic(tlkit.train_transform(32, IMAGENET_NORM, "basic"))
 
 
 def test_loader_order_depends_only_on_seed():
@@ -147,7 +147,7 @@ def test_clothing_full_downloads_the_archive_once_through_the_download_path(monk
 def test_clothing_full_offline_names_the_archive_and_the_bundled_set(monkeypatch, tmp_path):
     with served_folder(tmp_path) as url:  # serves nothing called missing.zip: a 404
         monkeypatch.setattr(tlkit.data, "CLOTHING_URL", f"{url}/missing.zip")
-        with pytest.raises(tlkit.DatasetUnavailableError) as info:
+        with pytest.raises(tlkit.data.DatasetUnavailableError) as info:
             tlkit.load_dataset("clothing_full", data_root=tmp_path / "data")
     message = str(info.value)
     assert "missing.zip" in message and str(tmp_path / "data") in message and "dataset='clothing'" in message

@@ -32,7 +32,7 @@ def _requires_grad(module: nn.Module) -> set[bool]:
 
 def test_layer_decay_gives_head_first_groups_with_powers_of_the_decay(model):
     tlkit.apply_strategy(model, "last_n_blocks", n_blocks=2)  # stage7, top, head train
-    groups = tlkit.param_groups(model, 0.1, layer_decay=0.5)
+    groups = tlkit.optim.param_groups(model, 0.1, layer_decay=0.5)
     assert [g["name"] for g in groups] == ["head", "top", "stage7"]
     assert [g["lr"] for g in groups] == pytest.approx([0.1, 0.05, 0.025])
     assert sum(p.numel() for p in groups[0]["params"]) == 1280 * 3 + 3
@@ -40,16 +40,16 @@ def test_layer_decay_gives_head_first_groups_with_powers_of_the_decay(model):
 
 
 def test_multipliers_count_every_block_below_the_head_and_lr_mult_overrides(model):
-    mult = tlkit.lr_multipliers(model, 0.5, {"stage6": 0.2})
+    mult = tlkit.optim.lr_multipliers(model, 0.5, {"stage6": 0.2})
     assert list(mult) == LITE0_BLOCKS[::-1]
     assert mult["head"] == 1 and mult["top"] == 0.5 and mult["stem"] == 0.5**9
     assert mult["stage6"] == 0.2
     with pytest.raises(ValueError, match=r"Unknown block name\(s\) \['stage9'\].*Valid names"):
-        tlkit.lr_multipliers(model, 0.5, {"stage9": 0.1})
+        tlkit.optim.lr_multipliers(model, 0.5, {"stage9": 0.1})
     with pytest.raises(ValueError, match="layer_decay must be in"):
-        tlkit.lr_multipliers(model, 0.0)
+        tlkit.optim.lr_multipliers(model, 0.0)
     with pytest.raises(ValueError, match="positive"):
-        tlkit.lr_multipliers(model, 1.0, {"top": 0})
+        tlkit.optim.lr_multipliers(model, 1.0, {"top": 0})
 
 
 def test_make_optimizer_refuses_a_fully_frozen_model(model):
@@ -74,14 +74,14 @@ def test_strategies_choose_the_trainable_blocks(model):
 
 def test_last_tensors_trains_exactly_the_last_n_and_bn_follows(model):
     tlkit.apply_strategy(model, "last_tensors", n_tensors=5)  # head weight + bias, top's BN weight + bias, top's conv weight
-    assert tlkit.trainable_tensor_names(model) == [
+    assert tlkit.finetune.trainable_tensor_names(model) == [
         "features.top.0.weight", "features.top.1.weight", "features.top.1.bias", "head.weight", "head.bias",
     ]
     model.train()
     assert model.features.top[1].training  # partly trainable block: train mode
     assert not model.features.stage7[0].bn1.training  # fully frozen block: eval mode
     tlkit.apply_strategy(model, "last_tensors", n_tensors=2)
-    assert tlkit.trainable_tensor_names(model) == ["head.weight", "head.bias"]
+    assert tlkit.finetune.trainable_tensor_names(model) == ["head.weight", "head.bias"]
     model.train()
     assert not model.features.top[1].training
 
@@ -106,13 +106,13 @@ def test_conv_block_sits_on_the_4d_feature_map(model):
     assert model.head.in_features == 16 and model.head.out_features == 3
     assert tlkit.block_names(model)[-3:] == ["top", "pool", "head"]
     assert tlkit.trainable_blocks(model) == ["pool", "head"]
-    assert tlkit.feature_map_shape(model, 64) == (1280, 2, 2)
+    assert tlkit.finetune.feature_map_shape(model, 64) == (1280, 2, 2)
 
 
 def test_gradual_unfreezing_adds_groups_to_the_same_optimizer_and_keeps_its_state(model, loaders):
     tlkit.freeze(model)
     optimizer = tlkit.make_optimizer(model, 0.01)
-    callback = tlkit.GradualUnfreezing(model, optimizer, lr=0.01, every=2, layer_decay=0.5)
+    callback = tlkit.finetune.GradualUnfreezing(model, optimizer, lr=0.01, every=2, layer_decay=0.5)
     assert callback.pending[:3] == ["top", "stage7", "stage6"]
     history = tlkit.fit(model, *loaders, epochs=3, optimizer=optimizer, on_epoch_end=callback, progress=False)
     assert len(history) == 3
@@ -127,13 +127,13 @@ def test_gradual_unfreezing_adds_groups_to_the_same_optimizer_and_keeps_its_stat
 def test_unfreeze_into_adds_only_parameters_not_yet_in_the_optimizer(model):
     tlkit.apply_strategy(model, "last_n_blocks", n_blocks=1)
     optimizer = tlkit.make_optimizer(model, 1.0)
-    added = tlkit.unfreeze_into(model, optimizer, ["top", "stage7"], 1.0, layer_decay=0.1)
+    added = tlkit.optim.unfreeze_into(model, optimizer, ["top", "stage7"], 1.0, layer_decay=0.1)
     assert [g["name"] for g in added] == ["stage7"]
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1.0, 1.0, 0.01])
 
 
 def test_fine_tune_is_two_phases_in_one_history(model, loaders):
-    history = tlkit.fine_tune(model, *loaders, head_epochs=1, epochs=1, lr=0.01, layer_decay=0.5, progress=False)
+    history = tlkit.finetune.fine_tune(model, *loaders, head_epochs=1, epochs=1, lr=0.01, layer_decay=0.5, progress=False)
     assert history.epoch == [1, 2]
     assert tlkit.trainable_blocks(model) == LITE0_BLOCKS
 
@@ -155,7 +155,7 @@ def test_run_strategy_trains_on_images_and_counts_the_final_trainable_parameters
 
 
 def test_freeze_batchnorm_fixes_statistics_while_convolutions_train(model):
-    tlkit.unfreeze(tlkit.freeze_batchnorm(model))
+    tlkit.unfreeze(tlkit.finetune.freeze_batchnorm(model))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.features.modules())
     before = model.features.top[1].running_mean.clone()
     model.train()

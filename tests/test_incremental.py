@@ -82,7 +82,7 @@ def test_notebook_05_reports_forgetting_for_every_run(tmp_path):
 
 def _first_checkpoint(tmp_path, class_folder):
     """A 2-class model (last block + head trained one epoch through the prefix cache) saved as a checkpoint."""
-    splits = tlkit.image_folder(class_folder, seed=0)
+    splits = tlkit.data.image_folder(class_folder, seed=0)
     old = splits.train.select_classes(splits.classes[:2])
     tlkit.set_seed(0)
     model = tlkit.create_model("efficientnet_lite0", 2, "imagenet")

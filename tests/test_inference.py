@@ -18,7 +18,7 @@ CLASSES = ["red", "green", "blue"]
 def saved_model(tmp_path):
     tlkit.set_seed(0)
     model = tlkit.create_model("efficientnet_lite0", len(CLASSES), "imagenet")
-    return model, tlkit.save_checkpoint(tmp_path / "model.pt", model, classes=CLASSES, epoch=1)
+    return model, tlkit.checkpoints.save_checkpoint(tmp_path / "model.pt", model, classes=CLASSES, epoch=1)
 
 
 @pytest.fixture

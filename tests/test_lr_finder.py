@@ -159,6 +159,6 @@ def test_batchnorm_report_tells_frozen_from_training_blocks_and_the_drift_trap()
     model.eval_frozen_blocks = False  # frozen blocks in train mode: their statistics drift (PyTorch #86590)
     drifting = batchnorm_report(model)
     assert drifting.loc["stage6"].tolist() == [True, 12, 12, True]
-    tlkit.freeze_batchnorm(model)  # fixed BatchNorm counts as BatchNorm that never updates
+    tlkit.finetune.freeze_batchnorm(model)  # fixed BatchNorm counts as BatchNorm that never updates
     fixed = batchnorm_report(model)
     assert fixed.loc["stage6", "batchnorm layers"] == 12 and fixed["updating in train()"].sum() == 0

@@ -104,7 +104,7 @@ def test_missing_weights_download_says_what_to_do(monkeypatch, tmp_path):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(tlkit.WeightsUnavailableError) as info:
+    with pytest.raises(tlkit.models.WeightsUnavailableError) as info:
         tlkit.create_model("resnet18", 2, weights="imagenet")
     message = str(info.value)
     assert "resnet18-f37072fd.pth" in message

@@ -76,7 +76,7 @@ def test_every_figure_function_is_defined_in_plots():
     elsewhere = {name for name in found if not name.startswith("tlkit.plots.")}
     assert elsewhere <= FIGURES_ELSEWHERE, f"figure functions outside tlkit.plots: {sorted(elsewhere - FIGURES_ELSEWHERE)}"
     assert FIGURES_ELSEWHERE <= elsewhere, f"no longer outside tlkit.plots, drop from the list: {sorted(FIGURES_ELSEWHERE - elsewhere)}"
-    assert not hasattr(tlkit.LRFinderResult, "plot")  # tlkit.plot_lr_find(result) draws it
+    assert not hasattr(tlkit.lr_finder.LRFinderResult, "plot")  # tlkit.plot_lr_find(result) draws it
 
 
 def _history(val_acc, epoch_time) -> History:

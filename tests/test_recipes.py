@@ -98,7 +98,7 @@ def test_run_result_always_has_val_acc_and_reads_groups_and_predictions():
 
 @pytest.fixture
 def splits(class_folder):
-    return tlkit.image_folder(class_folder, seed=0)
+    return tlkit.data.image_folder(class_folder, seed=0)
 
 
 def _is_run_result(result, name=None):

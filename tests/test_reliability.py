@@ -78,7 +78,7 @@ def test_phone_photos_are_loaded_and_predicted_upright(tmp_path):
     eval_tf = tlkit.eval_transform(16, IMAGENET_NORM)  # on a photo opened directly, too
     with Image.open(root / "dogs" / "IMG_0.jpg") as photo:
         assert torch.equal(eval_tf(photo), eval_tf(ImageOps.exif_transpose(photo)))
-    assert tlkit.is_deterministic(eval_tf)
+    assert tlkit.transforms.is_deterministic(eval_tf)
 
 
 # --- 2. split folders in any case, and split-like folders that are not classes -------------------------
@@ -110,7 +110,7 @@ def test_folders_that_hold_class_folders_are_not_classes(tmp_path, layout, messa
     root = tmp_path / "nested"
     for split in layout:
         _two_classes(root / split)
-    with pytest.raises(tlkit.DatasetUnavailableError, match=message) as info:
+    with pytest.raises(tlkit.data.DatasetUnavailableError, match=message) as info:
         tlkit.load_dataset(str(root))
     assert "train/ and val/ (optionally test/" in str(info.value)
 
@@ -119,7 +119,7 @@ def test_split_folders_holding_images_directly_are_not_classes(tmp_path):
     root = tmp_path / "flat_splits"
     write_images(root / "train", 4, (200, 40, 40), seed=0)
     write_images(root / "test", 4, (40, 40, 200), seed=1)
-    with pytest.raises(tlkit.DatasetUnavailableError, match=r"\(test/, train/\) look like split folders, not classes"):
+    with pytest.raises(tlkit.data.DatasetUnavailableError, match=r"\(test/, train/\) look like split folders, not classes"):
         tlkit.load_dataset(str(root))
 
 
@@ -154,7 +154,7 @@ def test_a_model_with_fewer_outputs_than_labels_names_expand_head():
     loader = tlkit.make_loader(data, None, 4, shuffle=True, seed=0)
     with pytest.raises(ValueError, match=r"head has 2 outputs but the data has labels up to 3, so at least 4 classes") as info:
         tlkit.fit(nn.Linear(5, 2), loader, loader, epochs=1, progress=False)
-    assert "tlkit.expand_head(model, 2)" in str(info.value)
+    assert "tlkit.incremental.expand_head(model, 2)" in str(info.value)
     with pytest.raises(ValueError, match="evaluate: the model's head has 2 outputs"):
         tlkit.evaluate(nn.Linear(5, 2), loader)
 
@@ -185,51 +185,51 @@ def test_the_head_check_goes_through_wrappers_and_soft_labels_without_reading_an
     inner = nn.Module()
     inner.head = nn.Sequential(nn.Dropout(0.1), nn.Linear(4, 3))
     loader = tlkit.make_loader(Untouchable(), lambda x: x, 2, shuffle=True)
-    tlkit.check_head_fits(Wrapper(inner), loader)  # 3 outputs, 3 classes: passes without loading anything
+    tlkit.train.check_head_fits(Wrapper(inner), loader)  # 3 outputs, 3 classes: passes without loading anything
     inner.head = nn.Linear(4, 5)
     with pytest.raises(ValueError, match="5 outputs but the data has 3 classes"):
-        tlkit.check_head_fits(Wrapper(inner), loader)
+        tlkit.train.check_head_fits(Wrapper(inner), loader)
     soft = TensorDataset(torch.randn(4, 2), torch.softmax(torch.randn(4, 6), 1))  # MixUp-style targets
-    tlkit.check_head_fits(nn.Linear(2, 6), tlkit.make_loader(soft, None, 2, shuffle=False))
+    tlkit.train.check_head_fits(nn.Linear(2, 6), tlkit.make_loader(soft, None, 2, shuffle=False))
     with pytest.raises(ValueError, match="4 outputs but the data has 6 classes"):
-        tlkit.check_head_fits(nn.Linear(2, 4), tlkit.make_loader(soft, None, 2, shuffle=False))
+        tlkit.train.check_head_fits(nn.Linear(2, 4), tlkit.make_loader(soft, None, 2, shuffle=False))
 
 
 # --- 4. parameters checked before the long run ---------------------------------------------------------
 
 
 def test_lists_given_as_text_are_parsed_or_explained():
-    assert tlkit.parse_list("data_curve", "[]") == []
-    assert tlkit.parse_list("data_curve", "[5, 10, null]") == [5, 10, None]
-    assert tlkit.parse_list("data_curve", "[5, 10, None]") == [5, 10, None]
-    assert tlkit.parse_list("data_curve", "5,10") == [5, 10]
-    assert tlkit.parse_list("compare", "head, full") == ["head", "full"]
-    assert tlkit.parse_list("data_curve", [5, None]) == [5, None]
+    assert tlkit.params.parse_list("data_curve", "[]") == []
+    assert tlkit.params.parse_list("data_curve", "[5, 10, null]") == [5, 10, None]
+    assert tlkit.params.parse_list("data_curve", "[5, 10, None]") == [5, 10, None]
+    assert tlkit.params.parse_list("data_curve", "5,10") == [5, 10]
+    assert tlkit.params.parse_list("compare", "head, full") == ["head", "full"]
+    assert tlkit.params.parse_list("data_curve", [5, None]) == [5, None]
     with pytest.raises(ValueError) as info:
-        tlkit.parse_list("data_curve", "[5, 10")
+        tlkit.params.parse_list("data_curve", "[5, 10")
     message = str(info.value)
     assert "data_curve must be a list" in message and "-y 'data_curve: [5, 10]'" in message and "-r data_curve '[5, 10]'" in message
     with pytest.raises(ValueError, match=r"data_curve\[1\] must be a whole number of at least 1 \(or None\), got 'x'"):
-        tlkit.parse_list("data_curve", "[5, 'x']", item=tlkit.params.rule(tlkit.check_int, minimum=1, allow_none=True))
+        tlkit.params.parse_list("data_curve", "[5, 'x']", item=tlkit.params.rule(tlkit.params.check_int, minimum=1, allow_none=True))
 
 
 def test_numbers_seeds_and_text_are_checked_with_their_names():
-    assert tlkit.check_int("epochs", "5", minimum=1) == 5
+    assert tlkit.params.check_int("epochs", "5", minimum=1) == 5
     with pytest.raises(ValueError, match="epochs must be a whole number of at least 1, got 0"):
-        tlkit.check_int("epochs", 0, minimum=1)
+        tlkit.params.check_int("epochs", 0, minimum=1)
     with pytest.raises(ValueError, match="batch_size must be a whole number of at least 1, got 3.5"):
-        tlkit.check_int("batch_size", 3.5, minimum=1)
-    assert tlkit.check_float("lr", "1e-3", positive=True) == 1e-3
+        tlkit.params.check_int("batch_size", 3.5, minimum=1)
+    assert tlkit.params.check_float("lr", "1e-3", positive=True) == 1e-3
     with pytest.raises(ValueError, match="lr must be a positive number, got -0.001"):
-        tlkit.check_float("lr", -1e-3, positive=True)
-    assert tlkit.check_seed_list("seeds", "0,1,2") == [0, 1, 2]
+        tlkit.params.check_float("lr", -1e-3, positive=True)
+    assert tlkit.params.check_seed_list("seeds", "0,1,2") == [0, 1, 2]
     for bad in ([0, 2**32], [-1], [0, 0], []):
         with pytest.raises(ValueError, match="seeds"):
-            tlkit.check_seed_list("seeds", bad)
-    assert tlkit.check_seed_list("scratch_seeds", "[]", allow_empty=True) == []
+            tlkit.params.check_seed_list("seeds", bad)
+    assert tlkit.params.check_seed_list("scratch_seeds", "[]", allow_empty=True) == []
     with pytest.raises(ValueError, match=r"dataset must be a registered dataset name .* got ''"):
-        tlkit.check_dataset("")
-    assert tlkit.check_bool("progress", "false") is False
+        tlkit.data.check_dataset("")
+    assert tlkit.params.check_bool("progress", "false") is False
 
 
 def _notebook_defaults(path: Path) -> dict:
@@ -278,13 +278,13 @@ def test_a_second_fit_on_the_same_model_says_that_the_epoch_count_restarts():
     loader = tlkit.make_loader(data, None, 8, shuffle=False)
     model = nn.Linear(3, 2)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", tlkit.RepeatedFitWarning)
+        warnings.simplefilter("error", tlkit.train.RepeatedFitWarning)
         first = tlkit.fit(model, loader, loader, epochs=2, progress=False)
-    with pytest.warns(tlkit.RepeatedFitWarning, match=r"already trained this model for 2 epoch\(s\).*history=") as record:
+    with pytest.warns(tlkit.train.RepeatedFitWarning, match=r"already trained this model for 2 epoch\(s\).*history=") as record:
         tlkit.fit(model, loader, loader, epochs=1, progress=False)
-    assert len(_categories(record, tlkit.RepeatedFitWarning)) == 1
+    assert len(_categories(record, tlkit.train.RepeatedFitWarning)) == 1
     with warnings.catch_warnings():
-        warnings.simplefilter("error", tlkit.RepeatedFitWarning)
+        warnings.simplefilter("error", tlkit.train.RepeatedFitWarning)
         continued = tlkit.fit(model, loader, loader, epochs=1, progress=False, history=first)
         assert continued.epoch == [1, 2, 3]  # the count goes on
         model.reset_parameters()  # a fresh start (as tlkit.fit_head_with_remedy does): no warning
@@ -370,7 +370,7 @@ def test_a_checkpoint_into_an_unwritable_folder_names_the_target_and_fit_keeps_t
         if len(history) == 2:
             unwritable(folder)
 
-    with pytest.raises(tlkit.CheckpointSaveError) as info:
+    with pytest.raises(tlkit.checkpoints.CheckpointSaveError) as info:
         tlkit.fit(nn.Linear(3, 2), loader, loader, epochs=5, progress=False, checkpoint_path=target,
                   classes=["x", "y"], on_epoch_end=lock_after_epoch_2)
     message = str(info.value)
@@ -383,7 +383,7 @@ def test_a_checkpoint_into_an_unwritable_folder_names_the_target_and_fit_keeps_t
 def test_checkpoints_and_caches_get_the_users_usual_permissions(tmp_path):
     old = os.umask(0o022)
     try:
-        path = tlkit.save_checkpoint(tmp_path / "c.pt", nn.Linear(3, 2), classes=["x", "y"], epoch=1)
+        path = tlkit.checkpoints.save_checkpoint(tmp_path / "c.pt", nn.Linear(3, 2), classes=["x", "y"], epoch=1)
         _features(4, tmp_path / "cache", _MeanFeatures())
     finally:
         os.umask(old)
@@ -416,10 +416,10 @@ def test_nested_and_linked_subfolders_are_used_with_one_warning_and_broken_links
     (root / "cats" / "loop").symlink_to(root / "cats", target_is_directory=True)  # must not recurse forever
     with pytest.warns(UserWarning) as record:
         splits = tlkit.load_dataset(str(root), val_fraction=0.5)
-    (nested,) = _categories(record, tlkit.NestedFoldersWarning)
+    (nested,) = _categories(record, tlkit.data.NestedFoldersWarning)
     assert f"{root / 'cats' / '2019'}: 3 image(s)" in nested
     assert f"{root / 'dogs' / 'more'}: 2 image(s) (through a link: {tmp_path / 'elsewhere'})" in nested
-    (skipped,) = _categories(record, tlkit.SkippedFilesWarning)
+    (skipped,) = _categories(record, tlkit.data.SkippedFilesWarning)
     assert f"{root / 'dogs' / 'gone.jpg'}: broken link" in skipped
     summary = splits.summary()
     assert {c: summary["train"][c] + summary["val"][c] for c in splits.classes} == {"cats": 4 + 3, "dogs": 4 + 2}
@@ -430,9 +430,9 @@ def test_gif_is_read_as_its_first_frame_and_heic_gets_a_converter_hint(tmp_path)
     frames = [Image.new("RGB", (16, 16), (230, 20, 20)), Image.new("RGB", (16, 16), (20, 20, 230))]
     frames[0].save(root / "cats" / "wave.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
     (root / "dogs" / "IMG_1234.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
-    with pytest.warns(tlkit.SkippedFilesWarning) as record:
+    with pytest.warns(tlkit.data.SkippedFilesWarning) as record:
         splits = tlkit.load_dataset(str(root), val_fraction=0.5)
-    (skipped,) = _categories(record, tlkit.SkippedFilesWarning)
+    (skipped,) = _categories(record, tlkit.data.SkippedFilesWarning)
     assert "IMG_1234.HEIC" in skipped and "pip install pillow-heif" in skipped and "sips -s format jpeg" in skipped
     everything = [image for ds in (splits.train, splits.val) for image, _ in ds]
     assert len(everything) == 9

@@ -118,7 +118,7 @@ def test_fit_with_layer_decay_and_gradual_unfreezing(name, frozen, trained):
     assert groups["head"] == 1e-3 and groups[trained] == pytest.approx(1e-3 * 0.5 ** (len(below) - 1 - below.index(trained)))
     frozen_before = [p.clone() for p in model.blocks()[frozen].parameters()]
     trained_before = [p.clone() for p in model.blocks()[trained].parameters()]
-    gradual = tlkit.GradualUnfreezing(model, optimizer, lr=1e-3, layer_decay=0.5, order=[frozen])
+    gradual = tlkit.finetune.GradualUnfreezing(model, optimizer, lr=1e-3, layer_decay=0.5, order=[frozen])
     history = tlkit.fit(model, train_loader, val_loader, epochs=1, optimizer=optimizer, progress=False, on_epoch_end=gradual)
     assert len(history.val_acc) == 1 and gradual.unfrozen == [(1, frozen)]
     assert all(torch.equal(a, b) for a, b in zip(frozen_before, model.blocks()[frozen].parameters()))  # trained 0 steps
@@ -154,7 +154,7 @@ def test_freeze_panel_toggles_timm_blocks(cnn):
 
 
 def test_checkpoint_of_a_timm_model_reloads_without_network(tmp_path, cnn):
-    path = tlkit.save_checkpoint(tmp_path / "timm.pt", cnn, classes=list("abcd"), epoch=1)
+    path = tlkit.checkpoints.save_checkpoint(tmp_path / "timm.pt", cnn, classes=list("abcd"), epoch=1)
     reloaded, ckpt = tlkit.model_from_checkpoint(path)
     assert ckpt.backbone == TIMM_PREFIX + CNN and tlkit.block_names(reloaded) == tlkit.block_names(cnn)
     x = torch.randn(2, 3, 32, 32)
@@ -200,7 +200,7 @@ def test_unknown_timm_names_and_weights_say_what_to_use():
         tlkit.create_model("convnext_tiny", 2)
     with pytest.raises(tlkit.models.TimmBackboneError, match="two heads"):
         tlkit.create_model("timm:deit_tiny_distilled_patch16_224", 2, weights=None)
-    listed = tlkit.available_backbones("resnet1*")
+    listed = tlkit.models.available_backbones("resnet1*")
     assert "timm:resnet18.a1_in1k" in listed and all(n.startswith(TIMM_PREFIX) for n in listed)
 
 
@@ -236,4 +236,4 @@ def test_num_classes_none_keeps_timms_pretrained_classifier(monkeypatch):
 def test_conv_block_on_a_vit_says_to_use_a_cnn():
     model = tlkit.create_model("timm:vit_tiny_patch16_224", 3, weights=None)
     with pytest.raises(ValueError, match="tokens.*CNN backbone"):
-        tlkit.add_conv_block(model)
+        tlkit.finetune.add_conv_block(model)
