@@ -61,7 +61,6 @@ from .feature_store import cached_features, features_key
 from .finetune import (
     BN_MODES,
     STRATEGIES,
-    Callbacks,
     GradualUnfreezing,
     add_conv_block,
     apply_strategy,
@@ -173,8 +172,13 @@ from .prefix_cache import PrefixCache, PrefixCacheStats, PrefixCacheTooLargeErro
 from .recipes import RunResult, evaluate_on, linear_probe, train_all
 from .results import write_results
 from .train import (
+    Callback,
+    EarlyStopping,
+    FitState,
     History,
     RepeatedFitWarning,
+    RestoreBest,
+    SaveCheckpoint,
     TrainingInterrupted,
     below_head_frozen,
     check_head_fits,

@@ -29,7 +29,7 @@ from .models import Normalization, block_names, create_model, freeze, parameter_
 from .plots import show_images
 from .prefix_cache import PrefixBatches, PrefixCache
 from .recipes import RunResult, train_head_on_features
-from .train import below_head_frozen, fit, set_seed
+from .train import Callback, FitState, below_head_frozen, fit, set_seed
 
 PRESETS = ("none", "basic", "strong", "trivialaugment", "randaugment")
 MIXES = ("mixup", "cutmix", "mixup_or_cutmix")
@@ -283,7 +283,7 @@ def fine_tune_augmented(
     cache_dir: str | Path | None = None,
     name: str = "",
     progress: bool = False,
-    on_epoch_end: Callable | None = None,
+    callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
 ) -> RunResult:
     """Fine-tune the blocks above ``freeze_up_to`` (default: the backbone's last block and the head) with ``augment``.
 
@@ -302,7 +302,7 @@ def fine_tune_augmented(
     start = time.perf_counter()
     if feature_cache_allowed(model, augment, mix=mix, cache_features=cache_features):
         history = train_head_on_features(model, splits, image_size, batch_size=batch_size, epochs=epochs, lr=lr, seed=seed,
-                                         device=device, val_batch_size=val_batch, progress=progress, on_epoch_end=on_epoch_end)
+                                         device=device, val_batch_size=val_batch, progress=progress, callbacks=callbacks)
     else:
         loaders = dict(image_size=image_size, batch_size=batch_size, seed=seed, device=device, hflip=hflip, mix=mix, on_device=on_device)
         if prefix_cache:
@@ -313,7 +313,7 @@ def fine_tune_augmented(
             train_loader = _augmented_train_loader(splits, model, augment, **loaders)
             val_loader = _val_loader(splits, model, image_size=image_size, val_batch=val_batch, device=device, on_device=on_device)
         history = fit(stepper, train_loader, val_loader, epochs=epochs, lr=lr, device=device,
-                      progress=progress, on_epoch_end=on_epoch_end)
+                      progress=progress, callbacks=callbacks)
     seconds = time.perf_counter() - start
     label = name or f"{augment}{' + ' + mix if mix else ''}"
     return RunResult(label, model, history, seconds, parameter_counts(model)["total"]["trainable"])

@@ -20,7 +20,7 @@ from .data import DatasetSplits, eval_transform, make_loader
 from .models import HEAD, TransferModel, _check_names, block_names, create_model, freeze, parameter_counts, set_trainable
 from .prefix_cache import PrefixCache, prefix_cache_allowed
 from .recipes import RunResult
-from .train import History, fit, is_deterministic, set_seed
+from .train import Callback, FitState, History, fit, is_deterministic, set_seed
 
 BN_MODES = ("default", "train", "frozen")
 STRATEGIES = ("head", "last_block", "last_n_blocks", "last_tensors", "blocks", "gradual", "two_phase", "full", "conv_block")
@@ -234,8 +234,8 @@ def _num_classes(model: TransferModel) -> int:
 # --- gradual unfreezing and two-phase fine-tuning ------------------------------------------------------
 
 
-class GradualUnfreezing:
-    """``fit(on_epoch_end=...)`` callback: unfreeze one more block every ``every`` epochs, from the top down.
+class GradualUnfreezing(Callback):
+    """``fit(callbacks=[...])`` callback: unfreeze one more block every ``every`` epochs, from the top down.
 
     Each block's parameters join the existing optimizer through ``add_param_group`` (as
     Lightning's BackboneFinetuning does): the optimizer object and its state (e.g. Adam's moments
@@ -265,34 +265,12 @@ class GradualUnfreezing:
         self.epochs_seen = 0
         self.unfrozen: list[tuple[int, str]] = []  # (epoch after which it was unfrozen, block)
 
-    def __call__(self, history: History) -> None:
+    def on_epoch_end(self, state: FitState) -> None:
         self.epochs_seen += 1
         if self.epochs_seen % self.every == 0 and self.pending:
             name = self.pending.pop(0)
             unfreeze_into(self.model, self.optimizer, [name], self.lr, layer_decay=self.layer_decay, lr_mult=self.lr_mult)
-            self.unfrozen.append((history.epoch[-1] if history.epoch else self.epochs_seen, name))
-
-
-class Callbacks:
-    """Several ``on_epoch_end`` callbacks as one; ``end`` runs the ``end`` of those that have one."""
-
-    def __init__(self, *callbacks: Callable[[History], None] | None) -> None:
-        self.callbacks = [c for c in callbacks if c is not None]
-
-    def __call__(self, history: History) -> None:
-        for callback in self.callbacks:
-            callback(history)
-
-    def end(self, history: History) -> None:
-        """Finish every callback that can be finished."""
-        for callback in self.callbacks:
-            if hasattr(callback, "end"):
-                callback.end(history)
-
-
-def _without_end(callback: Callable[[History], None] | None) -> Callable[[History], None] | None:
-    """The same callback without its ``end`` (for the first of two fit calls that share it)."""
-    return None if callback is None else (lambda history: callback(history))
+            self.unfrozen.append((state.history.epoch[-1] if state.history.epoch else self.epochs_seen, name))
 
 
 def fine_tune(
@@ -308,22 +286,24 @@ def fine_tune(
     unfreeze: Sequence[str] | None = None,
     weight_decay: float = 0.0,
     device: torch.device | str = "cpu",
-    on_epoch_end: Callable[[History], None] | None = None,
+    callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
     progress: bool = True,
 ) -> History:
     """Two phases, one History: the head alone for ``head_epochs``, then ``unfreeze`` (default: every block) for ``epochs``.
 
     One AdamW optimizer throughout: phase 2 adds the unfrozen blocks to it with lower learning
     rates (``lr * layer_decay ** k`` for the block k places below the head; ``lr_mult`` overrides),
-    while the head keeps ``lr`` and its optimizer state.
+    while the head keeps ``lr`` and its optimizer state. ``callbacks`` run after every epoch of both
+    phases; their ``on_fit_end`` once, at the end of phase 2.
     """
     freeze(model)
     optimizer = make_optimizer(model, lr, weight_decay=weight_decay)
     common = dict(device=device, progress=progress, optimizer=optimizer)
-    history = fit(model, train_loader, val_loader, epochs=head_epochs, on_epoch_end=_without_end(on_epoch_end), **common)
+    epoch_ends = [c.on_epoch_end if isinstance(c, Callback) else c for c in callbacks]  # phase 1: no on_fit_end yet
+    history = fit(model, train_loader, val_loader, epochs=head_epochs, callbacks=epoch_ends, **common)
     names = blocks_below_head(model) if unfreeze is None else list(unfreeze)
     unfreeze_into(model, optimizer, names, lr, layer_decay=layer_decay, lr_mult=lr_mult)
-    return fit(model, train_loader, val_loader, epochs=epochs, history=history, on_epoch_end=on_epoch_end, **common)
+    return fit(model, train_loader, val_loader, epochs=epochs, resume_from=history, callbacks=callbacks, **common)
 
 
 # --- strategies as recipes ----------------------------------------------------------------------------
@@ -379,7 +359,7 @@ def run_strategy(
     bn: str = "default",
     name: str = "",
     progress: bool = False,
-    on_epoch_end: Callable[[History], None] | None = None,
+    callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
     train_transform: Callable | None = None,
     prefix_cache: bool = False,
     cache_dir: str | Path | None = None,
@@ -429,17 +409,16 @@ def run_strategy(
     if strategy == "two_phase":
         history = fine_tune(
             model, train_loader, val_loader, head_epochs=head_epochs, epochs=epochs - head_epochs, lr=lr,
-            on_epoch_end=on_epoch_end, **decay, **common,
+            callbacks=callbacks, **decay, **common,
         )
     else:
         optimizer = make_optimizer(model, lr, **decay)
-        callback = on_epoch_end
         if strategy == "gradual":
             # unfreeze only blocks that get at least one epoch of training (none after the last epoch)
             order = blocks_below_head(model)[::-1][: (epochs - 1) // unfreeze_every]
             unfreezing = GradualUnfreezing(model, optimizer, lr=lr, every=unfreeze_every, order=order, **decay)
-            callback = Callbacks(unfreezing, on_epoch_end)
-        history = fit(stepper, train_loader, val_loader, epochs=epochs, optimizer=optimizer, on_epoch_end=callback, **common)
+            callbacks = [unfreezing, *callbacks]
+        history = fit(stepper, train_loader, val_loader, epochs=epochs, optimizer=optimizer, callbacks=callbacks, **common)
     seconds = time.perf_counter() - start
     label = name or (strategy if bn == "default" else f"{strategy}, BN {bn}")
     if not prefix_cache:

@@ -16,7 +16,7 @@ from .checkpoints import model_from_checkpoint
 from .data import LabeledImages, limit_per_class, make_loader
 from .models import TransferModel, block_names, set_trainable
 from .prefix_cache import PrefixCache, PrefixCacheStats, Suffix, prefix_activations
-from .train import History, fit, predict, set_seed
+from .train import Callback, EarlyStopping, FitState, History, fit, predict, set_seed
 
 
 def select_classes(ds: LabeledImages, classes: Sequence[str]) -> LabeledImages:
@@ -114,15 +114,18 @@ class DistillationLoss(nn.Module):
         self._hook.remove()
 
 
-class AccuracyTracker:
-    """An ``on_epoch_end`` callback: accuracy on groups of classes of one validation loader, after every epoch."""
+class AccuracyTracker(Callback):
+    """A ``fit`` callback: accuracy on groups of classes of the validation set, after every epoch.
 
-    def __init__(self, model: nn.Module, loader: DataLoader, groups: dict[str, Sequence[int]], device: torch.device | str = "cpu") -> None:
-        self.model, self.loader, self.groups, self.device = model, loader, groups, device
+    It scores the outputs of fit's own validation pass (``state.val_logits``), so the model does not run twice.
+    """
+
+    def __init__(self, groups: dict[str, Sequence[int]]) -> None:
+        self.groups = groups
         self.acc: dict[str, list[float]] = {name: [] for name in groups}
 
-    def __call__(self, history: History) -> None:
-        for name, value in group_accuracy(self.model, self.loader, self.groups, self.device).items():
+    def on_epoch_end(self, state: FitState) -> None:
+        for name, value in _accuracy_by_group(state.val_logits.argmax(1) == state.val_labels, state.val_labels, self.groups).items():
             self.acc[name].append(value)
 
 
@@ -141,7 +144,11 @@ def group_accuracy(
     """
     cached = prefix_activations(model, loader, device, cache_dir=cache_dir) if cache_dir is not None and isinstance(model, TransferModel) else None
     probs, labels = predict(*(cached or (model, loader)), device)
-    correct = probs.argmax(1) == labels
+    return _accuracy_by_group(probs.argmax(1) == labels, labels, groups)
+
+
+def _accuracy_by_group(correct: torch.Tensor, labels: torch.Tensor, groups: dict[str, Sequence[int]]) -> dict[str, float]:
+    """The share of ``correct`` predictions among the items whose label is in each group (NaN for an empty group)."""
     out = {}
     for name, members in groups.items():
         mask = torch.isin(labels, torch.tensor(list(members)))
@@ -227,13 +234,15 @@ def continue_training(
         loaders = {name: cache.loader(name, batch_size, shuffle=name == "train", seed=seed) for name in ordered}
         if teacher is not None:
             teacher = Suffix(teacher.to(device), cache.boundary)  # the teacher's frozen blocks are the student's
-    tracker = AccuracyTracker(stepper, loaders["val"], groups, device)
+    tracker = AccuracyTracker(groups)
+    # the tracker records the epoch before early stopping decides (it records the last epoch too)
+    callbacks = [tracker] if early_stopping_patience is None else [tracker, EarlyStopping(early_stopping_patience)]
     loss_fn = DistillationLoss(stepper, teacher.to(device)) if teacher is not None else None
     try:
         history = fit(
             stepper, loaders["train"], loaders["val"],
             epochs=epochs, optimizer=optimizer, scheduler="plateau", device=device, loss_fn=loss_fn,
-            early_stopping_patience=early_stopping_patience, on_epoch_end=tracker, progress=False,
+            callbacks=callbacks, progress=False,
         )
     finally:
         if loss_fn is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from .data import DatasetSplits, eval_transform, make_loader
 from .feature_store import cached_features
 from .models import TransferModel, create_model, freeze, parameter_counts, unfreeze
 from .prefix_cache import PrefixCacheStats, evaluate_from_prefix
-from .train import History, below_head_frozen, evaluate, fit, fit_head, set_seed
+from .train import Callback, FitState, History, below_head_frozen, evaluate, fit, fit_head, set_seed
 
 
 @dataclass
@@ -56,7 +56,7 @@ def train_head_on_features(
     device: torch.device | str = "cpu",
     val_batch_size: int | None = None,
     progress: bool = False,
-    on_epoch_end: Callable[[History], None] | None = None,
+    callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
     cache_dir: str | Path | None = None,
 ) -> History:
     """Run ``model``'s frozen backbone once over both splits (eval transform), then train its head on those features.
@@ -70,7 +70,7 @@ def train_head_on_features(
     val = features(model, make_loader(splits.val, transform, val_batch_size or batch_size, shuffle=False))
     history = fit_head(
         model, train, val, epochs=epochs, batch_size=batch_size, seed=seed, lr=lr,
-        device=device, progress=progress, on_epoch_end=on_epoch_end,
+        device=device, progress=progress, callbacks=callbacks,
     )
     model.to(device)  # the backbone stayed where extraction put it; keep model and head together
     return history
@@ -89,7 +89,7 @@ def linear_probe(
     device: torch.device | str = "cpu",
     name: str = "",
     progress: bool = False,
-    on_epoch_end: Callable[[History], None] | None = None,
+    callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
     cache_dir: str | Path | None = None,
 ) -> RunResult:
     """Freeze the whole backbone, cache its features once (on disk too with ``cache_dir``), train a new linear head on them."""
@@ -98,7 +98,7 @@ def linear_probe(
     start = time.perf_counter()
     history = train_head_on_features(
         model, splits, image_size, batch_size=batch_size, epochs=epochs, lr=lr, seed=seed,
-        device=device, progress=progress, on_epoch_end=on_epoch_end, cache_dir=cache_dir,
+        device=device, progress=progress, callbacks=callbacks, cache_dir=cache_dir,
     )
     seconds = time.perf_counter() - start
     return RunResult(name or f"{weights or 'random'} frozen + head", model, history, seconds, parameter_counts(model)["total"]["trainable"])
@@ -117,7 +117,7 @@ def train_all(
     device: torch.device | str = "cpu",
     name: str = "",
     progress: bool = False,
-    on_epoch_end: Callable[[History], None] | None = None,
+    callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
 ) -> RunResult:
     """Train every block of ``backbone`` (from ``weights``, or from random init when None) with a new head."""
     set_seed(seed)
@@ -128,7 +128,7 @@ def train_all(
     start = time.perf_counter()
     history = fit(
         model, train_loader, val_loader, epochs=epochs, lr=lr, device=device,
-        progress=progress, on_epoch_end=on_epoch_end,
+        progress=progress, callbacks=callbacks,
     )
     seconds = time.perf_counter() - start
     return RunResult(name or f"{weights or 'random'} init, all blocks train", model, history, seconds, parameter_counts(model)["total"]["trainable"])
