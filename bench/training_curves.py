@@ -46,8 +46,9 @@ def main() -> None:
         train_loader = tlkit.make_loader(splits.train, tlkit.train_transform(args.image_size, norm, "basic"), args.batch_size, shuffle=True)
         val_loader = tlkit.make_loader(splits.val, tlkit.eval_transform(args.image_size, norm), args.batch_size, shuffle=False)
     title = f"{splits.name}, {args.image_size}px, frozen up to {args.frozen_up_to}, {device}" + (", compiled" if args.compile else "")
-    history = tlkit.fit(model, train_loader, val_loader, epochs=args.epochs, lr=1e-3, device=device, progress=False,
-                        compile=args.compile, on_epoch_end=tlkit.LiveCurves(title, args.out))
+    stepper = torch.compile(model) if args.compile else model  # shares the model's parameters
+    history = tlkit.fit(stepper, train_loader, val_loader, epochs=args.epochs, lr=1e-3, device=device, progress=False,
+                        callbacks=[tlkit.LiveCurves(title, args.out)])
     table = pd.DataFrame(history.to_dict()).drop(columns=["interrupted"]).set_index("epoch")
     print(f"{title}; torch {torch.__version__}" + (f", {torch.cuda.get_device_name(device)}" if on_gpu else ""))
     print(table.round(4).to_string())

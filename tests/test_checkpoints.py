@@ -21,7 +21,7 @@ def _run(tmp_path, epochs, resume=None, ckpt_name="ckpt.pt"):
     val_loader = tlkit.make_loader(val, None, 16, shuffle=False)
     sched = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
     history = tlkit.fit(model, loader, val_loader, epochs=epochs, lr=3e-3, scheduler=sched, progress=False,
-                        checkpoint_path=tmp_path / ckpt_name, resume_from=resume, classes=TOY_CLASSES)
+                        callbacks=[tlkit.SaveCheckpoint(tmp_path / ckpt_name, TOY_CLASSES)], resume_from=resume)
     return model, history
 
 

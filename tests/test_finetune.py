@@ -114,7 +114,7 @@ def test_gradual_unfreezing_adds_groups_to_the_same_optimizer_and_keeps_its_stat
     optimizer = tlkit.make_optimizer(model, 0.01)
     callback = tlkit.finetune.GradualUnfreezing(model, optimizer, lr=0.01, every=2, layer_decay=0.5)
     assert callback.pending[:3] == ["top", "stage7", "stage6"]
-    history = tlkit.fit(model, *loaders, epochs=3, optimizer=optimizer, on_epoch_end=callback, progress=False)
+    history = tlkit.fit(model, *loaders, epochs=3, optimizer=optimizer, callbacks=[callback], progress=False)
     assert len(history) == 3
     assert callback.unfrozen == [(2, "top")]  # after epoch 2 only (every=2)
     assert [g["name"] for g in optimizer.param_groups] == ["head", "top"]
@@ -132,18 +132,35 @@ def test_unfreeze_into_adds_only_parameters_not_yet_in_the_optimizer(model):
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1.0, 1.0, 0.01])
 
 
+class Record(tlkit.Callback):
+    def __init__(self):
+        self.epochs, self.ended = [], []
+
+    def on_epoch_end(self, state):
+        self.epochs.append(state.epoch)
+
+    def on_fit_end(self, state):
+        self.ended.append(state.history.epoch[-1])
+
+
 def test_fine_tune_is_two_phases_in_one_history(model, loaders):
-    history = tlkit.finetune.fine_tune(model, *loaders, head_epochs=1, epochs=1, lr=0.01, layer_decay=0.5, progress=False)
+    record = Record()
+    history = tlkit.finetune.fine_tune(model, *loaders, head_epochs=1, epochs=1, lr=0.01, layer_decay=0.5, progress=False,
+                              callbacks=[record])
     assert history.epoch == [1, 2]
     assert tlkit.trainable_blocks(model) == LITE0_BLOCKS
+    assert record.epochs == [1, 2] and record.ended == [2]  # every epoch of both phases; the end once, after phase 2
 
 
 def test_run_strategy_trains_on_images_and_counts_the_final_trainable_parameters(class_folder):
     splits = tlkit.load_dataset(str(class_folder))
     config = tlkit.RunConfig(image_size=32, batch_size=16, epochs=2, lr=1e-3, seed=0)
-    gradual = tlkit.run_strategy(config, splits, "gradual")
+    trainable_seen = []  # a user callback runs after the unfreezing one
+    gradual = tlkit.run_strategy(config, splits, "gradual",
+                                 callbacks=[lambda state: trainable_seen.append(tlkit.trainable_blocks(state.model))])
     head = tlkit.run_strategy(config, splits, "head")
     assert len(gradual.history) == 2 and 0 <= gradual.val_acc <= 1
+    assert trainable_seen == [["top", "head"], ["top", "head"]]
     assert head.trainable_params == 1280 * 3 + 3
     assert gradual.trainable_params == head.trainable_params + 412160  # top after epoch 1; nothing after the last
     bn = tlkit.run_strategy(config, splits, "head", bn="train")

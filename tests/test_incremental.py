@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import tlkit
-from tlkit.incremental import DistillationLoss, expand_head, with_replay
+from tlkit.incremental import DistillationLoss, expand_head, group_accuracy, with_replay
 
 
 def test_expanding_the_head_keeps_old_rows_and_old_predictions():
@@ -80,6 +80,22 @@ def test_notebook_05_reports_forgetting_for_every_run(tmp_path):
     assert (tmp_path / "figures" / "05" / "stage3_forgetting.png").stat().st_size > 0
 
 
+def test_the_accuracy_tracker_scores_fits_validation_pass_as_group_accuracy_does():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g)
+    y = x[:, :4].argmax(1)  # 4 classes
+    data = torch.utils.data.TensorDataset(x, y)
+    train, val = tlkit.make_loader(data, None, 8, shuffle=True, seed=0), tlkit.make_loader(data, None, 16, shuffle=False)
+    groups = {"old": range(2), "new": range(2, 4)}
+    tracker, evaluated = tlkit.incremental.AccuracyTracker(groups), []
+    tlkit.set_seed(0)
+    tlkit.fit(torch.nn.Linear(6, 4), train, val, epochs=4, lr=0.05, progress=False,
+              callbacks=[tracker, lambda state: evaluated.append(group_accuracy(state.model, val, groups))])
+    for name in groups:  # the same numbers as a second pass over the validation loader would give
+        assert tracker.acc[name] == [row[name] for row in evaluated]
+    assert len(set(tracker.acc["old"])) > 1  # the numbers change as the model trains
+
+
 def _first_checkpoint(tmp_path, class_folder):
     """A 2-class model (last block + head trained one epoch through the prefix cache) saved as a checkpoint."""
     splits = tlkit.data.image_folder(class_folder, seed=0)
@@ -93,7 +109,7 @@ def _first_checkpoint(tmp_path, class_folder):
                               progress=False)
     path = tmp_path / "first.pt"
     tlkit.fit(cache.suffix, cache.loader("train", 8, shuffle=True), cache.loader("val", 8, shuffle=False), epochs=1,
-              checkpoint_path=path, classes=splits.classes[:2], progress=False)
+              callbacks=[tlkit.SaveCheckpoint(path, splits.classes[:2])], progress=False)
     return splits, model, transform, path
 
 

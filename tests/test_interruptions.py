@@ -27,15 +27,16 @@ class InterruptAt(nn.Module):
         return nn.functional.cross_entropy(logits, y)
 
 
-def _fit(tmp_path, epochs, *, loss_fn=None, resume=False, **kwargs):
+def _fit(tmp_path, epochs, *, loss_fn=None, resume=False, callbacks=(), **kwargs):
     train, val = toy_tensors()
     model = toy_lite0()
     tlkit.set_seed(123)
     loader = tlkit.make_loader(train, None, 16, shuffle=True, seed=7)  # 4 batches per epoch
     val_loader = tlkit.make_loader(val, None, 16, shuffle=False)
     history = tlkit.fit(
-        model, loader, val_loader, epochs=epochs, lr=3e-3, progress=False, loss_fn=loss_fn, classes=TOY_CLASSES,
-        checkpoint_path=tmp_path / "ckpt.pt", resume_from=tmp_path / "ckpt.pt" if resume else None, **kwargs,
+        model, loader, val_loader, epochs=epochs, lr=3e-3, progress=False, loss_fn=loss_fn,
+        callbacks=[tlkit.SaveCheckpoint(tmp_path / "ckpt.pt", TOY_CLASSES), *callbacks],
+        resume_from=tmp_path / "ckpt.pt" if resume else None, **kwargs,
     )
     return model, history
 
@@ -60,10 +61,42 @@ def test_ctrl_c_stops_at_a_batch_boundary_keeps_history_and_checkpoint_and_resum
         assert torch.allclose(a.float(), b.float(), atol=1e-6), name
 
 
-def test_on_interrupt_return_gives_back_the_history(tmp_path, capsys):
-    _, history = _fit(tmp_path, 3, loss_fn=InterruptAt(at=2), on_interrupt="return")
+def test_an_interrupt_in_the_first_epoch_raises_with_an_empty_history(tmp_path):
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _fit(tmp_path, 3, loss_fn=InterruptAt(at=2))
+    history = stopped.value.history
     assert history.interrupted and len(history) == 0
-    assert "Training interrupted during epoch 1" in capsys.readouterr().out
+    assert "Training interrupted during epoch 1" in str(stopped.value)
+    assert not (tmp_path / "ckpt.pt").exists()  # no epoch was complete
+
+
+class Record(tlkit.Callback):
+    def __init__(self):
+        self.epochs, self.ended = [], 0
+
+    def on_epoch_end(self, state):
+        self.epochs.append(state.epoch)
+
+    def on_fit_end(self, state):
+        self.ended += 1
+
+
+def test_an_interrupt_runs_on_fit_end_keeps_the_checkpoint_and_names_it(tmp_path):
+    record = Record()
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _fit(tmp_path, 3, loss_fn=InterruptAt(at=6), callbacks=[record])  # during epoch 2
+    assert record.epochs == [1] and record.ended == 1  # the callbacks finished before the error was raised
+    assert f"in the checkpoint {tmp_path / 'ckpt.pt'} (epoch 1)" in str(stopped.value)
+    assert tlkit.read_checkpoint(tmp_path / "ckpt.pt").history["epoch"] == [1]
+
+
+def test_an_interrupt_without_a_checkpoint_says_how_to_keep_one():
+    train, _ = toy_tensors()
+    loader = tlkit.make_loader(train, None, 16, shuffle=False)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4))
+    with pytest.raises(TrainingInterrupted, match=r"callbacks=\[tlkit.SaveCheckpoint\(path, classes\)\]") as stopped:
+        tlkit.fit(model, loader, loader, epochs=2, progress=False, loss_fn=InterruptAt(at=6))
+    assert stopped.value.history.epoch == [1]
 
 
 def test_a_second_interrupt_stops_at_once(tmp_path):
@@ -103,7 +136,6 @@ def test_out_of_memory_suggests_a_smaller_batch():
         ({"epochs": 1, "lr": 0}, "lr must be a positive number, got 0"),
         ({"epochs": 1, "lr": -1e-3}, "lr must be a positive number, got -0.001"),
         ({"epochs": 1, "lr": "fast"}, "lr must be a positive number, got 'fast'"),
-        ({"epochs": 1, "on_interrupt": "ignore"}, "on_interrupt must be 'raise' or 'return'"),
     ],
 )
 def test_bad_training_parameters_are_named(kwargs, message):

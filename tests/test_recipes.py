@@ -138,16 +138,16 @@ def test_fit_head_with_remedy_returns_a_run_result_with_val_and_test_predictions
 
 
 def test_continue_training_returns_a_run_result_with_test_accuracy_per_group(tmp_path, splits):
-    old = tlkit.select_classes(splits.train, splits.classes[:2])
+    old = splits.train.select_classes(splits.classes[:2])
     tlkit.set_seed(0)
     model = tlkit.freeze(tlkit.create_model("efficientnet_lite0", 2, "imagenet"), up_to="stage7")
     transform = tlkit.eval_transform(32, model.normalization)
     path = tmp_path / "first.pt"
     tlkit.fit(model, tlkit.make_loader(old, transform, 8, shuffle=True, seed=0),
-              tlkit.make_loader(tlkit.select_classes(splits.val, splits.classes[:2]), transform, 8, shuffle=False),
+              tlkit.make_loader(splits.val.select_classes(splits.classes[:2]), transform, 8, shuffle=False),
               epochs=1, checkpoint_path=path, classes=splits.classes[:2], progress=False)
     groups = {"old": range(2), "new": range(2, 3)}
-    new = tlkit.with_classes(tlkit.select_classes(splits.train, splits.classes[2:]), splits.classes)
+    new = splits.train.select_classes(splits.classes[2:]).with_classes(splits.classes)
     result = tlkit.continue_training(tlkit.RunConfig(**{**TINY, "epochs": 2}), path, new, splits.val, groups,
                                      classes=splits.classes, trainable=["top", "head"], transform=transform, test_set=splits.val)
     _is_run_result(result, "continued from first.pt")

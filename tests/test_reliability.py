@@ -280,12 +280,12 @@ def test_a_second_fit_on_the_same_model_says_that_the_epoch_count_restarts():
     with warnings.catch_warnings():
         warnings.simplefilter("error", tlkit.train.RepeatedFitWarning)
         first = tlkit.fit(model, loader, loader, epochs=2, progress=False)
-    with pytest.warns(tlkit.train.RepeatedFitWarning, match=r"already trained this model for 2 epoch\(s\).*history=") as record:
+    with pytest.warns(tlkit.train.RepeatedFitWarning, match=r"already trained this model for 2 epoch\(s\).*resume_from=") as record:
         tlkit.fit(model, loader, loader, epochs=1, progress=False)
     assert len(_categories(record, tlkit.train.RepeatedFitWarning)) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error", tlkit.train.RepeatedFitWarning)
-        continued = tlkit.fit(model, loader, loader, epochs=1, progress=False, history=first)
+        continued = tlkit.fit(model, loader, loader, epochs=1, progress=False, resume_from=first)
         assert continued.epoch == [1, 2, 3]  # the count goes on
         model.reset_parameters()  # a fresh start (as tlkit.fit_head_with_remedy does): no warning
         tlkit.fit(model, loader, loader, epochs=1, progress=False)
@@ -366,13 +366,13 @@ def test_a_checkpoint_into_an_unwritable_folder_names_the_target_and_fit_keeps_t
     data = TensorDataset(torch.randn(16, 3), torch.arange(16) % 2)
     loader = tlkit.make_loader(data, None, 8, shuffle=False)
 
-    def lock_after_epoch_2(history):
-        if len(history) == 2:
+    def lock_after_epoch_2(state):
+        if len(state.history) == 2:
             unwritable(folder)
 
     with pytest.raises(tlkit.checkpoints.CheckpointSaveError) as info:
-        tlkit.fit(nn.Linear(3, 2), loader, loader, epochs=5, progress=False, checkpoint_path=target,
-                  classes=["x", "y"], on_epoch_end=lock_after_epoch_2)
+        tlkit.fit(nn.Linear(3, 2), loader, loader, epochs=5, progress=False,
+                  callbacks=[tlkit.SaveCheckpoint(target, ["x", "y"]), lock_after_epoch_2])
     message = str(info.value)
     assert message.startswith(f"Could not write {target} (Permission denied)") and ".tmp" not in message
     assert info.value.history.epoch == [1, 2, 3]  # the epochs done are not lost

@@ -119,7 +119,7 @@ def test_fit_with_layer_decay_and_gradual_unfreezing(name, frozen, trained):
     frozen_before = [p.clone() for p in model.blocks()[frozen].parameters()]
     trained_before = [p.clone() for p in model.blocks()[trained].parameters()]
     gradual = tlkit.finetune.GradualUnfreezing(model, optimizer, lr=1e-3, layer_decay=0.5, order=[frozen])
-    history = tlkit.fit(model, train_loader, val_loader, epochs=1, optimizer=optimizer, progress=False, on_epoch_end=gradual)
+    history = tlkit.fit(model, train_loader, val_loader, epochs=1, optimizer=optimizer, progress=False, callbacks=[gradual])
     assert len(history.val_acc) == 1 and gradual.unfrozen == [(1, frozen)]
     assert all(torch.equal(a, b) for a, b in zip(frozen_before, model.blocks()[frozen].parameters()))  # trained 0 steps
     assert not all(torch.equal(a, b) for a, b in zip(trained_before, model.blocks()[trained].parameters()))

@@ -1,5 +1,8 @@
+import copy
+import inspect
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,7 +81,7 @@ def test_early_stopping_and_restore_best():
     model = torch.nn.Linear(5, 2)
     loader = tlkit.make_loader(data, None, 16, shuffle=True)
     history = tlkit.fit(model, loader, tlkit.make_loader(noise, None, 16, shuffle=False), epochs=50, lr=0.5,
-                        early_stopping_patience=2, restore_best=True, progress=False)
+                        callbacks=[tlkit.EarlyStopping(2), tlkit.RestoreBest()], progress=False)
     assert len(history) < 50
     best = max(history.val_acc)
     assert tlkit.evaluate(model, tlkit.make_loader(noise, None, 16, shuffle=False))["acc"] == pytest.approx(best)
@@ -108,3 +111,113 @@ def test_fit_trains_on_the_batches_the_loader_gives_alone():
         loader = tlkit.make_loader(data, None, 8, shuffle=True, seed=3)
         tlkit.fit(torch.nn.Linear(3, 2), loader, loader, epochs=1, progress=progress, loss_fn=recording_loss)
         assert seen == expected
+
+
+# --- fit's callbacks -------------------------------------------------------------------------------------
+
+
+def _linear_task(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(48, 5, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()  # 3 classes
+    data = torch.utils.data.TensorDataset(x, y)
+    return tlkit.make_loader(data, None, 8, shuffle=True, seed=seed), tlkit.make_loader(data, None, 16, shuffle=False)
+
+
+def test_fit_takes_at_most_twelve_parameters():
+    assert len(inspect.signature(tlkit.fit).parameters) <= 12
+
+
+def test_callbacks_run_in_order_after_the_row_and_the_scheduler_and_stop_ends_training():
+    seen, ended = [], []
+
+    class StopAtTwo(tlkit.Callback):
+        def on_epoch_end(self, state):
+            seen.append(("stop", state.epoch, len(state.history), state.history.lr[-1], state.optimizer.param_groups[0]["lr"]))
+            state.stop = state.epoch == 2
+
+        def on_fit_end(self, state):
+            ended.append(state.history.epoch[-1])
+
+    def after(state):  # a plain function runs as an on_epoch_end
+        seen.append(("after", state.epoch))
+
+    train, val = _linear_task()
+    halve = lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    history = tlkit.fit(torch.nn.Linear(5, 3), train, val, epochs=5, lr=0.1, scheduler=halve, progress=False,
+                        callbacks=[StopAtTwo(), after])
+    assert history.epoch == [1, 2]
+    assert seen == [("stop", 1, 1, 0.1, 0.05), ("after", 1), ("stop", 2, 2, 0.05, 0.025), ("after", 2)]
+    assert ended == [2]
+    with pytest.raises(TypeError, match="callbacks must be"):
+        tlkit.fit(torch.nn.Linear(5, 3), train, val, epochs=1, progress=False, callbacks=[3])
+
+
+def test_val_logits_are_the_validation_pass_that_evaluate_scores():
+    train, val = _linear_task()
+    model = torch.nn.Linear(5, 3)
+    kept = {}
+
+    def keep(state):
+        kept["logits"], kept["labels"] = state.val_logits, state.val_labels
+
+    history = tlkit.fit(model, train, val, epochs=2, lr=0.05, progress=False, callbacks=[keep])
+    logits, labels = kept["logits"], kept["labels"]
+    x, y = val.dataset.tensors
+    assert logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.shape == (48, 3)
+    assert torch.equal(labels, y)
+    with torch.no_grad():
+        assert torch.allclose(logits, model(x), atol=1e-6)
+    acc = (logits.argmax(1) == labels).float().mean().item()
+    assert acc == pytest.approx(history.val_acc[-1]) and acc == pytest.approx(tlkit.evaluate(model, val)["acc"])
+    assert torch.nn.functional.cross_entropy(logits, labels).item() == pytest.approx(history.val_loss[-1], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "losses, stops",
+    [([1.0, 0.9, 0.95], False), ([1.0, 0.9, 0.95, 0.95], True), ([1.0, 1.0, 1.0], True), ([1.0, 2.0, 0.5], False)],
+)
+def test_early_stopping_waits_patience_epochs_without_a_strictly_lower_val_loss(losses, stops):
+    history = tlkit.History()
+    for epoch, loss in enumerate(losses, 1):
+        history.append(epoch=epoch, train_loss=1.0, train_acc=0.5, val_loss=loss, val_acc=0.5, lr=0.1, epoch_time=1.0)
+    state = tlkit.train.FitState(None, None, None, None, None, epoch=len(losses), history=history)
+    tlkit.EarlyStopping(2).on_epoch_end(state)
+    assert state.stop is stops
+
+
+def test_early_stopping_counts_from_the_history_it_continues():
+    train, val = _linear_task()
+    earlier = tlkit.History()
+    for epoch, loss in ((1, 0.0), (2, 5.0)):  # the best loss (unbeatable) at epoch 1; epoch 2 already worse
+        earlier.append(epoch=epoch, train_loss=1.0, train_acc=0.5, val_loss=loss, val_acc=0.5, lr=1e-3, epoch_time=1.0)
+    history = tlkit.fit(torch.nn.Linear(5, 3), train, val, epochs=5, progress=False, resume_from=earlier,
+                        callbacks=[tlkit.EarlyStopping(2)])
+    assert history is earlier and history.epoch == [1, 2, 3]  # one more epoch without improvement makes 2
+
+
+def test_restore_best_puts_back_the_weights_of_the_first_best_val_accuracy():
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 5), torch.randint(0, 2, (64,)))
+    noise = tlkit.make_loader(torch.utils.data.TensorDataset(torch.randn(32, 5), torch.randint(0, 2, (32,))), None, 16, shuffle=False)
+    model, weights = torch.nn.Linear(5, 2), []
+    history = tlkit.fit(model, tlkit.make_loader(data, None, 16, shuffle=True), noise, epochs=8, lr=0.5, progress=False,
+                        callbacks=[tlkit.RestoreBest(), lambda state: weights.append(copy.deepcopy(state.model.state_dict()))])
+    best = int(np.argmax(history.val_acc))
+    assert best < len(history) - 1  # else the test could not tell
+    assert all(torch.equal(value, weights[best][name]) for name, value in model.state_dict().items())
+
+
+def test_save_checkpoint_writes_every_epoch_and_resuming_checks_its_classes(tmp_path):
+    train, val = _linear_task()
+    path = tmp_path / "c.pt"
+    on_disk = []
+    tlkit.fit(torch.nn.Linear(5, 3), train, val, epochs=2, progress=False,
+              callbacks=[tlkit.SaveCheckpoint(path, ["a", "b", "c"]), lambda state: on_disk.append(tlkit.read_checkpoint(path).epoch)])
+    assert on_disk == [1, 2] and tlkit.read_checkpoint(path).classes == ["a", "b", "c"]
+    resumed = tlkit.fit(torch.nn.Linear(5, 3), train, val, epochs=1, progress=False, resume_from=path,
+                        callbacks=[tlkit.SaveCheckpoint(path, ["a", "b", "c"])])
+    assert resumed.epoch == [1, 2, 3] and tlkit.read_checkpoint(path).epoch == 3
+    with pytest.raises(tlkit.checkpoints.CheckpointError, match="classes: checkpoint has"):
+        tlkit.fit(torch.nn.Linear(5, 3), train, val, epochs=1, progress=False, resume_from=path,
+                  callbacks=[tlkit.SaveCheckpoint(path, ["x", "y", "z"])])

@@ -1,5 +1,8 @@
 """The freeze panel's state logic, driven headless by setting its widgets' values in Python."""
 
+import os
+import signal
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -69,6 +72,32 @@ def test_train_button_trains_with_the_chosen_groups_and_continues(panel):
     assert torch.equal(panel.model.features.stage7[0].conv_pw.weight, stage7)
     panel.train_button.click()
     assert panel.history.epoch == [1, 2]
+
+
+class InterruptAt(TensorDataset):
+    """Sends this process a SIGINT (as Jupyter's stop button does) when item number ``at`` is loaded."""
+
+    def __init__(self, *tensors, at):
+        super().__init__(*tensors)
+        self.at, self.calls = at, 0
+
+    def __getitem__(self, index):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().__getitem__(index)
+
+
+def test_an_interrupted_train_keeps_the_complete_epochs_and_raises_nothing(panel):
+    x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    panel.train_loader = DataLoader(InterruptAt(x, y, at=8), batch_size=3)  # the 1st batch of epoch 2
+    panel.epochs.value = 3
+    history = panel.train()
+    assert history.epoch == [1] and history.interrupted and panel.history is history
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    panel.epochs.value = 1
+    panel.train_loader = DataLoader(TensorDataset(x, y), batch_size=3)
+    assert panel.train().epoch == [1, 2]  # the next Train continues the count
 
 
 def test_training_everything_frozen_says_what_to_do(panel):

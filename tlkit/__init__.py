@@ -55,7 +55,21 @@ from .recipes import (
     train_all,
 )
 from .results import write_results
-from .train import History, TrainingInterrupted, evaluate, fit, fit_head, get_device, predict, predict_images, set_seed
+from .train import (
+    Callback,
+    EarlyStopping,
+    History,
+    RestoreBest,
+    SaveCheckpoint,
+    TrainingInterrupted,
+    evaluate,
+    fit,
+    fit_head,
+    get_device,
+    predict,
+    predict_images,
+    set_seed,
+)
 from .transforms import PRESETS, eval_transform, train_transform
 from .widgets import FreezePanel
 
@@ -68,7 +82,8 @@ __all__ = [
     # comparing methods over seeds
     "summarize_seeds", "mean_std_table", "versus_sentence", "ranking_sentence", "headline_metrics",
     # training and prediction
-    "fit", "History", "TrainingInterrupted", "evaluate", "predict", "predict_images",
+    "fit", "History", "Callback", "EarlyStopping", "RestoreBest", "SaveCheckpoint", "TrainingInterrupted",
+    "evaluate", "predict", "predict_images",
     # figures
     "save_figure", "show_images", "LiveCurves", "plot_history", "compare_histories", "plot_confusion_matrix",
     "plot_seed_summary", "plot_seed_curves",

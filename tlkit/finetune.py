@@ -21,7 +21,7 @@ from .models import (
     set_trainable,
 )
 from .optim import lr_multipliers, make_optimizer, unfreeze_into
-from .train import History, fit
+from .train import Callback, FitState, History, fit
 
 BN_MODES = ("default", "train", "frozen")
 STRATEGIES = ("head", "last_block", "last_n_blocks", "last_tensors", "blocks", "gradual", "two_phase", "full", "conv_block")
@@ -118,8 +118,8 @@ def add_conv_block(model: TransferModel, channels: int = 128, *, kernel_size: in
 # --- gradual unfreezing and two-phase fine-tuning ------------------------------------------------------
 
 
-class GradualUnfreezing:
-    """``fit(on_epoch_end=...)`` callback: unfreeze one more block every ``every`` epochs, from the top down.
+class GradualUnfreezing(Callback):
+    """``fit(callbacks=[...])`` callback: unfreeze one more block every ``every`` epochs, from the top down.
 
     Each block's parameters join the existing optimizer through ``add_param_group`` (as
     Lightning's BackboneFinetuning does): the optimizer object and its state (e.g. Adam's moments
@@ -149,34 +149,12 @@ class GradualUnfreezing:
         self.epochs_seen = 0
         self.unfrozen: list[tuple[int, str]] = []  # (epoch after which it was unfrozen, block)
 
-    def __call__(self, history: History) -> None:
+    def on_epoch_end(self, state: FitState) -> None:
         self.epochs_seen += 1
         if self.epochs_seen % self.every == 0 and self.pending:
             name = self.pending.pop(0)
             unfreeze_into(self.model, self.optimizer, [name], self.lr, layer_decay=self.layer_decay, lr_mult=self.lr_mult)
-            self.unfrozen.append((history.epoch[-1] if history.epoch else self.epochs_seen, name))
-
-
-class Callbacks:
-    """Several ``on_epoch_end`` callbacks as one; ``end`` runs the ``end`` of those that have one."""
-
-    def __init__(self, *callbacks: Callable[[History], None] | None) -> None:
-        self.callbacks = [c for c in callbacks if c is not None]
-
-    def __call__(self, history: History) -> None:
-        for callback in self.callbacks:
-            callback(history)
-
-    def end(self, history: History) -> None:
-        """Finish every callback that can be finished."""
-        for callback in self.callbacks:
-            if hasattr(callback, "end"):
-                callback.end(history)
-
-
-def _without_end(callback: Callable[[History], None] | None) -> Callable[[History], None] | None:
-    """The same callback without its ``end`` (for the first of two fit calls that share it)."""
-    return None if callback is None else (lambda history: callback(history))
+            self.unfrozen.append((state.history.epoch[-1] if state.history.epoch else self.epochs_seen, name))
 
 
 def fine_tune(
@@ -192,22 +170,24 @@ def fine_tune(
     unfreeze: Sequence[str] | None = None,
     weight_decay: float = 0.0,
     device: torch.device | str = "cpu",
-    on_epoch_end: Callable[[History], None] | None = None,
+    callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
     progress: bool = True,
 ) -> History:
     """Two phases, one History: the head alone for ``head_epochs``, then ``unfreeze`` (default: every block) for ``epochs``.
 
     One AdamW optimizer throughout: phase 2 adds the unfrozen blocks to it with lower learning
     rates (``lr * layer_decay ** k`` for the block k places below the head; ``lr_mult`` overrides),
-    while the head keeps ``lr`` and its optimizer state.
+    while the head keeps ``lr`` and its optimizer state. ``callbacks`` run after every epoch of both
+    phases; their ``on_fit_end`` once, at the end of phase 2.
     """
     freeze(model)
     optimizer = make_optimizer(model, lr, weight_decay=weight_decay)
     common = dict(device=device, progress=progress, optimizer=optimizer)
-    history = fit(model, train_loader, val_loader, epochs=head_epochs, on_epoch_end=_without_end(on_epoch_end), **common)
+    epoch_ends = [c.on_epoch_end if isinstance(c, Callback) else c for c in callbacks]  # phase 1: no on_fit_end yet
+    history = fit(model, train_loader, val_loader, epochs=head_epochs, callbacks=epoch_ends, **common)
     names = blocks_below_head(model) if unfreeze is None else list(unfreeze)
     unfreeze_into(model, optimizer, names, lr, layer_decay=layer_decay, lr_mult=lr_mult)
-    return fit(model, train_loader, val_loader, epochs=epochs, history=history, on_epoch_end=on_epoch_end, **common)
+    return fit(model, train_loader, val_loader, epochs=epochs, resume_from=history, callbacks=callbacks, **common)
 
 
 # --- strategies ------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from .data import LabeledImages
 from .models import TransferModel, head_linear
 from .prefix_cache import prefix_activations
-from .train import History, predict
+from .train import Callback, FitState, predict
 
 
 def with_replay(new: LabeledImages, old: LabeledImages, per_class: int, seed: int) -> Dataset:
@@ -83,15 +83,18 @@ class DistillationLoss(nn.Module):
         self._hook.remove()
 
 
-class AccuracyTracker:
-    """An ``on_epoch_end`` callback: accuracy on groups of classes of one validation loader, after every epoch."""
+class AccuracyTracker(Callback):
+    """A ``fit`` callback: accuracy on groups of classes of the validation set, after every epoch.
 
-    def __init__(self, model: nn.Module, loader: DataLoader, groups: dict[str, Sequence[int]], device: torch.device | str = "cpu") -> None:
-        self.model, self.loader, self.groups, self.device = model, loader, groups, device
+    It scores the outputs of fit's own validation pass (``state.val_logits``), so the model does not run twice.
+    """
+
+    def __init__(self, groups: dict[str, Sequence[int]]) -> None:
+        self.groups = groups
         self.acc: dict[str, list[float]] = {name: [] for name in groups}
 
-    def __call__(self, history: History) -> None:
-        for name, value in group_accuracy(self.model, self.loader, self.groups, self.device).items():
+    def on_epoch_end(self, state: FitState) -> None:
+        for name, value in _accuracy_by_group(state.val_logits.argmax(1) == state.val_labels, state.val_labels, self.groups).items():
             self.acc[name].append(value)
 
 
@@ -110,7 +113,11 @@ def group_accuracy(
     """
     cached = prefix_activations(model, loader, device, cache_dir=cache_dir) if cache_dir is not None and isinstance(model, TransferModel) else None
     probs, labels = predict(*(cached or (model, loader)), device)
-    correct = probs.argmax(1) == labels
+    return _accuracy_by_group(probs.argmax(1) == labels, labels, groups)
+
+
+def _accuracy_by_group(correct: torch.Tensor, labels: torch.Tensor, groups: dict[str, Sequence[int]]) -> dict[str, float]:
+    """The share of ``correct`` predictions among the items whose label is in each group (NaN for an empty group)."""
     out = {}
     for name, members in groups.items():
         mask = torch.isin(labels, torch.tensor(list(members)))

@@ -92,7 +92,7 @@ def predict_files(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="a checkpoint written by tlkit (fit(checkpoint_path=...) or save_checkpoint)")
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint written by tlkit (fit(callbacks=[SaveCheckpoint(...)]) or save_checkpoint)")
     parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     parser.add_argument("--out", type=Path, default=Path("predictions.csv"))
     parser.add_argument("--top-k", type=int, default=3)

@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from .metrics import average_precision_per_class
-from .train import History
+from .train import Callback, FitState, History
 from .transforms import Normalization
 
 if TYPE_CHECKING:
@@ -69,8 +69,8 @@ def _plot_gpu_figures(history: History, ax_speed, ax_memory) -> None:
         util.set_ylim(0, 100)
 
 
-class LiveCurves:
-    """Redraws the training curves in place during training (pass as ``fit(on_epoch_end=...)``).
+class LiveCurves(Callback):
+    """Redraws the training curves in place during training (pass as ``fit(callbacks=[...])``).
 
     Redraws at most every ``min_interval`` seconds (drawing costs more than an epoch on cached
     features), always draws the final state, and saves it as PNG when ``save_path`` is given.
@@ -85,13 +85,13 @@ class LiveCurves:
         self._handle = None
         self._last_draw = float("-inf")
 
-    def __call__(self, history: History) -> None:
+    def on_epoch_end(self, state: FitState) -> None:
         if time.monotonic() - self._last_draw >= self.min_interval:
-            self._draw(history)
+            self._draw(state.history)
 
-    def end(self, history: History) -> None:
+    def on_fit_end(self, state: FitState) -> None:
         """Draw the final curves and save them."""
-        self._draw(history)
+        self._draw(state.history)
         if self.save_path is not None:
             save_figure(self.fig, self.save_path)
 

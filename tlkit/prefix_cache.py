@@ -419,8 +419,8 @@ class PrefixCache:
             self._build(boundary, on_budget="warn")
         return True
 
-    def __call__(self, history=None) -> None:
-        """``fit(on_epoch_end=cache)``: refresh after an epoch (the suffix also refreshes on its own at the next one)."""
+    def __call__(self, state=None) -> None:
+        """``fit(callbacks=[cache])``: refresh after an epoch (the suffix also refreshes on its own at the next one)."""
         self.refresh()
 
     def _sizes(self, boundary: str) -> list[ActivationSize]:

@@ -30,7 +30,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from . import finetune
 from .augment import BatchTransform, InMemoryImages, augment_on_device, augmented_loader, batch_mix, device_loader, feature_cache_allowed
 from .checkpoints import model_from_checkpoint
 from .data import DatasetSplits, make_loader
@@ -54,7 +53,7 @@ from .models import (
 from .optim import make_optimizer
 from .params import check_bool, check_float, check_int, check_seed, check_str
 from .prefix_cache import PrefixBatches, PrefixCache, PrefixCacheStats, Suffix, evaluate_from_prefix, prefix_cache_allowed
-from .train import History, evaluate, fit, fit_head, get_device, predict, set_seed
+from .train import Callback, EarlyStopping, FitState, History, evaluate, fit, fit_head, get_device, predict, set_seed
 from .transforms import check_preset, eval_transform, is_deterministic, train_transform
 
 # --- configuration ------------------------------------------------------------------------------------
@@ -216,11 +215,6 @@ def _trainable(model: nn.Module) -> int:
     return parameter_counts(model)["total"]["trainable"]
 
 
-def _on_epoch_end(callbacks: Sequence[Callable[[History], None]]) -> Callable[[History], None] | None:
-    """The recipes' ``callbacks`` as today's single ``on_epoch_end`` argument (None when there are none)."""
-    return finetune.Callbacks(*callbacks) if callbacks else None
-
-
 # --- notebook 01: frozen backbone ---------------------------------------------------------------------
 
 
@@ -230,7 +224,7 @@ def train_head_on_features(
     splits: DatasetSplits,
     *,
     val_batch_size: int | None = None,
-    callbacks: Sequence[Callable[[History], None]] = (),
+    callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
 ) -> History:
     """Run ``model``'s frozen backbone once over both splits (eval transform), then train its head on those features.
 
@@ -243,7 +237,7 @@ def train_head_on_features(
     val = features(model, make_loader(splits.val, transform, val_batch_size or config.batch_size, shuffle=False))
     history = fit_head(
         model, train, val, epochs=config.epochs, batch_size=config.batch_size, seed=config.seed, lr=config.lr,
-        device=config.device, progress=config.progress, on_epoch_end=_on_epoch_end(callbacks),
+        device=config.device, progress=config.progress, callbacks=callbacks,
     )
     model.to(config.device)  # the backbone stayed where extraction put it; keep model and head together
     return history
@@ -254,7 +248,7 @@ def linear_probe(
     splits: DatasetSplits,
     *,
     name: str = "",
-    callbacks: Sequence[Callable[[History], None]] = (),
+    callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
 ) -> RunResult:
     """Freeze the whole backbone, cache its features once (on disk too with ``config.cache_dir``), train a new linear head on them."""
     set_seed(config.seed)
@@ -270,7 +264,7 @@ def train_all(
     splits: DatasetSplits,
     *,
     name: str = "",
-    callbacks: Sequence[Callable[[History], None]] = (),
+    callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
 ) -> RunResult:
     """Train every block of ``config.backbone`` (from ``config.weights``, or from random init when None) with a new head."""
     set_seed(config.seed)
@@ -281,7 +275,7 @@ def train_all(
     start = time.perf_counter()
     history = fit(
         model, train_loader, val_loader, epochs=config.epochs, lr=config.lr, device=config.device,
-        progress=config.progress, on_epoch_end=_on_epoch_end(callbacks),
+        progress=config.progress, callbacks=callbacks,
     )
     seconds = time.perf_counter() - start
     return RunResult(name or f"{config.weights or 'random'} init, all blocks train", model, history, seconds, _trainable(model))
@@ -326,7 +320,7 @@ def run_strategy(
     prefix_cache: bool = False,
     max_bytes: float | None = None,
     name: str = "",
-    callbacks: Sequence[Callable[[History], None]] = (),
+    callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
 ) -> RunResult:
     """Train a new model with one strategy on images, ``config.epochs`` epochs in all, same seed and data for every strategy.
 
@@ -345,7 +339,6 @@ def run_strategy(
     what the cache did (None where it did not apply).
     """
     epochs, lr, batch_size, seed, device = config.epochs, config.lr, config.batch_size, config.seed, config.device
-    on_epoch_end = _on_epoch_end(callbacks)
     if strategy == "two_phase" and not 0 < head_epochs < epochs:
         raise ValueError(f"two_phase needs 0 < head_epochs < epochs, got head_epochs={head_epochs}, epochs={epochs}.")
     if bn not in BN_MODES:
@@ -374,17 +367,16 @@ def run_strategy(
     if strategy == "two_phase":
         history = fine_tune(
             model, train_loader, val_loader, head_epochs=head_epochs, epochs=epochs - head_epochs, lr=lr,
-            on_epoch_end=on_epoch_end, **decay, **common,
+            callbacks=callbacks, **decay, **common,
         )
     else:
         optimizer = make_optimizer(model, lr, **decay)
-        callback = on_epoch_end
         if strategy == "gradual":
             # unfreeze only blocks that get at least one epoch of training (none after the last epoch)
             order = blocks_below_head(model)[::-1][: (epochs - 1) // unfreeze_every]
             unfreezing = GradualUnfreezing(model, optimizer, lr=lr, every=unfreeze_every, order=order, **decay)
-            callback = finetune.Callbacks(unfreezing, *callbacks)
-        history = fit(stepper, train_loader, val_loader, epochs=epochs, optimizer=optimizer, on_epoch_end=callback, **common)
+            callbacks = [unfreezing, *callbacks]
+        history = fit(stepper, train_loader, val_loader, epochs=epochs, optimizer=optimizer, callbacks=callbacks, **common)
     seconds = time.perf_counter() - start
     label = name or (strategy if bn == "default" else f"{strategy}, BN {bn}")
     if not prefix_cache:
@@ -421,7 +413,7 @@ def fine_tune_augmented(
     cache_features: bool = False,
     prefix_cache: bool = False,
     name: str = "",
-    callbacks: Sequence[Callable[[History], None]] = (),
+    callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
 ) -> RunResult:
     """Fine-tune the blocks above ``freeze_up_to`` (default: the backbone's last block and the head) with ``augment``.
 
@@ -433,7 +425,6 @@ def fine_tune_augmented(
     ``config.cache_dir`` keeps those activations on disk. The numbers are those of the run without it, up to float noise.
     """
     image_size, batch_size, seed, device = config.image_size, config.batch_size, config.seed, config.device
-    on_epoch_end = _on_epoch_end(callbacks)
     check_preset(augment)
     set_seed(seed)
     model = create_model(config.backbone, len(splits.classes), config.weights)
@@ -452,7 +443,7 @@ def fine_tune_augmented(
             train_loader = _augmented_train_loader(splits, model, augment, **loaders)
             val_loader = _val_loader(splits, model, image_size=image_size, val_batch=val_batch, device=device, on_device=on_device)
         history = fit(stepper, train_loader, val_loader, epochs=config.epochs, lr=config.lr, device=device,
-                      progress=config.progress, on_epoch_end=on_epoch_end)
+                      progress=config.progress, callbacks=callbacks)
     seconds = time.perf_counter() - start
     label = name or f"{augment}{' + ' + mix if mix else ''}"
     return RunResult(label, model, history, seconds, _trainable(model))
@@ -622,13 +613,14 @@ def continue_training(
         loaders = {split: cache.loader(split, batch_size, shuffle=split == "train", seed=seed) for split in ordered}
         if teacher is not None:
             teacher = Suffix(teacher.to(device), cache.boundary)  # the teacher's frozen blocks are the student's
-    tracker = AccuracyTracker(stepper, loaders["val"], groups, device)
+    tracker = AccuracyTracker(groups)  # scores each epoch's validation pass: the tracker runs before early stopping
+    callbacks = [tracker] if early_stopping_patience is None else [tracker, EarlyStopping(early_stopping_patience)]
     loss_fn = DistillationLoss(stepper, teacher.to(device)) if teacher is not None else None
     try:
         history = fit(
             stepper, loaders["train"], loaders["val"],
             epochs=config.epochs, optimizer=optimizer, scheduler="plateau", device=device, loss_fn=loss_fn,
-            early_stopping_patience=early_stopping_patience, on_epoch_end=tracker, progress=config.progress,
+            callbacks=callbacks, progress=config.progress,
         )
     finally:
         if loss_fn is not None:

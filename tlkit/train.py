@@ -1,4 +1,4 @@
-"""Seeds, device, the training loop, evaluation, prediction and cached-feature head training."""
+"""Seeds, device, the training loop and its callbacks, evaluation, prediction and cached-feature head training."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class History:
     images_per_s: list[float] = field(default_factory=list)
     gpu_mem_peak_gb: list[float] = field(default_factory=list)
     gpu_util: list[float] = field(default_factory=list)
-    interrupted: bool = False  # True when the run was stopped by the user (fit(on_interrupt='return'))
+    interrupted: bool = False  # True when the run was stopped by the user (TrainingInterrupted's .history)
 
     def __post_init__(self) -> None:
         # A history saved before a field existed gets NaN there, so every list stays one per epoch.
@@ -203,11 +203,14 @@ def _run_epoch(
     loss_fn: nn.Module,
     desc: str,
     progress: bool,
-    channels_last: bool = False,
     stop: _StopRequest | None = None,
     utilization: list[float] | None = None,
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[float, float, int]:
-    """One pass over ``loader``; trains when ``optimizer`` is given. Returns (mean loss, accuracy, items seen)."""
+    """One pass over ``loader`` (batches in channels_last); trains when ``optimizer`` is given.
+
+    Returns (mean loss, accuracy, items seen); ``outputs`` (a list) gets each batch's (float CPU logits, CPU labels).
+    """
     training = optimizer is not None
     model.train(training)
     amp_dtype = _amp_dtype(device)
@@ -216,9 +219,7 @@ def _run_epoch(
         for step, (x, y) in enumerate(_with_progress(loader, desc, progress)):
             if stop is not None and stop.requested:
                 raise _Stopped
-            x = x.to(device, non_blocking=True)
-            if channels_last:
-                x = _channels_last_batch(x)
+            x = _channels_last_batch(x.to(device, non_blocking=True))
             y = y.to(device, non_blocking=True)
             try:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -237,6 +238,8 @@ def _run_epoch(
                 raise torch.OutOfMemoryError(_out_of_memory_message(loader, device)) from err
             if utilization is not None and step % 10 == 0:
                 utilization.append(_gpu_utilization(device))
+            if outputs is not None:
+                outputs.append((logits.detach().float().cpu(), y.cpu()))
             total_loss += loss.item() * len(y)
             # Soft targets (MixUp/CutMix: class probabilities, N x C) count as their largest class.
             hard_y = y.argmax(1) if y.ndim == 2 else y
@@ -249,7 +252,7 @@ def _run_epoch(
 
 
 class RepeatedFitWarning(UserWarning):
-    """``fit`` was called again on a model it already trained, without ``history=`` or ``resume_from=``."""
+    """``fit`` was called again on a model it already trained, without ``resume_from=`` (a History or a checkpoint)."""
 
 
 def _num_outputs(model: nn.Module) -> int | None:
@@ -367,8 +370,8 @@ def _warn_if_fitted_before(model: nn.Module) -> None:
     if done:
         warnings.warn(
             f"fit() already trained this model for {done} epoch(s): this run continues from those weights with a fresh "
-            f"optimizer (and scheduler), and its history counts epochs from 1 again. Pass history=<the earlier History> "
-            f"to continue the epoch count (and early stopping), resume_from=<checkpoint> to continue the optimizer "
+            f"optimizer (and scheduler), and its history counts epochs from 1 again. Pass resume_from=<the earlier History> "
+            f"to continue the epoch count (and early stopping), resume_from=<checkpoint path> to continue the optimizer "
             f"too, or build a new model (tlkit.create_model) to start over.",
             RepeatedFitWarning,
             stacklevel=3,
@@ -380,7 +383,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = 
     check_head_fits(model, loader, where="evaluate")
     loss, acc, _ = _run_epoch(
         _channels_last_model(model), loader, torch.device(device), optimizer=None, scaler=None,
-        loss_fn=nn.CrossEntropyLoss(), desc="eval", progress=progress, channels_last=True,
+        loss_fn=nn.CrossEntropyLoss(), desc="eval", progress=progress,
     )
     return {"loss": loss, "acc": acc}
 
@@ -411,157 +414,122 @@ def _check_epochs(epochs: int) -> None:
         raise ValueError(f"epochs must be a whole number of at least 1, got {epochs!r}.")
 
 
-def fit(
-    model: nn.Module,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
-    *,
-    epochs: int,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: SchedulerSpec = None,
-    device: torch.device | str = "cpu",
-    early_stopping_patience: int | None = None,
-    restore_best: bool = False,
-    on_epoch_end: Callable[[History], None] | Sequence[Callable[[History], None]] | None = None,
-    progress: bool = True,
-    history: History | None = None,
-    loss_fn: nn.Module | None = None,
-    checkpoint_path: str | Path | None = None,
-    resume_from: str | Path | None = None,
-    classes: Sequence[str] | None = None,
-    channels_last: bool | None = None,
-    compile: bool = False,
-    on_interrupt: str = "raise",
-) -> History:
-    """Train ``model`` for ``epochs`` (train then validate each epoch) and return its History.
+# --- callbacks ------------------------------------------------------------------------------------
 
-    Only parameters with ``requires_grad`` are optimized (AdamW by default). ``scheduler`` is
-    stepped once per epoch. Early stopping watches validation loss; ``restore_best`` puts back
-    the weights of the epoch with the best validation accuracy. On CUDA, autocast (bf16 where
-    supported, else fp16 with a GradScaler) is used. Weights and image batches are in channels_last
-    memory format (faster convolutions on GPUs and CPUs: bench/channels_last.py) unless
-    ``channels_last=False``; ``compile=True`` runs the model through ``torch.compile``. The history
-    records images/s per epoch and, on a GPU, peak memory and utilization.
-    ``on_epoch_end(history)`` (one callable or a list) runs after every epoch; a callback with an
-    ``end(history)`` method gets it called once after the last epoch.
-    ``loss_fn`` defaults to cross-entropy (used for training; validation always reports
-    plain cross-entropy so runs stay comparable).
 
-    ``checkpoint_path``: after every epoch, the whole training state (model, optimizer, scheduler,
-    scaler, history, RNG states, the train loader's shuffling state, ``classes``) is saved there
-    atomically. ``resume_from``: load such a checkpoint first and train ``epochs`` more epochs;
-    with the same data, loaders and seed this continues exactly as an uninterrupted run would.
+@dataclass
+class FitState:
+    """What ``fit``'s callbacks see after each epoch (and once more at the end).
 
-    Interrupting (Ctrl-C, Jupyter's stop button) ends training at the next batch boundary: the
-    unfinished epoch is dropped, callbacks' ``end`` runs, and the checkpoint of the last complete
-    epoch stays on disk. Then ``on_interrupt='raise'`` raises ``TrainingInterrupted`` (a
-    KeyboardInterrupt, so "run all" stops too; its ``.history`` holds the complete epochs) and
-    ``'return'`` returns the history with ``interrupted=True``.
+    ``val_logits`` (float, on the CPU, N x C) and ``val_labels`` are the outputs of this epoch's validation pass,
+    so a callback can score the validation set without running the model again. A callback sets ``stop = True``
+    to end training after this epoch.
     """
-    _check_epochs(epochs)
-    _check_positive(lr=lr)
-    if on_interrupt not in ("raise", "return"):
-        raise ValueError(f"on_interrupt must be 'raise' or 'return', got {on_interrupt!r}.")
-    check_head_fits(model, train_loader, where="fit (train_loader)")
-    check_head_fits(model, val_loader, where="fit (val_loader)")
-    fitted_before = _epochs_fitted(model)
-    if history is None and resume_from is None:
-        _warn_if_fitted_before(model)
-    device = torch.device(device)
-    channels_last = True if channels_last is None else channels_last
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)  # faster convolutions on GPUs and CPUs alike: bench/channels_last.py
-    if optimizer is None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("The model has no trainable parameters: unfreeze at least the head before fit().")
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = _make_scheduler(scheduler, optimizer, epochs)
-    scaler = torch.amp.GradScaler("cuda") if _amp_dtype(device) == torch.float16 else None
-    train_loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
-    callbacks = [] if on_epoch_end is None else list(on_epoch_end) if isinstance(on_epoch_end, (list, tuple)) else [on_epoch_end]
-    val_loss_fn = nn.CrossEntropyLoss()
-    if checkpoint_path is not None and classes is None:
-        raise ValueError("fit(checkpoint_path=...) needs classes=[class names] to store in the checkpoint.")
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from, model, classes=classes, optimizer=optimizer, scheduler=sched, scaler=scaler)
-        history = History(**ckpt.history)
-        if ckpt.loader_rng is not None and train_loader.generator is not None:
-            train_loader.generator.set_state(ckpt.loader_rng)
-    history = History() if history is None else history
-    history.interrupted = False
-    epochs_before = len(history)
-    stepper = torch.compile(model) if compile else model  # shares parameters with model
-    first = history.epoch[-1] + 1 if history.epoch else 1
-    # Early stopping state follows from the history, so a resumed run stops where a whole run would.
-    best_loss = min(history.val_loss, default=float("inf"))
-    stale = len(history.val_loss) - 1 - int(np.argmin(history.val_loss)) if history.val_loss else 0
-    best_acc, best_state = -1.0, None
-    epoch = first
-    with _StopRequest() as stop:
-        try:
-            for epoch in tqdm(range(first, first + epochs), desc="epochs", disable=not progress):
-                start = time.perf_counter()
-                lr_now = optimizer.param_groups[0]["lr"]
-                on_gpu = device.type == "cuda"
-                if on_gpu:
-                    torch.cuda.reset_peak_memory_stats(device)
-                utilization: list[float] = []
-                train_loss, train_acc, seen = _run_epoch(
-                    stepper, train_loader, device, optimizer=optimizer, scaler=scaler, loss_fn=train_loss_fn,
-                    desc=f"train {epoch}", progress=progress, channels_last=channels_last, stop=stop,
-                    utilization=utilization if on_gpu else None,
-                )
-                if on_gpu:
-                    torch.cuda.synchronize(device)
-                train_time = time.perf_counter() - start
-                val_loss, val_acc, _ = _run_epoch(
-                    stepper, val_loader, device, optimizer=None, scaler=None, loss_fn=val_loss_fn,
-                    desc=f"val {epoch}", progress=progress, channels_last=channels_last, stop=stop,
-                )
-                history.append(
-                    epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
-                    val_acc=val_acc, lr=lr_now, epoch_time=time.perf_counter() - start,
-                    images_per_s=seen / max(train_time, 1e-9),
-                    gpu_mem_peak_gb=torch.cuda.max_memory_allocated(device) / 1e9 if on_gpu else math.nan,
-                    gpu_util=float(np.nanmean(utilization)) if utilization and not np.isnan(utilization).all() else math.nan,
-                )
-                if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    sched.step(val_loss)
-                elif sched is not None:
-                    sched.step()
-                if restore_best and val_acc > best_acc:
-                    best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
-                if checkpoint_path is not None:
-                    _save_epoch(
-                        checkpoint_path, model, classes=list(classes), epoch=epoch, history=history,
-                        optimizer=optimizer, scheduler=sched, scaler=scaler, loader_rng=train_loader.generator,
-                    )
-                for callback in callbacks:
-                    callback(history)
-                if val_loss < best_loss:
-                    best_loss, stale = val_loss, 0
-                else:
-                    stale += 1
-                    if early_stopping_patience is not None and stale >= early_stopping_patience:
-                        break
-        except (_Stopped, KeyboardInterrupt):
-            history.interrupted = True
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model._tlkit_fitted = (fitted_before + len(history) - epochs_before, _weights_version(model))  # for a second fit()
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    scaler: torch.amp.GradScaler | None
+    train_loader: DataLoader
+    epoch: int
+    history: History
+    val_logits: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
+    stop: bool = False
+
+
+class Callback:
+    """Base of ``fit``'s callbacks: override ``on_epoch_end`` (after every epoch) and/or ``on_fit_end`` (once, also
+    after an interrupt). They run in the order given, after the epoch's history row is appended and the scheduler
+    stepped. A plain function ``f(state)`` passed in ``callbacks=`` runs as an ``on_epoch_end``."""
+
+    def on_epoch_end(self, state: FitState) -> None:
+        """Called after every complete epoch."""
+
+    def on_fit_end(self, state: FitState) -> None:
+        """Called once when training ends (after the last epoch, an early stop or an interrupt)."""
+
+
+class _EpochEnd(Callback):
+    """A plain function ``f(state)`` as a callback."""
+
+    def __init__(self, function: Callable[[FitState], None]) -> None:
+        self.function = function
+
+    def on_epoch_end(self, state: FitState) -> None:
+        self.function(state)
+
+
+def _as_callbacks(callbacks: Callback | Callable | Iterable[Callback | Callable]) -> list[Callback]:
+    if isinstance(callbacks, Callback) or callable(callbacks):
+        callbacks = [callbacks]
+    out = []
     for callback in callbacks:
-        if hasattr(callback, "end"):
-            callback.end(history)
-    if history.interrupted:
-        message = _interrupted_message(epoch, history, checkpoint_path)
-        if on_interrupt == "raise":
-            raise TrainingInterrupted(message, history)
-        print(message, flush=True)
-    return history
+        if not isinstance(callback, Callback) and not callable(callback):
+            raise TypeError(f"callbacks must be tlkit.Callback objects or functions f(state), got {callback!r}.")
+        out.append(callback if isinstance(callback, Callback) else _EpochEnd(callback))
+    return out
+
+
+def _epochs_since_best(val_loss: Sequence[float]) -> int:
+    """Epochs since validation loss last improved (strictly), as early stopping counts them over a whole run."""
+    best, stale = float("inf"), 0
+    for value in val_loss:
+        if value < best:
+            best, stale = value, 0
+        else:
+            stale += 1
+    return stale
+
+
+class EarlyStopping(Callback):
+    """Stop when validation loss has not improved for ``patience`` epochs.
+
+    The count follows from the history (all of it, when ``fit`` continues one with ``resume_from``), so a resumed
+    run stops where an uninterrupted one would.
+    """
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+
+    def on_epoch_end(self, state: FitState) -> None:
+        stale = _epochs_since_best(state.history.val_loss)
+        if stale > 0 and stale >= self.patience:
+            state.stop = True
+
+
+class RestoreBest(Callback):
+    """Keep the weights of the epoch with the best validation accuracy (the first of equals) and put them back when
+    training ends."""
+
+    def __init__(self) -> None:
+        self.best_acc, self.best_state = -1.0, None
+
+    def on_epoch_end(self, state: FitState) -> None:
+        if state.history.val_acc[-1] > self.best_acc:
+            self.best_acc, self.best_state = state.history.val_acc[-1], copy.deepcopy(state.model.state_dict())
+
+    def on_fit_end(self, state: FitState) -> None:
+        if self.best_state is not None:
+            state.model.load_state_dict(self.best_state)
+        self.best_acc, self.best_state = -1.0, None  # a later fit starts afresh
+
+
+class SaveCheckpoint(Callback):
+    """After every epoch, save the whole training state to ``path`` atomically: model, optimizer, scheduler, scaler,
+    history, RNG states, the train loader's shuffling state and ``classes`` (the class names). ``fit(...,
+    resume_from=path)`` continues from it exactly. A file that cannot be written raises ``CheckpointSaveError``,
+    which stops training with the complete epochs in its ``.history``."""
+
+    def __init__(self, path: str | Path, classes: Sequence[str]) -> None:
+        self.path, self.classes = path, list(classes)
+
+    def on_epoch_end(self, state: FitState) -> None:
+        _save_epoch(
+            self.path, state.model, classes=self.classes, epoch=state.epoch, history=state.history,
+            optimizer=state.optimizer, scheduler=state.scheduler, scaler=state.scaler,
+            loader_rng=state.train_loader.generator,
+        )
 
 
 def _save_epoch(path: str | Path, model: nn.Module, *, history: History, **state) -> None:
@@ -577,12 +545,180 @@ def _save_epoch(path: str | Path, model: nn.Module, *, history: History, **state
         raise stopped from err
 
 
-def _interrupted_message(epoch: int, history: History, checkpoint_path: str | Path | None) -> str:
+def _checkpoint_of(callbacks: Sequence[Callback]) -> SaveCheckpoint | None:
+    return next((c for c in callbacks if isinstance(c, SaveCheckpoint)), None)
+
+
+# --- the training loop ----------------------------------------------------------------------------
+
+
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    *,
+    epochs: int,
+    lr: float = 1e-3,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: SchedulerSpec = None,
+    loss_fn: nn.Module | None = None,
+    device: torch.device | str = "cpu",
+    callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
+    progress: bool = True,
+    resume_from: str | Path | History | None = None,
+) -> History:
+    """Train ``model`` for ``epochs`` (train then validate each epoch) and return its History.
+
+    Only parameters with ``requires_grad`` are optimized (AdamW without weight decay by default; pass
+    ``optimizer`` for anything else). ``scheduler`` ('cosine', 'plateau', or a function optimizer -> scheduler)
+    is stepped once per epoch. On CUDA, autocast (bf16 where supported, else fp16 with a GradScaler) is used.
+    Weights and image batches are in channels_last memory format (faster convolutions on GPUs and CPUs:
+    bench/channels_last.py); to compile, pass ``torch.compile(model)``. The history records images/s per epoch
+    and, on a GPU, peak memory and utilization. ``loss_fn`` defaults to cross-entropy (used for training;
+    validation always reports plain cross-entropy so runs stay comparable).
+
+    ``callbacks`` (``Callback`` objects or functions ``f(state)``) run after every epoch, in the order given,
+    after the history row is appended and the scheduler stepped; ``EarlyStopping(patience)``,
+    ``RestoreBest()`` and ``SaveCheckpoint(path, classes)`` are built in. ``resume_from``: a checkpoint
+    written by ``SaveCheckpoint`` (train ``epochs`` more epochs exactly as an uninterrupted run would, with
+    the same data, loaders and seed), or a History (continue its epoch count and early stopping).
+
+    Interrupting (Ctrl-C, Jupyter's stop button) ends training at the next batch boundary: the unfinished
+    epoch is dropped, the callbacks' ``on_fit_end`` runs, and ``TrainingInterrupted`` is raised (a
+    KeyboardInterrupt, so "run all" stops too; its ``.history`` holds the complete epochs, which a
+    ``SaveCheckpoint`` file also keeps).
+    """
+    _check_epochs(epochs)
+    _check_positive(lr=lr)
+    check_head_fits(model, train_loader, where="fit (train_loader)")
+    check_head_fits(model, val_loader, where="fit (val_loader)")
+    fitted_before = _epochs_fitted(model)
+    if resume_from is None:
+        _warn_if_fitted_before(model)
+    device = torch.device(device)
+    _channels_last_model(model.to(device))  # faster convolutions on GPUs and CPUs alike: bench/channels_last.py
+    optimizer = _default_optimizer(model, lr) if optimizer is None else optimizer
+    scheduler = _make_scheduler(scheduler, optimizer, epochs)
+    scaler = torch.amp.GradScaler("cuda") if _amp_dtype(device) == torch.float16 else None
+    callbacks = _as_callbacks(callbacks)
+    state = FitState(model, optimizer, scheduler, scaler, train_loader, epoch=0, history=History())
+    state.history = _starting_history(resume_from, state, _checkpoint_of(callbacks))
+    epochs_before = len(state.history)
+    state.epoch = first = state.history.epoch[-1] + 1 if state.history.epoch else 1
+    loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
+    with _StopRequest() as stop:
+        try:
+            for state.epoch in tqdm(range(first, first + epochs), desc="epochs", disable=not progress):
+                _fit_one_epoch(state, val_loader, loss_fn, device, progress=progress, stop=stop)
+                for callback in callbacks:
+                    callback.on_epoch_end(state)
+                if state.stop:
+                    break
+        except (_Stopped, KeyboardInterrupt):
+            state.history.interrupted = True
+    for callback in callbacks:
+        callback.on_fit_end(state)
+    model._tlkit_fitted = (fitted_before + len(state.history) - epochs_before, _weights_version(model))  # for a second fit()
+    if state.history.interrupted:
+        message = _interrupted_message(state.epoch, state.history, _checkpoint_of(callbacks))
+        raise TrainingInterrupted(message, state.history)
+    return state.history
+
+
+def _default_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("The model has no trainable parameters: unfreeze at least the head before fit().")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def _starting_history(resume_from: str | Path | History | None, state: FitState, checkpoint: SaveCheckpoint | None) -> History:
+    """The history this run continues: new, the given one, or a checkpoint's (whose training state is loaded too)."""
+    if resume_from is None:
+        history = History()
+    elif isinstance(resume_from, History):
+        history = resume_from
+    else:
+        ckpt = load_checkpoint(
+            resume_from, state.model, classes=None if checkpoint is None else checkpoint.classes,
+            optimizer=state.optimizer, scheduler=state.scheduler, scaler=state.scaler,
+        )
+        history = History(**ckpt.history)
+        if ckpt.loader_rng is not None and state.train_loader.generator is not None:
+            state.train_loader.generator.set_state(ckpt.loader_rng)
+    history.interrupted = False
+    return history
+
+
+def _fit_one_epoch(state: FitState, val_loader: DataLoader, loss_fn: nn.Module, device: torch.device, *,
+                   progress: bool, stop: _StopRequest) -> None:
+    """Train one epoch, validate (outputs into ``state``), append the history row, step the scheduler."""
+    start = time.perf_counter()
+    lr = state.optimizer.param_groups[0]["lr"]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    utilization: list[float] = []
+    train_loss, train_acc, seen = _train_one_epoch(state, loss_fn, device, progress=progress, stop=stop, utilization=utilization)
+    train_time = time.perf_counter() - start
+    val_loss, val_acc, state.val_logits, state.val_labels = _validate(
+        state.model, val_loader, device, desc=f"val {state.epoch}", progress=progress, stop=stop,
+    )
+    state.history.append(
+        epoch=state.epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc, lr=lr,
+        epoch_time=time.perf_counter() - start, images_per_s=seen / max(train_time, 1e-9), **_gpu_figures(device, utilization),
+    )
+    _step_scheduler(state.scheduler, val_loss)
+
+
+def _train_one_epoch(state: FitState, loss_fn: nn.Module, device: torch.device, *, progress: bool,
+                     stop: _StopRequest, utilization: list[float]) -> tuple[float, float, int]:
+    """One training pass over ``state.train_loader``: (mean loss, accuracy, items seen); GPU utilization samples
+    go to ``utilization``."""
+    on_gpu = device.type == "cuda"
+    result = _run_epoch(
+        state.model, state.train_loader, device, optimizer=state.optimizer, scaler=state.scaler, loss_fn=loss_fn,
+        desc=f"train {state.epoch}", progress=progress, stop=stop, utilization=utilization if on_gpu else None,
+    )
+    if on_gpu:
+        torch.cuda.synchronize(device)
+    return result
+
+
+def _validate(model: nn.Module, loader: DataLoader, device: torch.device, *, desc: str, progress: bool,
+              stop: _StopRequest | None = None) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """One validation pass (plain cross-entropy): (mean loss, accuracy, logits as float on the CPU, labels)."""
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    loss, acc, _ = _run_epoch(
+        model, loader, device, optimizer=None, scaler=None, loss_fn=nn.CrossEntropyLoss(), desc=desc,
+        progress=progress, stop=stop, outputs=outputs,
+    )
+    if not outputs:
+        return loss, acc, torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return loss, acc, torch.cat([logits for logits, _ in outputs]), torch.cat([labels for _, labels in outputs])
+
+
+def _gpu_figures(device: torch.device, utilization: list[float]) -> dict[str, float]:
+    """The epoch's peak GPU memory (GB, training and validation) and mean utilization; NaN off the GPU."""
+    if device.type != "cuda":
+        return {"gpu_mem_peak_gb": math.nan, "gpu_util": math.nan}
+    util = float(np.nanmean(utilization)) if utilization and not np.isnan(utilization).all() else math.nan
+    return {"gpu_mem_peak_gb": torch.cuda.max_memory_allocated(device) / 1e9, "gpu_util": util}
+
+
+def _step_scheduler(scheduler, val_loss: float) -> None:
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(val_loss)
+    elif scheduler is not None:
+        scheduler.step()
+
+
+def _interrupted_message(epoch: int, history: History, checkpoint: SaveCheckpoint | None) -> str:
     kept = f"{len(history)} complete epoch(s) are in the history"
-    if checkpoint_path is not None and history.epoch:
-        kept += f" and in the checkpoint {checkpoint_path} (epoch {history.epoch[-1]}); continue with fit(..., resume_from='{checkpoint_path}')"
-    elif checkpoint_path is None:
-        kept += "; pass checkpoint_path= to fit to keep a resumable checkpoint"
+    if checkpoint is not None and history.epoch:
+        kept += (f" and in the checkpoint {checkpoint.path} (epoch {history.epoch[-1]}); continue with "
+                 f"fit(..., resume_from='{checkpoint.path}')")
+    elif checkpoint is None:
+        kept += "; pass callbacks=[tlkit.SaveCheckpoint(path, classes)] to fit to keep a resumable checkpoint"
     return (
         f"Training interrupted during epoch {epoch}: that epoch was dropped from the history (the model keeps "
         f"its weights after the last finished batch); {kept}."

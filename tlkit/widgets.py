@@ -16,7 +16,7 @@ from .lr_finder import LRFinderResult, lr_find
 from .models import TransferModel, block_names, parameter_counts, set_trainable, trainable_blocks
 from .optim import lr_multipliers, make_optimizer, param_groups
 from .plots import LiveCurves, plot_lr_find
-from .train import History, fit
+from .train import History, TrainingInterrupted, fit
 
 
 class FreezePanel:
@@ -29,7 +29,7 @@ class FreezePanel:
     panel's blocks and multipliers, everything put back afterwards) and sets the head-LR slider to
     its suggestion, rounded to 3 significant digits. Train runs ``tlkit.fit`` on the given loaders
     with an AdamW over one param group per trainable block, and draws the curves live. Each Train
-    continues the same model.
+    continues the same model and history; an interrupt ends it after the last complete epoch, which the history keeps.
     """
 
     def __init__(
@@ -159,11 +159,15 @@ class FreezePanel:
         self.optimizer = self.make_optimizer()
         with self.output:
             self.output.clear_output(wait=True)
-            self.history = fit(
-                self.model, self.train_loader, self.val_loader, epochs=self.epochs.value, optimizer=self.optimizer,
-                device=self.device, progress=False, history=self.history,
-                on_epoch_end=LiveCurves(f"trainable: {', '.join(trainable_blocks(self.model))}", self.save_path),
-            )
+            try:
+                self.history = fit(
+                    self.model, self.train_loader, self.val_loader, epochs=self.epochs.value, optimizer=self.optimizer,
+                    device=self.device, progress=False, resume_from=self.history,
+                    callbacks=[LiveCurves(f"trainable: {', '.join(trainable_blocks(self.model))}", self.save_path)],
+                )
+            except TrainingInterrupted as stopped:  # a panel button: keep the complete epochs, raise nothing
+                self.history = stopped.history
+                print(stopped, flush=True)
         self.refresh()
         return self.history
 
