@@ -145,7 +145,7 @@ def test_continue_training_returns_a_run_result_with_test_accuracy_per_group(tmp
     path = tmp_path / "first.pt"
     tlkit.fit(model, tlkit.make_loader(old, transform, 8, shuffle=True, seed=0),
               tlkit.make_loader(splits.val.select_classes(splits.classes[:2]), transform, 8, shuffle=False),
-              epochs=1, checkpoint_path=path, classes=splits.classes[:2], progress=False)
+              epochs=1, callbacks=[tlkit.SaveCheckpoint(path, splits.classes[:2])], progress=False)
     groups = {"old": range(2), "new": range(2, 3)}
     new = splits.train.select_classes(splits.classes[2:]).with_classes(splits.classes)
     result = tlkit.continue_training(tlkit.RunConfig(**{**TINY, "epochs": 2}), path, new, splits.val, groups,

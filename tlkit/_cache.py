@@ -27,7 +27,7 @@ def dataset_fingerprint(dataset) -> str | None:
         for tensor in dataset.tensors:
             hash_tensor(h, tensor)
         return h.hexdigest()
-    if isinstance(dataset, ConcatDataset):  # e.g. new data + a replay sample (tlkit.with_replay)
+    if isinstance(dataset, ConcatDataset):  # e.g. new data + a replay sample (tlkit.incremental.with_replay)
         parts = [dataset_fingerprint(part) for part in dataset.datasets]
         return None if None in parts else hashlib.sha256("|".join(parts).encode()).hexdigest()
     return None

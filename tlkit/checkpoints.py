@@ -194,10 +194,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             f"it is truncated or corrupted (e.g. an interrupted copy), or not a PyTorch file. Copy it again, or save a new one."
         ) from err
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a tlkit checkpoint (expected format {FORMAT!r}); save it with tlkit.save_checkpoint.")
+        raise CheckpointError(f"{path} is not a tlkit checkpoint (expected format {FORMAT!r}); save it with tlkit.checkpoints.save_checkpoint.")
     missing = [key for key in _REQUIRED_KEYS if key not in raw]
     if missing:
-        raise CheckpointError(f"{path} is an incomplete tlkit checkpoint (no {', '.join(missing)}); save it again with tlkit.save_checkpoint.")
+        raise CheckpointError(f"{path} is an incomplete tlkit checkpoint (no {', '.join(missing)}); save it again with tlkit.checkpoints.save_checkpoint.")
     return Checkpoint(
         model=raw["model"], classes=raw["classes"], backbone=raw["backbone"], weights=raw["weights"],
         epoch=raw["epoch"], history=raw["history"], optimizer=raw["optimizer"], scheduler=raw["scheduler"],

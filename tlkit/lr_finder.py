@@ -231,7 +231,7 @@ def lr_find(
     """LR range test: ``num_steps`` training steps with the LR growing exponentially from ``start_lr`` to ``end_lr``.
 
     Every trainable param group moves together: group g trains at ``lr * multiplier_g``, the
-    multipliers of ``tlkit.param_groups(model, lr, layer_decay=..., lr_mult=...)`` (or, with
+    multipliers of ``tlkit.optim.param_groups(model, lr, layer_decay=..., lr_mult=...)`` (or, with
     ``optimizer``, each group's LR over the first group's), so the result is the ``lr`` to use with
     those same settings. Frozen blocks stay frozen and, as in ``fit``, in eval mode. The schedule is a
     ``torch.optim.lr_scheduler.LambdaLR``; the sweep stops early once the smoothed loss exceeds

@@ -356,7 +356,7 @@ def _traced_feature_units(net: nn.Module, units: list[tuple[str, nn.Module]], na
         raise TimmBackboneError(
             f"timm model '{name}' does not run its layers {[u for u, _ in units]} one after the other in forward_features "
             f"(it ran {called}), so tlkit cannot cut it into blocks to freeze. Use another timm model (CNNs with "
-            f"feature_info stages and VisionTransformer-based models work) or one of tlkit.available_backbones()."
+            f"feature_info stages and VisionTransformer-based models work) or one of tlkit.models.available_backbones()."
         )
     return len(called), out
 
@@ -369,7 +369,7 @@ def _stage_ends(names: list[str], feature_info: list[dict], model: str) -> list[
         if not holders:
             raise TimmBackboneError(
                 f"timm model '{model}': its feature_info stage '{stage['module']}' is not among the layers forward_features "
-                f"runs ({names}), so tlkit cannot cut it into blocks. Use another timm model or tlkit.available_backbones()."
+                f"runs ({names}), so tlkit cannot cut it into blocks. Use another timm model or tlkit.models.available_backbones()."
             )
         ends.add(holders[0])
     return sorted(ends)
@@ -403,7 +403,7 @@ def _timm_staged_parts(net: nn.Module, name: str) -> tuple[OrderedDict, nn.Modul
         raise TimmBackboneError(
             f"timm model '{name}' has no feature_info stages (or keeps parameters outside its layers), so tlkit cannot "
             f"cut it into blocks to freeze. Use a timm CNN with feature_info, a VisionTransformer-based model, or one "
-            f"of tlkit.available_backbones()."
+            f"of tlkit.models.available_backbones()."
         )
     units = _feature_units(net, [f["module"] for f in feature_info])
     count, features_out = _traced_feature_units(net, units, name)
@@ -465,7 +465,7 @@ def _build_timm(name: str, weights: str | None) -> tuple[nn.Module, Normalizatio
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f" Did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
         raise ValueError(
-            f"Unknown timm model '{name}'.{hint} tlkit.available_backbones('{name.split('_')[0]}*') lists timm's "
+            f"Unknown timm model '{name}'.{hint} tlkit.models.available_backbones('{name.split('_')[0]}*') lists timm's "
             f"pretrained names."
         )
     if weights is not None and weights.upper() not in ("DEFAULT", "IMAGENET"):
@@ -531,7 +531,7 @@ def _unknown_backbone_message(backbone: str) -> str:
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return (
         f"Unknown backbone '{backbone}'.{hint} Choose one of: {', '.join(choices)}; or any timm model as "
-        f"'{TIMM_PREFIX}NAME' (tlkit.available_backbones('convnext*') lists timm's pretrained names)."
+        f"'{TIMM_PREFIX}NAME' (tlkit.models.available_backbones('convnext*') lists timm's pretrained names)."
     )
 
 

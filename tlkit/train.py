@@ -344,10 +344,10 @@ def check_head_fits(model: nn.Module, loader: Iterable, *, where: str = "fit") -
     new_model = f"tlkit.create_model(backbone, {classes}, ...)"
     if outputs < classes:
         advice = (f". Build a new model for this data ({new_model}) or grow this one's head "
-                  f"(tlkit.expand_head(model, {classes - outputs}) adds {classes - outputs} outputs; the old ones keep their weights)")
+                  f"(tlkit.incremental.expand_head(model, {classes - outputs}) adds {classes - outputs} outputs; the old ones keep their weights)")
     else:
         advice = (f": its {outputs - classes} extra output(s) would be classes that do not exist in the data. Build a new "
-                  f"model for this data ({new_model}); tlkit.expand_head grows a head, nothing shrinks one")
+                  f"model for this data ({new_model}); tlkit.incremental.expand_head grows a head, nothing shrinks one")
     raise ValueError(
         f"{where}: the model's head has {outputs} outputs but the data has {data}{advice}; "
         f"or check that this is the data the model is for."
