@@ -160,9 +160,9 @@ def test_on_device_auto_means_gpu_only():
 
 def test_asking_for_cached_features_with_augmentation_warns():
     model = tlkit.freeze(tlkit.create_model("efficientnet_lite0", 3, weights=None))
-    with pytest.warns(tlkit._cache.AugmentationDisablesCacheWarning, match="cached-feature path is switched off"):
+    with pytest.warns(tlkit.prefix_cache.AugmentationDisablesCacheWarning, match="cached-feature path is switched off"):
         assert tlkit.augment.feature_cache_allowed(model, "basic") is False
-    with pytest.warns(tlkit._cache.AugmentationDisablesCacheWarning):
+    with pytest.warns(tlkit.prefix_cache.AugmentationDisablesCacheWarning):
         assert tlkit.augment.feature_cache_allowed(model, "none", mix="mixup") is False
     with warnings.catch_warnings():
         warnings.simplefilter("error")

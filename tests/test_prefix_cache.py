@@ -178,11 +178,11 @@ def test_training_with_the_cache_gives_the_same_weights_and_accuracy(splits, str
 def test_random_train_transform_turns_the_cache_off_with_the_feature_cache_warning(splits):
     model = tlkit.apply_strategy(_lite0(), "last_n_blocks", n_blocks=1)
     augment = tlkit.train_transform(32, model.normalization, "basic")
-    with pytest.warns(tlkit._cache.AugmentationDisablesCacheWarning, match="prefix cache is switched off"):
+    with pytest.warns(tlkit.prefix_cache.AugmentationDisablesCacheWarning, match="prefix cache is switched off"):
         assert not prefix_cache_allowed(model, augment)
     with pytest.raises(ValueError, match="transform is random"):
         cached_prefix(model, tlkit.make_loader(splits.train, augment, 8, shuffle=False), progress=False)
     config = tlkit.RunConfig(image_size=32, batch_size=8, epochs=1, lr=1e-3, seed=0)
-    with pytest.warns(tlkit._cache.AugmentationDisablesCacheWarning):
+    with pytest.warns(tlkit.prefix_cache.AugmentationDisablesCacheWarning):
         result = tlkit.run_strategy(config, splits, "last_block", train_transform=augment, prefix_cache=True)
     assert result.prefix_cache is None and len(result.history) == 1

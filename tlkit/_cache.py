@@ -1,4 +1,4 @@
-"""What the feature cache and the prefix cache share: content fingerprints for their keys, and their warning."""
+"""What the feature cache and the prefix cache share: content fingerprints for their keys."""
 
 from __future__ import annotations
 
@@ -6,10 +6,6 @@ import hashlib
 
 import torch
 from torch.utils.data import ConcatDataset, TensorDataset
-
-
-class AugmentationDisablesCacheWarning(UserWarning):
-    """A cache (of features or of prefix activations) and random augmentation were both asked for; the cache is switched off."""
 
 
 def hash_tensor(h: hashlib._Hash, tensor: torch.Tensor) -> None:

@@ -18,9 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
-from ._cache import AugmentationDisablesCacheWarning
 from .data import BatchesOf, LabeledImages, TransformedDataset, make_loader
 from .models import below_head_frozen
+from .prefix_cache import AugmentationDisablesCacheWarning
 from .transforms import Normalization, check_preset, normalize_steps, random_steps, resize_steps
 
 MIXES = ("mixup", "cutmix", "mixup_or_cutmix")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ._cache import AugmentationDisablesCacheWarning, dataset_fingerprint, hash_tensor
+from ._cache import dataset_fingerprint, hash_tensor
 from .checkpoints import save_atomically
 from .data import BatchesOf, make_loader
 from .models import HEAD, TransferModel
@@ -33,6 +33,11 @@ POOL = "pool"
 _FORMAT = b"tlkit-prefix-1"
 # Layers whose output depends on train/eval mode: a stage holding one is cacheable only while in eval mode.
 _MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+class AugmentationDisablesCacheWarning(UserWarning):
+    """A cache (of features or of prefix activations) and random augmentation were both asked for; the cache is switched off."""
+
 
 
 class PrefixCacheTooLargeError(ValueError):
