@@ -1,9 +1,13 @@
-"""Real browser: notebook 02's FreezePanel cell runs in JupyterLab and headless Chromium clicks a block toggle.
+"""Real browser: notebook 02's FreezePanel cell runs in JupyterLab; headless Chromium presses a block toggle (the
+trainable count grows by that block), checks that no LR box cuts its value (also the longest one a box can hold)
+and presses Reset (the count goes back).
 
 The notebook is not run whole (it trains for minutes): its parameters cell, the cells that import
 tlkit, load the data and define ``new_model``, and the ``tlkit.FreezePanel(...)`` cell are copied
 from the .ipynb, so the test follows the notebook when it changes. Nothing is trained.
 Chromium is Debian's (``.ci/run`` installs it); without it, or without playwright, the test skips.
+The test saves a screenshot of the panel (cropped to it) to ``docs/freeze_panel.png``, the one the
+README shows: commit it when the panel's look changed.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_02 = REPO / "notebooks" / "02_partial_unfreezing.ipynb"
-SCREENSHOT = REPO / "outputs" / "browser" / "freeze_panel.png"
+SCREENSHOT = REPO / "outputs" / "browser" / "freeze_panel.png"  # the whole page, also when the panel does not render
+PANEL_SCREENSHOT = REPO / "docs" / "freeze_panel.png"  # the panel alone, shown in the README
+PANEL = ".tlkit-freeze-panel"  # the class FreezePanel gives its outer box
+LONGEST_MULTIPLIER = "0.000001234"  # the longest value a multiplier box holds (4 significant digits, down to 1e-6)
 DEFAULT_CHROMIUM = "/usr/bin/chromium"
 # Without the background-networking flags Chromium keeps dialling out, which a closed network refuses.
 CHROMIUM_ARGS = [
@@ -133,6 +140,31 @@ def stop_server(server: subprocess.Popen, base_url: str, token: str) -> None:
             server.wait()
 
 
+def cut_text_boxes(page, selector: str) -> list[str]:
+    """The values of the text boxes under ``selector`` that are wider than their box (the browser shows them cut)."""
+    return page.locator(f"{selector} input").evaluate_all(
+        "boxes => boxes.filter(b => b.scrollWidth > b.clientWidth).map(b => `${b.value} (${b.scrollWidth} > ${b.clientWidth} px)`)")
+
+
+def panel_area(page, selector: str, margin: int = 6) -> dict[str, float]:
+    """The page area the element at ``selector`` draws in, as Playwright's ``clip``: up to its rightmost text or control,
+    not the whole width of the output area that its box (and its text lines) stretch to."""
+    return page.locator(selector).evaluate(
+        """(panel, margin) => {
+            const box = panel.getBoundingClientRect();
+            const rights = [...panel.querySelectorAll("input, button, .slider-container")].map(e => e.getBoundingClientRect().right);
+            const texts = document.createTreeWalker(panel, NodeFilter.SHOW_TEXT);
+            for (let node = texts.nextNode(); node; node = texts.nextNode()) {
+                if (!node.textContent.trim()) continue;
+                const range = document.createRange();
+                range.selectNodeContents(node);
+                rights.push(range.getBoundingClientRect().right);
+            }
+            return {x: box.left - margin, y: box.top - margin, width: Math.max(...rights) - box.left + 2 * margin,
+                    height: box.height + 2 * margin};
+        }""", margin)
+
+
 def trainable_count(summary: str) -> int:
     """The trainable-parameter count in the panel's summary line ("trainable 3,843 (0.1%) · frozen ...")."""
     match = re.search(r"trainable\s+([\d,]+)", summary)
@@ -179,7 +211,7 @@ def lab(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 
 @pytest.mark.browser
-def test_clicking_a_block_toggle_in_jupyterlab_changes_the_trainable_count(lab):
+def test_the_panel_in_jupyterlab_counts_a_pressed_block_shows_whole_lrs_and_resets(lab):
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect, sync_playwright
 
@@ -215,13 +247,29 @@ def test_clicking_a_block_toggle_in_jupyterlab_changes_the_trainable_count(lab):
             expect(summary).not_to_have_text(before, timeout=CLICK_EFFECT_S * 1000)
             expect(page.locator(".widget-toggle-button.mod-active", has_text=block_toggle)).to_have_count(1)
             after = summary.inner_text()
-            page.locator(".widget-button", has_text="Train").scroll_into_view_if_needed()  # the panel's last row
+            cut_at_start = cut_text_boxes(page, PANEL)
+            page.locator(PANEL).scroll_into_view_if_needed()
+            page.evaluate("document.activeElement && document.activeElement.blur()")  # no focus ring in the screenshot
+            page.mouse.move(0, 0)  # nor a hover shade
             page.screenshot(path=str(SCREENSHOT))
+            PANEL_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(PANEL_SCREENSHOT), clip=panel_area(page, PANEL))
+
+            first_box = page.locator(f"{PANEL} .widget-text input").first  # the input block's multiplier, the smallest one
+            first_box.fill(LONGEST_MULTIPLIER)
+            first_box.press("Enter")
+            expect(first_box).to_have_value(LONGEST_MULTIPLIER)
+            cut_longest = cut_text_boxes(page, PANEL)
+
+            page.locator(f"{PANEL} .widget-button", has_text="Reset").click()
+            expect(summary).to_have_text(before, timeout=CLICK_EFFECT_S * 1000)
+            expect(page.locator(".widget-toggle-button.mod-active", has_text=block_toggle)).to_have_count(0)
         finally:
             browser.close()
     added = int(block_params.split()[0].replace(",", ""))
     assert trainable_count(after) == trainable_count(before) + added, (
         f"pressing {block!r} ({block_params}) should add its parameters to the trainable count: {before!r} -> {after!r}")
+    assert not cut_at_start and not cut_longest, f"LR boxes too narrow for their values: {cut_at_start + cut_longest}"
 
 
 def test_a_missing_chromium_gives_a_skip_reason_that_says_how_to_install_it(tmp_path):

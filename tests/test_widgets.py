@@ -2,6 +2,7 @@
 
 import os
 import signal
+import warnings
 
 import pytest
 import torch
@@ -72,6 +73,123 @@ def test_train_button_trains_with_the_chosen_groups_and_continues(panel):
     assert torch.equal(panel.model.features.stage7[0].conv_pw.weight, stage7)
     panel.train_button.click()
     assert panel.history.epoch == [1, 2]
+
+
+def adam_steps(optimizer: torch.optim.Optimizer, block: str) -> list[int]:
+    """AdamW's step count for each parameter of ``block``'s group."""
+    group = next(g for g in optimizer.param_groups if g["name"] == block)
+    return [int(optimizer.state[p]["step"]) for p in group["params"]]
+
+
+def test_a_second_train_keeps_the_optimizer_and_its_state_and_adds_the_new_block(panel):
+    panel.train_button.click()  # the head alone: 2 batches of 3
+    optimizer = panel.optimizer
+    head_moment = optimizer.state[panel.model.head.weight]["exp_avg"].clone()
+    assert adam_steps(optimizer, "head") == [2, 2]
+    panel.toggles["top"].value = True
+    panel.train_button.click()
+    assert panel.optimizer is optimizer
+    assert [g["name"] for g in optimizer.param_groups] == ["head", "top"]
+    assert adam_steps(optimizer, "head") == [4, 4]  # a new optimizer would count 2 again
+    assert adam_steps(optimizer, "top") == [2, 2, 2]  # conv weight, BatchNorm weight and bias: joined for this Train
+    assert not torch.equal(optimizer.state[panel.model.head.weight]["exp_avg"], head_moment)
+    assert panel.history.epoch == [1, 2]
+    assert "optimizer groups head, top" in panel.summary_html.value
+
+
+def test_a_later_train_sets_the_groups_lrs_from_the_panel(panel):
+    panel.toggles["top"].value = True
+    panel.train()
+    panel.lr.value = 0.002
+    panel.multipliers["top"].value = 0.25
+    optimizer = panel.prepare_optimizer()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.002, 0.0005])
+    assert panel.train().lr == pytest.approx([0.01, 0.002])  # the history records the head group's lr per epoch
+
+
+def test_a_block_frozen_again_keeps_its_group_and_state_but_does_not_move(panel):
+    panel.toggles["top"].value = True
+    panel.train()
+    top = {k: v.clone() for k, v in panel.model.features.top.state_dict().items()}  # BatchNorm statistics too
+    panel.toggles["top"].value = False
+    panel.train()
+    assert [g["name"] for g in panel.optimizer.param_groups] == ["head", "top"]
+    assert adam_steps(panel.optimizer, "top") == [2, 2, 2] and adam_steps(panel.optimizer, "head") == [4, 4]
+    assert all(torch.equal(v, panel.model.features.top.state_dict()[k]) for k, v in top.items())
+    panel.toggles["top"].value = True
+    panel.train()
+    assert adam_steps(panel.optimizer, "top") == [4, 4, 4]  # continues with its kept moments
+
+
+def test_training_after_freezing_every_block_says_what_to_do(panel):
+    panel.train()
+    panel.toggles["head"].value = False
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        panel.train()
+
+
+def test_reset_restores_the_starting_weights_buffers_and_frozen_blocks_and_drops_the_training_state(panel):
+    start = {k: v.clone() for k, v in panel.model.state_dict().items()}
+    requires_grad = [p.requires_grad for p in panel.model.parameters()]
+    panel.toggles["top"].value = True
+    panel.toggles["stage7"].value = True
+    panel.bn_frozen.value = False
+    panel.train()
+    changed = [k for k, v in panel.model.state_dict().items() if not torch.equal(v, start[k])]
+    assert "features.top.1.running_mean" in changed and "head.weight" in changed  # buffers too: the test can fail
+    panel.reset_button.click()
+    assert all(torch.equal(v, start[k]) for k, v in panel.model.state_dict().items())
+    assert [p.requires_grad for p in panel.model.parameters()] == requires_grad
+    assert [n for n, t in panel.toggles.items() if t.value] == ["head"] and panel.bn_frozen.value
+    panel.model.train()
+    assert not panel.model.features.top[1].training  # frozen again, so in eval mode
+    assert panel.optimizer is None and panel.history is None
+    assert "val acc" not in panel.summary_html.value and "optimizer" not in panel.summary_html.value
+    assert panel.lr_labels["top"].value == "frozen"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tlkit.train.RepeatedFitWarning)  # the restored weights count as a new model
+        assert panel.train().epoch == [1]
+    assert adam_steps(panel.optimizer, "head") == [2, 2]
+
+
+def test_a_block_that_trained_in_part_joins_its_group_whole_and_reset_puts_the_part_back(panel):
+    last = list(panel.model.features.top.parameters())[-1]
+    last.requires_grad_(True)  # as apply_strategy("last_tensors") leaves a block
+    partial = tlkit.FreezePanel(panel.model, panel.train_loader, panel.val_loader, lr=0.01, epochs=1)
+    assert partial.toggles["top"].value
+    optimizer = partial.prepare_optimizer()
+    assert [len(g["params"]) for g in optimizer.param_groups] == [2, 1]
+    partial.toggles["top"].value = False
+    partial.toggles["top"].value = True  # now the whole block trains
+    assert partial.prepare_optimizer() is optimizer
+    assert [g["name"] for g in optimizer.param_groups] == ["head", "top"]
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == {id(p) for p in panel.model.features.top.parameters()}
+    partial.reset()
+    assert [p.requires_grad for p in panel.model.features.top.parameters()] == [False, False, True]
+
+
+def browser_number(value: float) -> str:
+    """How the browser's number box writes ``value`` (JavaScript's Number to String: plain decimals from 1e-6 up)."""
+    if value == int(value) and abs(value) < 1e21:
+        return str(int(value))
+    if abs(value) >= 1e-6:
+        return f"{value:.12f}".rstrip("0")  # exact for the 4 significant digits the box holds
+    return repr(value)
+
+
+def test_multiplier_boxes_are_wide_enough_for_every_value_they_can_hold(panel):
+    # JupyterLab's 13px font in Chromium: digits under 8 px wide, 8 px padding each side; the label's 8 px margin and
+    # the 2 px border come off the box (tests/test_browser.py measures the real boxes).
+    px_per_char, padding, margin_and_border = 8, 2 * 8, 8 + 2
+    box = panel.multipliers["stem"]
+    label_px = int(box.style.description_width.removesuffix("px"))
+    text_px = int(box.layout.width.removesuffix("px")) - label_px - margin_and_border
+    longest = max((browser_number(float(f"{v:.4g}")) for v in (box.min * 1.2345, 0.001953125, box.max)), key=len)
+    assert longest == "0.000001234"
+    assert text_px >= len(longest) * px_per_char + padding, f"{longest!r} is cut in a box with {text_px} px for text"
+    panel.layer_decay.value = 0.05  # 0.05 ** 9 for the stem: the box's minimum, written whole
+    assert browser_number(panel.multipliers["stem"].value) == "0.000001"
+    assert panel.multipliers["stage5"].value == 6.25e-06 and browser_number(6.25e-06) == "0.00000625"
 
 
 class InterruptAt(TensorDataset):
