@@ -50,6 +50,38 @@ def test_long_tail_subset_is_deterministic_by_seed_and_keeps_val():
     assert long_tailed.summary()["train"] == {"c0": 40, "c1": 20, "c2": 10}
 
 
+def test_long_tail_positions_follow_the_given_class_order():
+    targets = [0] * 10 + [1] * 40 + [2] * 20
+    keep = tlkit.imbalance.long_tail_positions(targets, 4, seed=0, head_count=16, order=[1, 2, 0])
+    assert Counter(np.asarray(targets)[keep].tolist()) == {1: 16, 2: 8, 0: 4}  # 16 * 4 ** (-r / 2) by rank r
+    assert keep == sorted(keep) == tlkit.imbalance.long_tail_positions(targets, 4, seed=0, head_count=16, order=[1, 2, 0])
+    # an absent last class counts when num_classes says it exists: it cannot supply its share
+    with pytest.raises(ValueError, match=r"class 3 \(0 < 2\)"):
+        tlkit.imbalance.long_tail_positions(targets, 4, seed=0, head_count=8, num_classes=4)
+    with pytest.raises(ValueError, match="every class"):
+        tlkit.imbalance.long_tail_positions(targets, 4, seed=0, order=[0, 1])
+
+
+def test_largest_head_count_is_the_most_every_class_allows():
+    # order [1, 2, 0], ratio 4: wanted h, h/2, h/4 (rounded) of 40, 20, 10 available -> h = 40 fits exactly
+    assert tlkit.imbalance.largest_head_count([10, 40, 20], 4, [1, 2, 0]) == 40
+    # class 2 has only 15: h = 31 would want round(15.5) = 16 of it, so h = 30 ([30, 15, 8])
+    assert tlkit.imbalance.largest_head_count([10, 40, 15], 4, [1, 2, 0]) == 30
+    with pytest.raises(ValueError, match="No long tail"):
+        tlkit.imbalance.largest_head_count([1, 1, 1], 50, [0, 1, 2])
+
+
+def test_steeper_tail_keeps_the_frequency_order_and_steepens_it():
+    targets = [0] * 30 + [1] * 200 + [2] * 12 + [3] * 40  # frequency order: 1, 3, 0, 2
+    keep = tlkit.imbalance.steeper_tail(targets, 27, seed=0)
+    counts = np.bincount(np.asarray(targets)[keep], minlength=4)
+    # h * 27 ** (-r / 3) by rank r = h, h/3, h/9, h/27; class 3's 40 allow at most h = 121 (round(121 / 3) = 40)
+    assert counts.tolist() == [13, 121, 4, 40]
+    assert keep == tlkit.imbalance.steeper_tail(targets, 27, seed=0)
+    assert keep != tlkit.imbalance.steeper_tail(targets, 27, seed=1)
+    assert set(keep) <= set(range(len(targets)))
+
+
 # --- remedies ------------------------------------------------------------------------------------------
 
 
@@ -90,6 +122,15 @@ def test_undersample_keeps_the_rarest_count_of_every_class():
     assert {7, 8, 9} <= set(keep)  # all of the rarest class
 
 
+def test_repeated_passes_sampler_shuffles_every_pass_and_is_seeded():
+    drawn = list(tlkit.imbalance.repeated_passes_sampler(4, 10, seed=0))
+    assert len(drawn) == 10 and sorted(drawn[:4]) == sorted(drawn[4:8]) == [0, 1, 2, 3] and len(set(drawn[8:])) == 2
+    assert drawn == list(tlkit.imbalance.repeated_passes_sampler(4, 10, seed=0))
+    assert drawn != list(tlkit.imbalance.repeated_passes_sampler(4, 10, seed=1))
+    with pytest.raises(ValueError, match="at least 1"):
+        tlkit.imbalance.repeated_passes_sampler(0, 10, seed=0)
+
+
 def test_focal_loss_is_cross_entropy_at_gamma_zero_and_smaller_for_easy_examples():
     logits = torch.tensor([[2.0, 0.1, -1.0], [0.2, 0.3, 0.1], [-1.0, 0.0, 3.0]])
     target = torch.tensor([0, 2, 2])
@@ -117,6 +158,26 @@ def test_logit_offsets_loss_and_posthoc_adjustment_by_hand():
     assert tlkit.imbalance.adjust_probabilities(torch.tensor([[0.6, 0.4]]), [3, 1], tau=0.0)[0].tolist() == pytest.approx([0.6, 0.4])
 
 
+def test_tau_sweep_scores_the_posthoc_adjustment_by_balanced_accuracy():
+    # prior [0.75, 0.25]; both items lean to class 0, the second one only a little
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4]])
+    scores = tlkit.imbalance.tau_sweep(probs, [0, 1], [3, 1], [0, 1])
+    # tau 0: both predicted 0 -> recall [1, 0]; tau 1: [0.9/0.75, 0.1/0.25] = [1.2, 0.4] -> 0, [0.8, 1.6] -> 1
+    assert scores == {0.0: 0.5, 1.0: 1.0}
+
+
+def test_long_tail_metrics_by_hand():
+    y = [0, 0, 0, 1, 2, 2]
+    probs = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.5, 0.1, 0.4], [0.1, 0.1, 0.8]])
+    m = tlkit.metrics.long_tail_metrics(y, probs, train_counts=[10, 5, 1])
+    # predicted 0, 0, 1, 1, 0, 2: recalls [2/3, 1, 1/2]
+    assert m["accuracy"] == pytest.approx(4 / 6) and m["balanced_accuracy"] == pytest.approx((2 / 3 + 1 + 0.5) / 3)
+    assert m["worst_class_recall"] == pytest.approx(0.5) and m["rarest_class_recall"] == pytest.approx(0.5)
+    assert m["long_tailed_acc"] == pytest.approx((10 * 2 / 3 + 5 * 1 + 1 * 0.5) / 16)
+    assert m["pr_auc"] == pytest.approx(np.mean(tlkit.metrics.average_precision_per_class(y, probs)))
+    assert tlkit.metrics.long_tail_metrics(y, probs, train_counts=[1, 5, 10])["rarest_class_recall"] == pytest.approx(2 / 3)
+
+
 def test_make_remedy_gives_each_remedy_its_parts_and_rejects_unknown_names():
     targets = [0] * 6 + [1] * 3 + [2] * 1
     parts = {name: tlkit.imbalance.make_remedy(name, targets, 3, seed=0) for name in tlkit.REMEDIES}
@@ -125,6 +186,8 @@ def test_make_remedy_gives_each_remedy_its_parts_and_rejects_unknown_names():
     assert isinstance(parts["effective_number"].loss_fn, nn.CrossEntropyLoss)
     assert len(list(parts["oversample"].sampler)) == 10
     assert len(parts["undersample"].train_positions) == 3
+    assert len(parts["undersample"].sampler) == 10  # equal steps: as many draws per epoch as there are items
+    assert tlkit.imbalance.make_remedy("undersample", targets, 3, seed=0, equal_steps=False).sampler is None
     assert isinstance(parts["focal"].loss_fn, tlkit.imbalance.FocalLoss)
     assert parts["logit_adjustment"].loss_fn.offsets.tolist() == pytest.approx(np.log([0.6, 0.3, 0.1]).tolist())
     flat = torch.full((1, 3), 1 / 3)
@@ -151,6 +214,11 @@ def test_every_remedy_trains_a_head_on_cached_features_from_the_same_start():
         assert torch.allclose(run.probs.sum(1), torch.ones(15), atol=1e-5)
         assert (run.predicted == val_y).float().mean() > 0.6
     assert len(runs["undersample"].history.train_loss) == 8
+    # one budget: every remedy takes 8 epochs x ceil(41 / 8) = 48 optimizer steps, undersample too (6 items x 8 passes)
+    assert {run.metrics["optimizer_steps"] for run in runs.values()} == {48.0}
+    fewer = tlkit.fit_head_with_remedy(config, model, train, val, "undersample", equal_steps=False)
+    assert fewer.metrics["optimizer_steps"] == 8 * 2  # 3 items of each class, 9 in all: two batches of 8 per epoch
+    assert not torch.equal(fewer.probs, runs["undersample"].probs)
     # threshold trains exactly as none does (same head init, same batches); only its post-hoc step differs
     assert runs["threshold"].history.train_loss == runs["none"].history.train_loss
     assert not torch.equal(runs["threshold"].probs, runs["none"].probs)
@@ -175,7 +243,7 @@ def test_notebook_04_remedies_help_the_rare_classes(tmp_path):
     m = run.metrics
     assert m["dataset"] == "digits" and m["remedy"] == "logit_adjustment" and m["imbalance_ratio"] == 20
     assert m["train_images"] == 474 and m["val_images"] == 360 and m["train_imbalance_ratio"] == pytest.approx(139 / 7)
-    for name in tlkit.REMEDIES:
+    for name in [*tlkit.REMEDIES, "threshold_tuned"]:
         for key in ("val_acc", "balanced_acc", "macro_f1", "worst_class_recall", "rarest_class_recall", "pr_auc", "long_tailed_acc"):
             assert 0.0 <= m[f"{key}_{name}"] <= 1.0
     assert m["balanced_acc"] == m["balanced_acc_logit_adjustment"] and m["balanced_acc_logit_adjustment_std"] == 0.0
@@ -185,5 +253,18 @@ def test_notebook_04_remedies_help_the_rare_classes(tmp_path):
     # the post-hoc correction raises the rare classes' recall over plain training, on the same trained head
     assert m["rarest_class_recall_threshold"] >= m["rarest_class_recall_none"]
     assert m["long_tailed_acc_none"] > m["val_acc_none"]
-    for name in ("class_counts", "comparison", "per_class_recall", "confusion_matrix", "pr_curves"):
+    # the second setting: a steeper tail cut from the first, every remedy on it too, with the same epochs
+    assert m["steep_ratio"] == 50 and m["train_images_steep"] < m["train_images"]
+    assert m["train_imbalance_ratio_steep"] > 2 * m["train_imbalance_ratio"]
+    assert m["optimizer_steps"] == 10 * 8 and m["optimizer_steps_steep"] == 10 * -(-m["train_images_steep"] // 64)
+    for name in [*tlkit.REMEDIES, "threshold_tuned"]:
+        for key in ("val_acc", "balanced_acc", "worst_class_recall"):
+            assert 0.0 <= m[f"{key}_{name}_steep"] <= 1.0 and m[f"{key}_{name}_steep_std"] == 0.0
+    assert m["balanced_acc_none_steep"] < m["balanced_acc_none"]
+    # the threshold's strength is chosen on validation from the grid, per setting; the chosen one is best there
+    for suffix in ("", "_steep"):
+        assert m[f"threshold_tau{suffix}"] in (0, 0.5, 1, 1.5, 2, 2.5, 3, 4)
+        assert m[f"balanced_acc_threshold_tuned{suffix}"] >= m[f"balanced_acc_none{suffix}"]
+    for name in ("class_counts", "comparison", "per_class_recall", "comparison_steep", "per_class_recall_steep",
+                 "threshold_tau", "confusion_matrix", "pr_curves"):
         assert (tmp_path / "figures" / "04" / f"{name}.png").stat().st_size > 0

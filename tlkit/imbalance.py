@@ -10,9 +10,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import WeightedRandomSampler
+from torch.utils.data import RandomSampler, Sampler, WeightedRandomSampler
 
 from .data import DatasetSplits, LabeledImages
+from .metrics import per_class_recall
 
 REMEDIES: dict[str, str] = {
     "none": "plain cross-entropy on the long-tailed data",
@@ -54,29 +55,88 @@ def long_tail_counts(head_count: int, num_classes: int, imbalance_ratio: float) 
     return counts.tolist()
 
 
+def long_tail_positions(
+    targets: Sequence[int],
+    imbalance_ratio: float,
+    seed: int,
+    *,
+    head_count: int | None = None,
+    order: Sequence[int] | None = None,
+    num_classes: int | None = None,
+) -> list[int]:
+    """Sorted positions of a deterministic random subset of ``targets`` whose class counts follow ``long_tail_counts``.
+
+    ``order`` lists the classes from the one that keeps the most items to the one that keeps the fewest (default:
+    0, 1, ..., C-1). ``head_count`` (items kept of ``order[0]``) defaults to the smallest class count, so every
+    class can supply its share. ``num_classes`` defaults to the largest label + 1.
+    """
+    targets = np.asarray(targets, dtype=int)
+    num_classes = int(targets.max()) + 1 if num_classes is None else num_classes
+    available = label_counts(targets, num_classes)
+    order = list(range(num_classes)) if order is None else [int(c) for c in order]
+    if sorted(order) != list(range(num_classes)):
+        raise ValueError(f"order must list every class 0..{num_classes - 1} once, got {order}.")
+    head_count = int(available.min()) if head_count is None else head_count
+    wanted = dict(zip(order, long_tail_counts(head_count, num_classes, imbalance_ratio)))
+    short = [f"class {c} ({available[c]} < {wanted[c]})" for c in range(num_classes) if available[c] < wanted[c]]
+    if short:
+        raise ValueError(f"Too few images for head_count={head_count} in: {', '.join(short)}; lower head_count.")
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for label in range(num_classes):
+        keep.extend(rng.permutation(np.flatnonzero(targets == label))[: wanted[label]].tolist())
+    return sorted(keep)
+
+
 def long_tail_subset(ds: LabeledImages, imbalance_ratio: float, seed: int, *, head_count: int | None = None) -> LabeledImages:
     """A deterministic random subset of ``ds`` whose class counts follow ``long_tail_counts`` (class 0 keeps the most).
 
-    ``head_count`` (images kept of class 0) defaults to the smallest class count in ``ds``, so every class can
-    supply its share.
+    ``head_count`` (images kept of class 0) defaults to the smallest class count in ``ds``, so every
+    class can supply its share.
     """
-    targets = np.asarray(ds.targets)
-    available = np.bincount(targets, minlength=len(ds.classes))
-    head_count = int(available.min()) if head_count is None else head_count
-    wanted = long_tail_counts(head_count, len(ds.classes), imbalance_ratio)
-    short = [f"{ds.classes[c]} ({available[c]} < {n})" for c, n in enumerate(wanted) if available[c] < n]
-    if short:
-        raise ValueError(f"Too few images for head_count={head_count} in classes: {', '.join(short)}; lower head_count.")
-    rng = np.random.default_rng(seed)
-    keep: list[int] = []
-    for label, n in enumerate(wanted):
-        keep.extend(rng.permutation(np.flatnonzero(targets == label))[:n].tolist())
-    return ds.subset(sorted(keep))
+    try:
+        keep = long_tail_positions(ds.targets, imbalance_ratio, seed, head_count=head_count, num_classes=len(ds.classes))
+    except ValueError as err:  # name the classes, not their numbers
+        message = str(err)
+        for label, name in enumerate(ds.classes):
+            message = message.replace(f"class {label} (", f"{name} (")
+        raise ValueError(message) from None
+    return ds.subset(keep)
 
 
 def make_long_tailed(splits: DatasetSplits, imbalance_ratio: float, seed: int, *, head_count: int | None = None) -> DatasetSplits:
     """The same splits with a long-tailed training set; validation (and test) are kept exactly as they are."""
     return dataclasses.replace(splits, train=long_tail_subset(splits.train, imbalance_ratio, seed, head_count=head_count))
+
+
+def largest_head_count(available: Sequence[int], imbalance_ratio: float, order: Sequence[int]) -> int:
+    """The most items ``order[0]`` can keep on a long tail whose classes, in ``order``, all have enough (``available``)."""
+    available = np.asarray(available, dtype=int)
+    for head_count in range(int(available[order[0]]), 0, -1):
+        try:
+            wanted = long_tail_counts(head_count, len(order), imbalance_ratio)
+        except ValueError:
+            break  # the rarest class would get no item, and with a smaller head count neither
+        if all(available[c] >= n for c, n in zip(order, wanted)):
+            return head_count
+    raise ValueError(f"No long tail of ratio {imbalance_ratio} fits the class counts {available.tolist()} (in the order "
+                     f"{list(order)}): every class needs at least one item; lower imbalance_ratio.")
+
+
+def steeper_tail(targets: Sequence[int], imbalance_ratio: float, seed: int, *, num_classes: int | None = None) -> list[int]:
+    """Positions of a steeper long tail cut from an already imbalanced training set: a synthetic tail that keeps its order.
+
+    The classes keep their frequency order (most frequent first, ties by label) and the most frequent one keeps as
+    many items as the exponential profile of ``long_tail_counts`` allows, so the tail is as large as the data permit.
+    A deterministic function of ``seed``; index the training features with it (the frozen backbone's features of an
+    image do not depend on which other images are kept), e.g. ``TensorDataset(x[positions], y[positions])``.
+    """
+    targets = np.asarray(targets, dtype=int)
+    num_classes = int(targets.max()) + 1 if num_classes is None else num_classes
+    available = label_counts(targets, num_classes)
+    order = np.argsort(-available, kind="stable").tolist()
+    head_count = largest_head_count(available, imbalance_ratio, order)
+    return long_tail_positions(targets, imbalance_ratio, seed, head_count=head_count, order=order, num_classes=num_classes)
 
 
 # --- remedies: each one small ------------------------------------------------------------------------
@@ -121,6 +181,17 @@ def oversampling_sampler(targets: Sequence[int], seed: int, num_samples: int | N
     return WeightedRandomSampler(
         torch.as_tensor(per_item, dtype=torch.double), num_samples or len(targets), replacement=True, generator=generator
     )
+
+
+def repeated_passes_sampler(n_items: int, num_samples: int, seed: int) -> RandomSampler:
+    """Draws ``num_samples`` positions of ``0..n_items-1`` as successive shuffled passes (no repeat within a pass).
+
+    With the undersampled items it keeps the optimizer steps per epoch of the full training set: a smaller balanced
+    set seen several times per epoch instead of once.
+    """
+    if n_items < 1 or num_samples < 1:
+        raise ValueError(f"n_items and num_samples must be at least 1, got {n_items} and {num_samples}.")
+    return RandomSampler(range(n_items), num_samples=num_samples, generator=torch.Generator().manual_seed(seed))
 
 
 def undersample(targets: Sequence[int], seed: int) -> list[int]:
@@ -178,13 +249,27 @@ def adjust_probabilities(probs: torch.Tensor, counts: Sequence[int], tau: float 
     return torch.softmax(torch.log(probs.float().clamp_min(1e-12)) - offsets, dim=1)
 
 
+def tau_sweep(probs: torch.Tensor, labels: Sequence[int], counts: Sequence[int], taus: Sequence[float]) -> dict[float, float]:
+    """Balanced accuracy (mean per-class recall) of the post-hoc adjusted ``probs`` for each ``tau``; 0: unadjusted.
+
+    For choosing the strength of threshold moving on validation predictions: pick the best tau there, and report
+    it on test. ``counts`` are the training class counts that define the prior.
+    """
+    labels = np.asarray(labels, dtype=int)
+    num_classes = probs.shape[1]
+    return {
+        float(tau): float(per_class_recall(labels, adjust_probabilities(probs, counts, tau).argmax(1).numpy(), num_classes).mean())
+        for tau in taus
+    }
+
+
 @dataclass
 class Remedy:
     """What a remedy changes: the training loss, the sampler, the training items, the predicted probabilities."""
 
     name: str
     loss_fn: nn.Module | None = None  # None: plain cross-entropy
-    sampler: WeightedRandomSampler | None = None  # None: shuffle every item once per epoch
+    sampler: Sampler[int] | None = None  # None: shuffle every item once per epoch; else positions in the training items
     train_positions: list[int] | None = None  # None: every training item
     adjust: Callable[[torch.Tensor], torch.Tensor] | None = None  # post-hoc: probabilities -> probabilities
 
@@ -202,8 +287,14 @@ def make_remedy(
     beta: float = 0.99,
     gamma: float = 2.0,
     tau: float = 1.0,
+    equal_steps: bool = True,
 ) -> Remedy:
-    """The remedy ``name`` for training labels ``targets``: one of ``REMEDIES``."""
+    """The remedy ``name`` for training labels ``targets``: one of ``REMEDIES``.
+
+    ``equal_steps``: every remedy draws ``len(targets)`` items per epoch, so all take the same optimizer steps;
+    ``undersample`` then passes over its smaller balanced set several times per epoch (``repeated_passes_sampler``).
+    False: ``undersample`` passes over it once per epoch (fewer steps). ``oversample`` draws ``len(targets)`` either way.
+    """
     validate_remedies(name)
     counts = label_counts(targets, num_classes)
     if name == "class_weights":
@@ -213,7 +304,9 @@ def make_remedy(
     if name == "oversample":
         return Remedy(name, sampler=oversampling_sampler(targets, seed))
     if name == "undersample":
-        return Remedy(name, train_positions=undersample(targets, seed))
+        keep = undersample(targets, seed)
+        sampler = repeated_passes_sampler(len(keep), len(targets), seed) if equal_steps else None
+        return Remedy(name, sampler=sampler, train_positions=keep)
     if name == "focal":
         return Remedy(name, loss_fn=FocalLoss(gamma))
     if name == "logit_adjustment":

@@ -55,3 +55,23 @@ def average_precision_per_class(y_true: Sequence[int], probs: np.ndarray) -> np.
     probs = np.asarray(probs)
     onehot = np.eye(probs.shape[1], dtype=int)[np.asarray(y_true, dtype=int)]  # (label_binarize gives 1 column for 2 classes)
     return average_precision_score(onehot, probs, average=None)
+
+
+def long_tail_metrics(y_true: Sequence[int], probs: np.ndarray, train_counts: Sequence[int]) -> dict[str, float]:
+    """Everything one run of a long-tail comparison is judged by, as fractions.
+
+    ``classification_metrics`` of the predicted classes (the most probable), and: ``rarest_class_recall`` (recall of
+    the class with the fewest training items, the first such one), ``pr_auc`` (macro average precision of the
+    scores) and ``long_tailed_acc`` (the accuracy expected on a test set with the training class proportions,
+    ``reweighted_accuracy``).
+    """
+    probs = np.asarray(probs)
+    y_pred = probs.argmax(1)
+    counts = np.asarray(train_counts)
+    recall = per_class_recall(y_true, y_pred, probs.shape[1])
+    return {
+        **classification_metrics(y_true, y_pred, probs.shape[1]),
+        "rarest_class_recall": float(recall[int(np.argmin(counts))]),
+        "pr_auc": float(np.mean(average_precision_per_class(y_true, probs))),
+        "long_tailed_acc": reweighted_accuracy(y_true, y_pred, counts),
+    }

@@ -113,6 +113,9 @@ def _notebook_04() -> dict[str, Check]:
     return {
         **_common(),
         "imbalance_ratio": rule(check_float, minimum=1.0, allow_none=True),
+        "steep_ratio": rule(check_float, minimum=1.0, allow_none=True),
+        "threshold_taus": rule(parse_list, item=rule(check_float, minimum=0.0), allow_empty=False, distinct=True,
+                               example="[0, 0.5, 1, 1.5]"),
         "remedy": remedy,
         "remedies": rule(parse_list, item=remedy, example='["none", "class_weights"]'),
         "effective_number_beta": rule(check_float, minimum=0.0, below=1.0),

@@ -326,7 +326,7 @@ def plot_class_counts(counts: Mapping[str, Mapping[str, int]], *, title: str = "
     classes = list(next(iter(counts.values())))
     x = np.arange(len(classes))
     width = 0.8 / len(splits)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(classes) + 2), 3.4))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.2 * len(splits) * len(classes) + 2), 3.4))  # room for every bar's label
     for k, split in enumerate(splits):
         values = [counts[split][name] for name in classes]
         bars = ax.bar(x + (k - (len(splits) - 1) / 2) * width, values, width, label=split)
@@ -336,7 +336,7 @@ def plot_class_counts(counts: Mapping[str, Mapping[str, int]], *, title: str = "
     ax.set_ylabel("images")
     if log:
         ax.set_yscale("log")
-    ax.legend()
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")  # outside: the bars fill the axes
     ax.set_title(title)
     fig.tight_layout()
     return fig
@@ -367,7 +367,7 @@ def plot_per_class_recall(recalls: Mapping[str, Sequence[float]], classes: Seque
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
     for name, values in recalls.items():
         ax.plot(range(len(classes)), values, "o-", label=name, alpha=0.85)
-    ax.set_xticks(range(len(classes)), list(classes))
+    ax.set_xticks(range(len(classes)), list(classes), rotation=30 if len(classes) > 6 else 0)  # many names: no overlap
     ax.set_xlabel("class")
     ax.set_ylabel("recall on validation")
     ax.set_ylim(-0.02, 1.02)

@@ -146,8 +146,8 @@ class RunResult:
     ``metrics`` always holds ``"val_acc"``, the validation accuracy after the last epoch (not the best epoch:
     that would be picked on val), and the recipe's own numbers:
 
-    - ``fit_head_with_remedy`` with ``test_features``: ``"test_acc"``, the accuracy of the test predictions after
-      the remedy's post-hoc step;
+    - ``fit_head_with_remedy``: ``"optimizer_steps"``, the head's optimizer steps; with ``test_features`` also
+      ``"test_acc"``, the accuracy of the test predictions after the remedy's post-hoc step;
     - ``continue_training`` with ``test_set``: ``"test_acc/<group>"`` for every class group, the test accuracy on the
       images of that group's classes after training (``by_group("test_acc")`` gives them back keyed by group).
 
@@ -509,6 +509,7 @@ def fit_head_with_remedy(
     beta: float = 0.99,
     gamma: float = 2.0,
     tau: float = 1.0,
+    equal_steps: bool = True,
     test_features: TensorDataset | None = None,
     name: str = "",
 ) -> RunResult:
@@ -521,10 +522,16 @@ def fit_head_with_remedy(
     ``test_features``, the trained head (and the remedy's post-hoc step, fitted on the training counts, never on
     test) also predicts the test split: ``predictions["test"]`` and ``metrics["test_acc"]``. ``metrics["val_acc"]`` is
     the last epoch's validation accuracy of the head itself (before any post-hoc step). ``name`` defaults to ``remedy``.
+
+    ``equal_steps`` (default): every remedy takes ``epochs * ceil(len(train_features) / batch_size)`` optimizer
+    steps: ``oversample`` draws as many items per epoch as there are, and ``undersample`` passes over its balanced
+    subset as many times as that takes (``tlkit.imbalance.make_remedy``). False: ``undersample`` passes over its
+    subset once per epoch, so it takes fewer steps. ``metrics["optimizer_steps"]`` holds the steps taken.
     """
     batch_size, seed, device = config.batch_size, config.seed, config.device
     features, labels = train_features.tensors
-    chosen = make_remedy(remedy, labels.tolist(), head_linear(model).out_features, seed=seed, beta=beta, gamma=gamma, tau=tau)
+    chosen = make_remedy(remedy, labels.tolist(), head_linear(model).out_features, seed=seed, beta=beta, gamma=gamma,
+                         tau=tau, equal_steps=equal_steps)
     if chosen.train_positions is not None:
         keep = torch.as_tensor(chosen.train_positions)
         train_features = TensorDataset(features[keep], labels[keep])
@@ -538,7 +545,8 @@ def fit_head_with_remedy(
     )
     probs, val_labels = predict(model.head, make_loader(val_features, None, batch_size, shuffle=False), device)
     predictions = {"val": (chosen.apply(probs), val_labels)}
-    metrics = {"val_acc": history.val_acc[-1]}
+    drawn = len(chosen.sampler) if chosen.sampler is not None else len(train_features)  # items per epoch
+    metrics = {"val_acc": history.val_acc[-1], "optimizer_steps": float(len(history) * math.ceil(drawn / batch_size))}
     if test_features is not None:
         test_probs, test_labels = predict(model.head, make_loader(test_features, None, batch_size, shuffle=False), device)
         predictions["test"] = (chosen.apply(test_probs), test_labels)
