@@ -191,6 +191,10 @@ def test_notebook_03_measures_augmentation(tmp_path):
     for key in ("noaug_3", "aug_3"):
         assert 0.0 <= m[f"val_acc_{key}"] <= 1.0 and 0.0 <= m[f"test_acc_{key}"] <= 1.0 and m[f"test_acc_{key}_std"] >= 0
     assert m["test_acc_aug_3"] != m["test_acc_noaug_3"] or m["train_loss_aug_3"] != m["train_loss_noaug_3"]
+    # the same stated budget for both arms (30 images, batch 32: one step an epoch); each run keeps its best-val epoch
+    assert m["epochs"] == 2 and m["steps_3"] == 2 and m["kept_epoch"] == "best val acc" and m["n_blocks"] == 1
+    for key in ("noaug_3", "aug_3"):
+        assert 1 <= m[f"best_epoch_{key}"] <= 2 and -1.0 <= m[f"late_gain_{key}"] <= 1.0
     for name in ("presets.png", "batch.png", "augmentation_vs_data.png"):
         assert (tmp_path / "figures" / "03" / name).stat().st_size > 0
 
@@ -210,3 +214,23 @@ def test_fine_tune_augmented_through_the_prefix_cache_trains_as_without_it(tmp_p
     via_prefix = tlkit.evaluate_on(cached.model, splits.val, cached_config, batch_size=8)
     assert via_prefix["acc"] == full["acc"] and via_prefix["loss"] == pytest.approx(full["loss"], abs=1e-5)
     assert list((tmp_path / "cache").glob("prefix-*.pt"))
+
+
+def test_fine_tune_augmented_restore_best_keeps_the_epoch_with_the_best_val_acc(split_folder):
+    splits = tlkit.data.image_folder(split_folder, seed=0)
+    config = tlkit.RunConfig(image_size=32, batch_size=4, epochs=3, lr=1e-2, seed=0)
+    forced, snapshots = [0.2, 0.9, 0.3], []
+
+    def peak_at_epoch_2(state):
+        # runs before RestoreBest (which the recipe adds last): a validation curve that peaks at epoch 2
+        state.history.val_acc[-1] = forced[state.epoch - 1]
+        snapshots.append({k: v.detach().clone() for k, v in state.model.state_dict().items()})
+
+    result = tlkit.fine_tune_augmented(config, splits, augment="basic", on_device=False, restore_best=True,
+                                       callbacks=[peak_at_epoch_2])
+    assert result.metrics["best_epoch"] == 2 and result.val_acc == 0.9 and len(result.history) == 3
+    weights = result.model.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in snapshots[1].items())
+    assert any(not torch.equal(weights[k], v) for k, v in snapshots[2].items())  # not the last epoch's weights
+    last = tlkit.fine_tune_augmented(config, splits, augment="basic", on_device=False)
+    assert "best_epoch" not in last.metrics and last.val_acc == last.history.val_acc[-1]

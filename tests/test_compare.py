@@ -85,3 +85,41 @@ def test_ranking_sentence_names_methods_run_on_fewer_seeds():
     rows = runs({"pre": [0.74, 0.75, 0.73], "rand": [0.24, 0.25, 0.26]}) + [{"run": "scratch", "seed": 0, "val acc": 0.18}]
     sentence = tlkit.ranking_sentence(tlkit.summarize_seeds(rows, "run", ["val acc"]), "val acc")
     assert sentence.startswith("Highest mean val acc over 3 seeds (fewer for scratch: 1): pre (0.740")
+
+
+# --- budgets and learning curves ------------------------------------------------------------------------
+
+
+def test_optimizer_steps_count_the_last_smaller_batch():
+    assert tlkit.compare.optimizer_steps(30, 50, 32) == 60  # 32 + 18 per epoch
+    assert tlkit.compare.optimizer_steps(30, 200, 32) == 210  # 6 x 32 + 8
+    assert tlkit.compare.optimizer_steps(4, 64, 32) == 8
+    assert tlkit.compare.optimizer_steps(0, 64, 32) == 0
+    for bad in (dict(epochs=2.5), dict(train_size=-1), dict(batch_size=0), dict(epochs=True)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            tlkit.compare.optimizer_steps(**{**dict(epochs=1, train_size=10, batch_size=4), **bad})
+
+
+def test_late_gain_compares_the_best_of_the_last_part_with_the_best_before():
+    rising = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    assert tlkit.compare.late_gain(rising) == pytest.approx(0.2)  # last quarter: 0.7, 0.8 vs best before 0.6
+    flat = [0.1, 0.5, 0.6, 0.6, 0.58, 0.6, 0.59, 0.6]
+    assert tlkit.compare.late_gain(flat) == pytest.approx(0.0)
+    assert tlkit.compare.late_gain([0.9, 0.5, 0.4, 0.3]) == pytest.approx(-0.6)  # fell back: negative
+    assert tlkit.compare.late_gain(rising, last_fraction=0.5) == pytest.approx(0.4)
+    assert tlkit.compare.late_gain([0.2, 0.3]) == pytest.approx(0.1)  # at least one value on each side
+    with pytest.raises(ValueError, match="at least 2"):
+        tlkit.compare.late_gain([0.5])
+    with pytest.raises(ValueError, match="last_fraction"):
+        tlkit.compare.late_gain(rising, last_fraction=1.0)
+
+
+def test_plateau_sentence_tells_flattened_from_still_improving_curves():
+    curves = {"plain": [[0.5, 0.7, 0.7, 0.7], [0.5, 0.6, 0.7, 0.69]], "augmented": [[0.3, 0.4, 0.5, 0.6], [0.3, 0.4, 0.5, 0.58]]}
+    sentence = tlkit.compare.plateau_sentence(curves, "val acc", tolerance=0.01)
+    plain, augmented = sentence.split("augmented:")
+    assert plain.startswith("plain:") and "-0.5 points on average over 2 seeds" in plain and "flattened (within 1.0 points)" in plain
+    assert "+9.0 points" in augmented and "(largest +10.0 points)" in augmented and "still improving" in augmented
+    assert "flattened" in tlkit.compare.plateau_sentence({"augmented": curves["augmented"]}, "val acc", tolerance=0.1)
+    with pytest.raises(ValueError, match="at least one method"):
+        tlkit.compare.plateau_sentence({}, "val acc", tolerance=0.01)

@@ -135,3 +135,55 @@ def headline_metrics(summary: pd.DataFrame, metric: str, prefix: str) -> dict[st
         std = float(summary.loc[name, f"{metric} std"])
         out[f"{key}_std"] = std if math.isfinite(std) else 0.0
     return out
+
+
+# --- budgets and learning curves ------------------------------------------------------------------------
+
+
+def optimizer_steps(epochs: int, train_size: int, batch_size: int) -> int:
+    """Optimizer steps of ``epochs`` epochs over ``train_size`` items in batches of ``batch_size`` (the last, smaller
+    batch of an epoch is a step too, as tlkit's loaders keep it): the budget a comparison states next to its epochs."""
+    for name, value, minimum in (("epochs", epochs, 0), ("train_size", train_size, 0), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be a whole number of at least {minimum}, got {value!r}.")
+    return epochs * math.ceil(train_size / batch_size)
+
+
+def late_gain(curve: Sequence[float], last_fraction: float = 0.25) -> float:
+    """The best value of the last ``last_fraction`` of ``curve`` minus the best value before it.
+
+    For a per-epoch validation accuracy: about zero or below means the last part of the budget found nothing
+    better (the curve had flattened); a clear gain means the run was still improving when the budget ran out.
+    The last part holds at least one value and leaves at least one before it.
+    """
+    values = [float(v) for v in curve]
+    if len(values) < 2:
+        raise ValueError(f"late_gain needs a curve of at least 2 values, got {len(values)}.")
+    if not 0 < last_fraction < 1:
+        raise ValueError(f"last_fraction must be between 0 and 1 (e.g. 0.25 for the last quarter), got {last_fraction!r}.")
+    last = min(max(1, round(len(values) * last_fraction)), len(values) - 1)
+    return max(values[-last:]) - max(values[:-last])
+
+
+def plateau_sentence(curves: Mapping[str, Sequence[Sequence[float]]], metric: str, *, tolerance: float,
+                     last_fraction: float = 0.25) -> str:
+    """Whether each method's curves (one per seed) had flattened by the end of the budget, from their ``late_gain``.
+
+    A method counts as flattened when its mean late gain over seeds is at most ``tolerance`` (in the metric's
+    units, e.g. 0.01 for one point of accuracy); otherwise the sentence says it was still improving, so a longer
+    budget could change the comparison.
+    """
+    if not curves:
+        raise ValueError("plateau_sentence needs at least one method.")
+    parts = []
+    for name, per_seed in curves.items():
+        gains = [late_gain(curve, last_fraction) for curve in per_seed]
+        if not gains:
+            raise ValueError(f"{name!r} has no curves.")
+        mean = sum(gains) / len(gains)
+        verdict = (f"flattened (within {_points(tolerance, metric)})" if mean <= tolerance
+                   else f"still improving (more than {_points(tolerance, metric)}): a longer budget could change the comparison")
+        parts.append(f"{name}: the last {100 * last_fraction:.0f}% of the epochs changed the best {metric} by "
+                     f"{'+' if mean >= 0 else '-'}{_points(abs(mean), metric)} on average over {len(gains)} "
+                     f"seed{'s' if len(gains) > 1 else ''} (largest {'+' if max(gains) >= 0 else '-'}{_points(abs(max(gains)), metric)}): {verdict}.")
+    return " ".join(parts)

@@ -90,6 +90,8 @@ def _notebook_02() -> dict[str, Check]:
 def _notebook_03() -> dict[str, Check]:
     return {
         **_common(),
+        "epochs": rule(check_int, minimum=2),  # each run keeps its best-val epoch, and the curves are checked for a plateau
+        "n_blocks": _size,
         "augment": rule(check_str, choices=PRESETS),
         "hflip": rule(check_bool, allow_none=True),
         "mix": rule(check_str, choices=MIXES, allow_none=True),

@@ -53,7 +53,7 @@ from .models import (
 from .optim import make_optimizer
 from .params import check_bool, check_float, check_int, check_seed, check_str
 from .prefix_cache import PrefixBatches, PrefixCache, PrefixCacheStats, Suffix, evaluate_from_prefix, prefix_cache_allowed
-from .train import Callback, EarlyStopping, FitState, History, evaluate, fit, fit_head, get_device, predict, set_seed
+from .train import Callback, EarlyStopping, FitState, History, RestoreBest, evaluate, fit, fit_head, get_device, predict, set_seed
 from .transforms import check_preset, eval_transform, is_deterministic, train_transform
 
 # --- configuration ------------------------------------------------------------------------------------
@@ -412,6 +412,7 @@ def fine_tune_augmented(
     on_device: bool | str = "auto",
     cache_features: bool = False,
     prefix_cache: bool = False,
+    restore_best: bool = False,
     name: str = "",
     callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
 ) -> RunResult:
@@ -423,9 +424,16 @@ def fine_tune_augmented(
     not. ``prefix_cache`` runs the frozen blocks once over the validation images (and, without augmentation, over
     the training images: ``PrefixCache``), and over each augmented training batch as it comes (``PrefixBatches``);
     ``config.cache_dir`` keeps those activations on disk. The numbers are those of the run without it, up to float noise.
+
+    ``restore_best`` trains all ``config.epochs`` epochs, then keeps the weights of the epoch with the best validation
+    accuracy (``RestoreBest``; the first of equals): each run keeps the epoch where its own curve peaked, chosen on validation,
+    within the same budget. The result's ``val_acc`` is then that epoch's (chosen on val, so optimistic: score the
+    model on test for the headline) and ``metrics["best_epoch"]`` says which epoch it was.
     """
     image_size, batch_size, seed, device = config.image_size, config.batch_size, config.seed, config.device
     check_preset(augment)
+    if restore_best:
+        callbacks = [*callbacks, RestoreBest()]  # last, so that other callbacks see the weights of every epoch
     set_seed(seed)
     model = create_model(config.backbone, len(splits.classes), config.weights)
     freeze(model, up_to=freeze_up_to or block_names(model)[-3])
@@ -446,7 +454,8 @@ def fine_tune_augmented(
                       progress=config.progress, callbacks=callbacks)
     seconds = time.perf_counter() - start
     label = name or f"{augment}{' + ' + mix if mix else ''}"
-    return RunResult(label, model, history, seconds, _trainable(model))
+    best = {"val_acc": max(history.val_acc), "best_epoch": history.best_epoch()} if restore_best else {}
+    return RunResult(label, model, history, seconds, _trainable(model), metrics=best)
 
 
 def _augmented_train_loader(splits: DatasetSplits, model, augment: str, *, image_size: int, batch_size: int, seed: int,
