@@ -144,7 +144,8 @@ class RunResult:
     """What one recipe produced: the trained model, its history, its time and its numbers.
 
     ``metrics`` always holds ``"val_acc"``, the validation accuracy after the last epoch (not the best epoch:
-    that would be picked on val), and the recipe's own numbers:
+    that would be picked on val; ``fine_tune_augmented(restore_best=True)`` keeps the best epoch's weights, and then
+    gives that epoch's validation accuracy and its number, ``"best_epoch"``), and the recipe's own numbers:
 
     - ``fit_head_with_remedy``: ``"optimizer_steps"``, the head's optimizer steps; with ``test_features`` also
       ``"test_acc"``, the accuracy of the test predictions after the remedy's post-hoc step;
