@@ -1,5 +1,6 @@
 """Per-block learning rates, gradual unfreezing, two-phase fine-tuning, the strategies, the conv block, notebook 02."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,16 @@ def test_run_strategy_trains_on_images_and_counts_the_final_trainable_parameters
         tlkit.run_strategy(config, splits, "two_phase", head_epochs=2)
 
 
+def test_refresh_batchnorm_moves_only_the_statistics(model, loaders):
+    tlkit.freeze(model).eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    before = model.features.stem[1].running_var.clone()
+    tlkit.finetune.refresh_batchnorm(model, loaders[0])
+    assert not torch.equal(model.features.stem[1].running_var, before)  # a frozen block's statistics moved
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    assert not model.training and not model.features.stem.training  # the mode is put back
+
+
 def test_freeze_batchnorm_fixes_statistics_while_convolutions_train(model):
     tlkit.unfreeze(tlkit.finetune.freeze_batchnorm(model))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.features.modules())
@@ -181,6 +192,161 @@ def test_freeze_batchnorm_fixes_statistics_while_convolutions_train(model):
     assert model.features.top[0].weight.requires_grad
 
 
+# --- one-cycle schedule, fastai's fine_tune -----------------------------------------------------------
+
+
+def _linear_and_optimizer(lr: float = 0.1) -> tuple[nn.Linear, torch.optim.AdamW]:
+    layer = nn.Linear(2, 1)
+    return layer, torch.optim.AdamW([{"params": [layer.weight], "lr": lr, "name": "w"}], lr=lr, weight_decay=0.0)
+
+
+def _step(layer: nn.Linear, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.zero_grad()
+    layer(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+
+
+def test_one_cycle_factor_warms_up_then_anneals_as_fastai():
+    f = [tlkit.optim.one_cycle_factor(t, 100, pct_start=0.25, div=25, div_final=1e5) for t in range(100)]
+    assert f[0] == pytest.approx(1 / 25)
+    assert max(f) == pytest.approx(1.0) and f.index(max(f)) == 25  # the peak at pct_start
+    assert all(a < b for a, b in zip(f[:25], f[1:26])) and all(a > b for a, b in zip(f[25:99], f[26:]))
+    assert f[-1] < 1e-3 and tlkit.optim.one_cycle_factor(150, 100) == f[-1]  # past the end: the last value
+
+
+def test_one_cycle_sets_each_step_lr_and_cycles_beta1():
+    layer, optimizer = _linear_and_optimizer(0.1)
+    schedule = tlkit.optim.OneCycle(optimizer, 8, pct_start=0.5)
+    seen, betas = [], []
+    optimizer.register_step_post_hook(lambda opt, *_: (seen.append(opt.param_groups[0]["lr"]),
+                                                        betas.append(opt.param_groups[0]["betas"][0])))
+    for _ in range(8):
+        _step(layer, optimizer)
+    assert seen == pytest.approx([0.1 * schedule.factor(t) for t in range(8)])
+    assert seen[4] == pytest.approx(0.1) and betas[4] == pytest.approx(0.85)  # peak LR, lowest beta1
+    assert betas[0] == pytest.approx(0.95)
+    schedule.step()  # fit's once-per-epoch call changes nothing
+    assert optimizer.param_groups[0]["lr"] == seen[-1]
+    assert schedule.state_dict() == {"step_count": 8}
+
+
+def test_one_cycle_warms_up_a_group_that_joins_from_zero():
+    layer, optimizer = _linear_and_optimizer(0.1)
+    schedule = tlkit.optim.OneCycle(optimizer, 20, pct_start=0.25, div=1, div_final=1, moms=None, join_warmup=4)
+    for _ in range(6):
+        _step(layer, optimizer)
+    optimizer.add_param_group({"params": [layer.bias], "lr": 0.05})
+    lrs = []
+    optimizer.register_step_post_hook(lambda opt, *_: lrs.append(opt.param_groups[1]["lr"]))
+    for _ in range(5):
+        _step(layer, optimizer)
+    assert schedule.factor(7) == 1.0  # div=1, div_final=1: a flat cycle, so only the join warm-up shows
+    assert lrs == pytest.approx([0.05 / 4, 0.05 * 2 / 4, 0.05 * 3 / 4, 0.05, 0.05])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # the first group did not warm up again
+
+
+def test_a_new_one_cycle_replaces_the_previous_one_on_the_same_optimizer():
+    layer, optimizer = _linear_and_optimizer(0.1)
+    first = tlkit.optim.OneCycle(optimizer, 10)
+    second = tlkit.optim.OneCycle(optimizer, 4, moms=None)
+    _step(layer, optimizer)
+    assert first.step_count == 0 and second.step_count == 1
+    restored = tlkit.optim.OneCycle(optimizer, 4, moms=None)
+    restored.load_state_dict(second.state_dict())
+    assert restored.step_count == 1
+    with pytest.raises(ValueError, match="total_steps must be a whole number"):
+        tlkit.optim.OneCycle(optimizer, 0)
+    with pytest.raises(ValueError, match="pct_start must be in"):
+        tlkit.optim.OneCycle(optimizer, 5, pct_start=0)
+    with pytest.raises(ValueError, match="moms cycles Adam's beta1"):
+        tlkit.optim.OneCycle(torch.optim.SGD(layer.parameters(), lr=0.1), 5)
+
+
+def test_fit_with_one_cycle_steps_the_lr_every_batch(model, loaders):
+    tlkit.freeze(model)
+    optimizer = tlkit.make_optimizer(model, 0.01)
+    seen = []
+    optimizer.register_step_post_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
+    history = tlkit.fit(model, *loaders, epochs=2, optimizer=optimizer, scheduler=tlkit.optim.one_cycle(4), progress=False)
+    assert len(seen) == 4 and len(set(seen)) == 4  # a new LR at each of the 2 x 2 steps
+    assert seen == pytest.approx([0.01 * tlkit.optim.one_cycle_factor(t, 4) for t in range(4)])
+    assert history.lr == pytest.approx([0.01 / 25, seen[1]])  # the LR each epoch started with
+
+
+def test_layer_decay_for_ratio_gives_the_first_block_lr_over_ratio(model):
+    decay = tlkit.optim.layer_decay_for_ratio(model, 100)
+    multipliers = tlkit.optim.lr_multipliers(model, decay)
+    assert multipliers["head"] == 1 and multipliers["stem"] == pytest.approx(1 / 100)
+    with pytest.raises(ValueError, match="ratio must be at least 1"):
+        tlkit.optim.layer_decay_for_ratio(model, 0.5)
+
+
+def test_fastai_fine_tune_halves_the_lr_and_spreads_it_down_to_one_hundredth(model, loaders):
+    optimizers = []
+    history = tlkit.finetune.fastai_fine_tune(model, *loaders, freeze_epochs=1, epochs=2, base_lr=0.02, progress=False,
+                                              callbacks=[lambda state: optimizers.append(state.optimizer)])
+    assert history.epoch == [1, 2, 3]
+    assert tlkit.trainable_blocks(model) == LITE0_BLOCKS
+    assert optimizers[0] is optimizers[-1]  # one optimizer: the head keeps its Adam moments
+    peaks = {g["name"]: g["peak_lr"] for g in optimizers[-1].param_groups}
+    assert peaks["head"] == pytest.approx(0.01) and peaks["stem"] == pytest.approx(0.01 / 100)
+    assert history.lr[1] == pytest.approx(0.01 / 5)  # phase 2 starts a new cycle at its peak / div
+
+
+def test_one_cycle_lrs_works_out_the_schedule_with_a_late_group():
+    lrs = tlkit.optim.one_cycle_lrs({"head": 0.01, "top": 0.005}, 12, joins={"top": 4}, join_warmup=2, moms=None)
+    assert lrs["head"] == pytest.approx([0.01 * tlkit.optim.one_cycle_factor(t, 12) for t in range(12)])
+    assert all(math.isnan(v) for v in lrs["top"][:4])
+    assert lrs["top"][4] == pytest.approx(0.005 * tlkit.optim.one_cycle_factor(4, 12) / 2)  # half-way up its warm-up
+    assert lrs["top"][5] == pytest.approx(0.005 * tlkit.optim.one_cycle_factor(5, 12))
+    with pytest.raises(ValueError, match=r"joins names group\(s\) \['stem'\]"):
+        tlkit.optim.one_cycle_lrs({"head": 0.01}, 5, joins={"stem": 2})
+    fig = tlkit.plots.plot_lr_schedules({"rule": lrs}, steps_per_epoch=3, title="schedules")
+    (ax,) = fig.axes
+    assert [line.get_label() for line in ax.get_lines()][:2] == ["head", "top"] and ax.get_title() == "rule"
+    assert fig.get_suptitle() == "schedules"
+
+
+def test_value_at_time_takes_the_last_epoch_finished_in_time():
+    assert tlkit.compare.value_at_time([1.0, 1.0, 1.0], [0.5, 0.6, 0.7], 2.5) == 0.6
+    assert tlkit.compare.value_at_time([1.0, 1.0, 1.0], [0.5, 0.6, 0.7], 2.5, start=1.0) == 0.5
+    assert tlkit.compare.value_at_time([1.0, 1.0], [0.5, 0.6], 10.0) == 0.6
+    assert math.isnan(tlkit.compare.value_at_time([3.0], [0.5], 2.0))
+    with pytest.raises(ValueError, match="one entry per epoch"):
+        tlkit.compare.value_at_time([1.0], [0.5, 0.6], 2.0)
+
+
+def test_fine_tune_train_bn_updates_the_frozen_blocks_statistics_in_phase_one(loaders):
+    moved = {}
+    for train_bn in (True, False):
+        tlkit.set_seed(0)
+        m = tlkit.create_model("efficientnet_lite0", 3)
+        before = m.features.stage5[0].bn1.running_mean.clone()
+        means = []
+        tlkit.finetune.fine_tune(m, *loaders, head_epochs=1, epochs=1, lr=1e-3, train_bn=train_bn, progress=False,
+                                 callbacks=[lambda state, m=m, means=means: means.append(m.features.stage5[0].bn1.running_mean.clone())])
+        moved[train_bn] = not torch.equal(means[0], before)  # after phase 1, while stage5 was still frozen
+        assert m.eval_frozen_blocks  # put back afterwards
+    assert moved == {True: True, False: False}
+
+
+def test_two_phase_with_one_cycle_warms_the_unfrozen_blocks_up(class_folder):
+    splits = tlkit.load_dataset(str(class_folder))
+    config = tlkit.RunConfig(image_size=32, batch_size=16, epochs=3, lr=1e-3, seed=0)
+    optimizers = []
+    result = tlkit.run_strategy(config, splits, "two_phase", layer_decay=0.5, schedule="one_cycle",
+                                callbacks=[lambda state: optimizers.append(state.optimizer)])
+    assert len(result.history) == 3
+    groups = {g["name"]: g for g in optimizers[-1].param_groups}
+    assert set(groups) == set(LITE0_BLOCKS)
+    top = groups["top"]
+    assert top["peak_lr"] == pytest.approx(0.5e-3) and top["joined_at"] == 2  # joined after epoch 1 (2 steps)
+    with pytest.raises(ValueError, match="Unknown schedule 'cosine'"):
+        tlkit.run_strategy(config, splits, "head", schedule="cosine")
+    with pytest.raises(ValueError, match="fastai_fine_tune needs 0 < head_epochs < epochs"):
+        tlkit.run_strategy(config, splits, "fastai_fine_tune", head_epochs=3)
+
+
 @pytest.mark.notebook
 def test_notebook_02_writes_one_accuracy_per_strategy(tmp_path):
     from tlkit.course import run_notebook
@@ -189,14 +355,20 @@ def test_notebook_02_writes_one_accuracy_per_strategy(tmp_path):
     run = run_notebook(
         NOTEBOOKS / "02_partial_unfreezing.ipynb", tmp_path,
         {"samples_per_class": 3, "image_size": 32, "epochs": 2, "strategy": "gradual", "compare": compare,
-         "compare_once": ["full"], "bn_row": "head", "seeds": [0, 1]},
+         "compare_once": ["fastai_fine_tune"], "bn_row": "head", "seeds": [0, 1]},
     )
     assert run.error == "", run.error
     m = run.metrics
     assert m["strategy"] == "gradual" and m["samples_per_class"] == 3 and m["seeds"] == 2
-    for name in compare + ["head_bn_frozen", "full"]:
+    assert m["epochs"] == 2 and m["steps"] == 2 and m["schedule"] == "one_cycle"  # 30 images, batches of 32: 1 step per epoch
+    for name in compare + ["head_bn_frozen", "fastai_fine_tune"]:
         assert 0.0 <= m[f"val_acc_{name}"] <= 1.0 and m[f"val_acc_{name}_std"] >= 0.0
-    assert m["val_acc_full_std"] == 0.0  # compare_once runs on one seed
+    assert m["val_acc_fastai_fine_tune_std"] == 0.0  # compare_once runs on one seed
     assert 1e-6 <= m["lr_suggestion_head"] <= 1.0 and m["lr"] == m["lr_suggestion_head"]  # lr None: the finder's
-    assert m["best_strategy"] in compare + ["head_bn_frozen", "full"] and 0.0 <= m["test_acc"] <= 1.0
-    assert (tmp_path / "figures" / "02" / "comparison.png").stat().st_size > 0
+    assert m["best_strategy"] in compare + ["head_bn_frozen", "fastai_fine_tune"] and 0.0 <= m["test_acc"] <= 1.0
+    assert 0.0 <= m["test_acc_head"] <= 1.0 and 0.0 <= m["val_acc_head_notebook01"] <= 1.0
+    for key in ("val_acc_after_head_phase", "val_acc_after_bn_switch", "val_acc_after_bn_switch_train_bn"):
+        assert 0.0 <= m[key] <= 1.0
+    assert m["prefix_cache_demo_epochs"] == 2
+    for figure in ("comparison.png", "lr_schedules.png"):
+        assert (tmp_path / "figures" / "02" / figure).stat().st_size > 0

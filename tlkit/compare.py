@@ -187,3 +187,21 @@ def plateau_sentence(curves: Mapping[str, Sequence[Sequence[float]]], metric: st
                      f"{'+' if mean >= 0 else '-'}{_points(abs(mean), metric)} on average over {len(gains)} "
                      f"seed{'s' if len(gains) > 1 else ''} (largest {'+' if max(gains) >= 0 else '-'}{_points(abs(max(gains)), metric)}): {verdict}.")
     return " ".join(parts)
+
+
+def value_at_time(epoch_time: Sequence[float], values: Sequence[float], seconds: float, *, start: float = 0.0) -> float:
+    """``values`` after the last epoch that ended within ``seconds`` of wall time, NaN when none did.
+
+    ``epoch_time`` is each epoch's duration (a History's ``epoch_time``), ``start`` the time spent before the first
+    epoch (e.g. building a cache). For an equal-wall-time view from runs made with a longer budget: a run planned
+    for fewer epochs (its schedule fitted to them) may end higher than where this run stood at that time.
+    """
+    if len(epoch_time) != len(values):
+        raise ValueError(f"epoch_time and values must have one entry per epoch, got {len(epoch_time)} and {len(values)}.")
+    elapsed, reached = start, math.nan
+    for duration, value in zip(epoch_time, values):
+        elapsed += duration
+        if elapsed > seconds:
+            break
+        reached = value
+    return reached

@@ -5,7 +5,8 @@ a new conv block on the feature map, and the strategies of notebook 02 (``apply_
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -20,11 +21,14 @@ from .models import (
     head_linear,
     set_trainable,
 )
-from .optim import lr_multipliers, make_optimizer, unfreeze_into
+from .optim import OneCycle, layer_decay_for_ratio, lr_multipliers, make_optimizer, unfreeze_into
 from .train import Callback, FitState, History, fit
 
 BN_MODES = ("default", "train", "frozen")
-STRATEGIES = ("head", "last_block", "last_n_blocks", "last_tensors", "blocks", "gradual", "two_phase", "full", "conv_block")
+SCHEDULES = (None, "one_cycle")  # run_strategy's LR schedules: constant, or fastai's one cycle (tlkit.optim.OneCycle)
+STRATEGIES = (
+    "head", "last_block", "last_n_blocks", "last_tensors", "blocks", "gradual", "two_phase", "fastai_fine_tune", "full", "conv_block",
+)
 
 
 # --- which parameters train --------------------------------------------------------------------------
@@ -65,6 +69,18 @@ def freeze_batchnorm(model: TransferModel) -> TransferModel:
 
     freeze_batch_norm_2d(model.features)  # replaces the BatchNorm children in place
     return model
+
+
+@torch.no_grad()
+def refresh_batchnorm(model: TransferModel, loader: DataLoader, device: torch.device | str = "cpu") -> TransferModel:
+    """One pass over ``loader`` with every block in train mode and no optimizer step: only the BatchNorm running
+    statistics change, as they do in the first epoch after every block unfreezes (whatever the learning rates)."""
+    was_training = model.training
+    model.to(device)
+    nn.Module.train(model, True)  # every block, the frozen ones too (TransferModel.train would keep those in eval mode)
+    for x, _ in loader:
+        model(x.to(device))
+    return model.train(was_training)
 
 
 # --- a new conv block on the feature map -------------------------------------------------------------
@@ -125,7 +141,8 @@ class GradualUnfreezing(Callback):
     Lightning's BackboneFinetuning does): the optimizer object and its state (e.g. Adam's moments
     of the head) are kept. The block k places below the head gets ``lr * layer_decay ** k``
     (``lr_mult`` overrides). ``order`` defaults to the fully frozen blocks below the head, top first.
-    A scheduler made before a group is added does not change that group's LR.
+    A torch scheduler made before a group is added does not change that group's LR; ``tlkit.optim.OneCycle`` does,
+    and warms each new group up from 0 (its Adam moments are fresh).
     """
 
     def __init__(
@@ -169,25 +186,88 @@ def fine_tune(
     lr_mult: Mapping[str, float] | None = None,
     unfreeze: Sequence[str] | None = None,
     weight_decay: float = 0.0,
+    schedule: Callable[[torch.optim.Optimizer], object] | None = None,
+    train_bn: bool = True,
     device: torch.device | str = "cpu",
     callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
     progress: bool = True,
 ) -> History:
     """Two phases, one History: the head alone for ``head_epochs``, then ``unfreeze`` (default: every block) for ``epochs``.
 
+    ``train_bn`` (as fastai's ``train_bn``): the frozen blocks' BatchNorm layers update their running statistics in
+    phase 1 already. Without it they switch from the ImageNet statistics to this data's when their block unfreezes,
+    and the features change under the head that phase 1 trained (notebook 02 measures it).
+
     One AdamW optimizer throughout: phase 2 adds the unfrozen blocks to it with lower learning
     rates (``lr * layer_decay ** k`` for the block k places below the head; ``lr_mult`` overrides),
-    while the head keeps ``lr`` and its optimizer state. ``callbacks`` run after every epoch of both
+    while the head keeps ``lr`` and its optimizer state. ``schedule`` (a function optimizer -> scheduler, e.g.
+    ``tlkit.optim.one_cycle(total_steps)`` over both phases) is made once and spans both phases; a ``OneCycle``
+    warms the blocks that join in phase 2 up from LR 0. ``callbacks`` run after every epoch of both
     phases; their ``on_fit_end`` once, at the end of phase 2.
     """
     freeze(model)
     optimizer = make_optimizer(model, lr, weight_decay=weight_decay)
-    common = dict(device=device, progress=progress, optimizer=optimizer)
+    scheduler = None if schedule is None else schedule(optimizer)
+    common = dict(device=device, progress=progress, optimizer=optimizer,
+                  scheduler=None if scheduler is None else lambda _: scheduler)  # the same schedule in both phases
     epoch_ends = [c.on_epoch_end if isinstance(c, Callback) else c for c in callbacks]  # phase 1: no on_fit_end yet
-    history = fit(model, train_loader, val_loader, epochs=head_epochs, callbacks=epoch_ends, **common)
-    names = blocks_below_head(model) if unfreeze is None else list(unfreeze)
-    unfreeze_into(model, optimizer, names, lr, layer_decay=layer_decay, lr_mult=lr_mult)
-    return fit(model, train_loader, val_loader, epochs=epochs, resume_from=history, callbacks=callbacks, **common)
+    with _frozen_blocks_bn_training(model, train_bn):
+        history = fit(model, train_loader, val_loader, epochs=head_epochs, callbacks=epoch_ends, **common)
+        names = blocks_below_head(model) if unfreeze is None else list(unfreeze)
+        unfreeze_into(model, optimizer, names, lr, layer_decay=layer_decay, lr_mult=lr_mult)
+        return fit(model, train_loader, val_loader, epochs=epochs, resume_from=history, callbacks=callbacks, **common)
+
+
+@contextmanager
+def _frozen_blocks_bn_training(model: TransferModel, train_bn: bool) -> Iterator[None]:
+    """Inside: with ``train_bn``, fully frozen blocks run in train mode too (their BatchNorm statistics update)."""
+    before = model.eval_frozen_blocks
+    model.eval_frozen_blocks = before and not train_bn
+    try:
+        yield
+    finally:
+        model.eval_frozen_blocks = before
+
+
+def fastai_fine_tune(
+    model: TransferModel,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    *,
+    freeze_epochs: int,
+    epochs: int,
+    base_lr: float,
+    lr_mult: float = 100.0,
+    pct_start: float = 0.3,
+    div: float = 5.0,
+    train_bn: bool = True,
+    device: torch.device | str = "cpu",
+    callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
+    progress: bool = True,
+) -> History:
+    """fastai's ``Learner.fine_tune(epochs, base_lr, freeze_epochs)``: the head alone, then every block, one History.
+
+    Phase 1: the head alone for ``freeze_epochs``, one cycle at ``base_lr`` (``pct_start`` 0.99: a warm-up).
+    Phase 2: every block for ``epochs``, a new cycle (``pct_start``, ``div``) at ``base_lr / 2`` for the head, the
+    LRs spread geometrically down to ``base_lr / 2 / lr_mult`` for the first block (fastai's ``slice``; here one
+    group per block, ``layer_decay_for_ratio``). One AdamW throughout (the head keeps its moments), Adam's beta1
+    cycled as fastai does. ``train_bn`` (fastai's default): the frozen blocks' BatchNorm layers update their
+    statistics in phase 1 already, so unfreezing does not change how the features are normalised under the head
+    (their scale and shift train from phase 2 on here; fastai trains them in phase 1 too). No weight decay.
+    """
+    freeze(model)
+    optimizer = make_optimizer(model, base_lr)
+    common = dict(optimizer=optimizer, device=device, progress=progress)
+    steps = len(train_loader)
+    epoch_ends = [c.on_epoch_end if isinstance(c, Callback) else c for c in callbacks]  # phase 1: no on_fit_end yet
+    with _frozen_blocks_bn_training(model, train_bn):
+        history = fit(model, train_loader, val_loader, epochs=freeze_epochs, callbacks=epoch_ends,
+                      scheduler=lambda opt: OneCycle(opt, freeze_epochs * steps, pct_start=0.99), **common)
+        base_lr /= 2
+        optimizer.param_groups[0]["lr"] = base_lr  # the head's group
+        unfreeze_into(model, optimizer, blocks_below_head(model), base_lr, layer_decay=layer_decay_for_ratio(model, lr_mult))
+        return fit(model, train_loader, val_loader, epochs=epochs, callbacks=callbacks, resume_from=history,
+                   scheduler=lambda opt: OneCycle(opt, epochs * steps, pct_start=pct_start, div=div), **common)
 
 
 # --- strategies ------------------------------------------------------------------------------------------
@@ -202,13 +282,14 @@ def apply_strategy(
     unfreeze: Sequence[str] = (),
     conv_channels: int = 128,
 ) -> TransferModel:
-    """Set which parameters train at the start of ``strategy`` (one of ``STRATEGIES``; gradual and two_phase start with the head alone).
+    """Set which parameters train at the start of ``strategy`` (one of ``STRATEGIES``; gradual, two_phase and
+    fastai_fine_tune start with the head alone).
 
     last_block / last_n_blocks: the head and the last ``n_blocks`` blocks below it; last_tensors: the last ``n_tensors``
     parameter tensors; blocks: the blocks named in ``unfreeze`` and the head; full: every block; conv_block: a new
     conv block (``add_conv_block``) and head on the frozen backbone.
     """
-    if strategy in ("head", "gradual", "two_phase"):
+    if strategy in ("head", "gradual", "two_phase", "fastai_fine_tune"):
         return freeze(model)
     if strategy == "last_block":
         return _train_last_blocks(model, 1)

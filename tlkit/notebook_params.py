@@ -9,7 +9,7 @@ from typing import Any
 
 from .augment import MIXES
 from .data import check_dataset
-from .finetune import STRATEGIES
+from .finetune import SCHEDULES, STRATEGIES
 from .imbalance import REMEDIES
 from .models import check_image_size
 from .params import (
@@ -73,6 +73,7 @@ def _notebook_02() -> dict[str, Check]:
         "lr": rule(check_float, positive=True, allow_none=True),
         "samples_per_class": _size_or_none,
         "strategy": strategy,
+        "schedule": rule(check_str, choices=[s for s in SCHEDULES if s is not None], allow_none=True),
         "unfreeze": rule(parse_list, item=_text, example='["stage6"]'),
         "n_blocks": _size,
         "n_tensors": _size,

@@ -376,3 +376,26 @@ def plot_per_class_recall(recalls: Mapping[str, Sequence[float]], classes: Seque
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def plot_lr_schedules(panels: Mapping[str, Mapping[str, Sequence[float]]], *, steps_per_epoch: int | None = None,
+                      title: str = "") -> Figure:
+    """One panel per schedule (e.g. ``tlkit.optim.one_cycle_lrs``'s output): each group's LR against the optimizer
+    step; NaN before a group joins. ``steps_per_epoch`` marks the epoch boundaries."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4), squeeze=False, sharey=True)
+    for ax, (name, lrs) in zip(axes[0], panels.items()):
+        for group, values in lrs.items():
+            ax.plot(range(len(values)), values, lw=1.6, label=group)
+        if steps_per_epoch:
+            total = max(len(v) for v in lrs.values())
+            for boundary in range(steps_per_epoch, total, steps_per_epoch):
+                ax.axvline(boundary, color="0.85", lw=0.6, zorder=0)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("optimizer step" + (f" (epochs every {steps_per_epoch})" if steps_per_epoch else ""))
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("learning rate")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

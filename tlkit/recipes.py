@@ -34,7 +34,7 @@ from .augment import BatchTransform, InMemoryImages, augment_on_device, augmente
 from .checkpoints import model_from_checkpoint
 from .data import DatasetSplits, make_loader
 from .features import cached_features
-from .finetune import BN_MODES, GradualUnfreezing, apply_strategy, fine_tune, freeze_batchnorm
+from .finetune import BN_MODES, SCHEDULES, GradualUnfreezing, apply_strategy, fastai_fine_tune, fine_tune, freeze_batchnorm
 from .imbalance import make_remedy
 from .incremental import AccuracyTracker, DistillationLoss, expand_head, group_accuracy
 from .models import (
@@ -50,7 +50,7 @@ from .models import (
     set_trainable,
     unfreeze,
 )
-from .optim import make_optimizer
+from .optim import make_optimizer, one_cycle
 from .params import check_bool, check_float, check_int, check_seed, check_str
 from .prefix_cache import PrefixBatches, PrefixCache, PrefixCacheStats, Suffix, evaluate_from_prefix, prefix_cache_allowed
 from .train import Callback, EarlyStopping, FitState, History, RestoreBest, evaluate, fit, fit_head, get_device, predict, set_seed
@@ -317,6 +317,7 @@ def run_strategy(
     head_epochs: int = 1,
     conv_channels: int = 128,
     bn: str = "default",
+    schedule: str | None = None,
     train_transform: Callable | None = None,
     prefix_cache: bool = False,
     max_bytes: float | None = None,
@@ -324,6 +325,14 @@ def run_strategy(
     callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
 ) -> RunResult:
     """Train a new model with one strategy on images, ``config.epochs`` epochs in all, same seed and data for every strategy.
+
+    The head trains at ``config.lr``, the block k places below it at ``config.lr * layer_decay ** k`` (``lr_mult``
+    overrides). ``schedule`` (see ``SCHEDULES``): None keeps these LRs constant; "one_cycle" runs fastai's one-cycle
+    over all ``config.epochs * len(train_loader)`` optimizer steps (``tlkit.optim.OneCycle``: warm-up over the first
+    25%, cosine down to ~0), and a block that joins mid-run (gradual, two_phase) warms up from 0 on its own.
+    ``fastai_fine_tune`` is fastai's recipe with its own rates and schedules (``tlkit.finetune.fastai_fine_tune``:
+    ``head_epochs`` with the head alone, then every block with LRs from ``config.lr / 200`` to ``config.lr / 2``);
+    ``layer_decay``, ``lr_mult`` and ``schedule`` do not apply to it.
 
     ``bn`` (see ``BN_MODES``): "default" keeps BatchNorm of fully frozen blocks in eval mode while
     trainable blocks update theirs; "train" lets frozen blocks' BatchNorm train too; "frozen" fixes
@@ -335,15 +344,17 @@ def run_strategy(
     on disk in ``config.cache_dir`` if given, refused over ``max_bytes``) and trains the rest of the network on them:
     the same batches and, up to float noise, the same numbers, faster. It applies where the trainable part sits
     above frozen blocks in eval mode (head, last_block, last_n_blocks, blocks, gradual, conv_block, last_tensors);
-    full, two_phase and bn="train" run as without it, and a random ``train_transform`` turns it off with an
+    full, two_phase, fastai_fine_tune and bn="train" run as without it, and a random ``train_transform`` turns it off with an
     ``AugmentationDisablesCacheWarning``. The result's ``prefix_cache`` then says
     what the cache did (None where it did not apply).
     """
     epochs, lr, batch_size, seed, device = config.epochs, config.lr, config.batch_size, config.seed, config.device
-    if strategy == "two_phase" and not 0 < head_epochs < epochs:
-        raise ValueError(f"two_phase needs 0 < head_epochs < epochs, got head_epochs={head_epochs}, epochs={epochs}.")
+    if strategy in ("two_phase", "fastai_fine_tune") and not 0 < head_epochs < epochs:
+        raise ValueError(f"{strategy} needs 0 < head_epochs < epochs, got head_epochs={head_epochs}, epochs={epochs}.")
     if bn not in BN_MODES:
         raise ValueError(f"Unknown bn mode {bn!r}; choose one of {', '.join(BN_MODES)}.")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"Unknown schedule {schedule!r}; choose one of {', '.join(map(repr, SCHEDULES))}.")
     set_seed(seed)
     model = create_model(config.backbone, len(splits.classes), config.weights, eval_frozen_blocks=bn != "train")
     apply_strategy(model, strategy, n_blocks=n_blocks, n_tensors=n_tensors, unfreeze=unfreeze, conv_channels=conv_channels)
@@ -365,10 +376,14 @@ def run_strategy(
         train_loader = cache.loader("train", batch_size, shuffle=True, seed=seed)
         val_loader = cache.loader("val", batch_size, shuffle=False)
     stepper = model if cache is None else cache.suffix  # the suffix shares the model's parameters
-    if strategy == "two_phase":
+    scheduler = one_cycle(epochs * len(train_loader)) if schedule == "one_cycle" else None
+    if strategy == "fastai_fine_tune":
+        history = fastai_fine_tune(model, train_loader, val_loader, freeze_epochs=head_epochs, epochs=epochs - head_epochs,
+                                   base_lr=lr, callbacks=callbacks, **common)
+    elif strategy == "two_phase":
         history = fine_tune(
             model, train_loader, val_loader, head_epochs=head_epochs, epochs=epochs - head_epochs, lr=lr,
-            callbacks=callbacks, **decay, **common,
+            schedule=scheduler, callbacks=callbacks, **decay, **common,
         )
     else:
         optimizer = make_optimizer(model, lr, **decay)
@@ -377,7 +392,8 @@ def run_strategy(
             order = blocks_below_head(model)[::-1][: (epochs - 1) // unfreeze_every]
             unfreezing = GradualUnfreezing(model, optimizer, lr=lr, every=unfreeze_every, order=order, **decay)
             callbacks = [unfreezing, *callbacks]
-        history = fit(stepper, train_loader, val_loader, epochs=epochs, optimizer=optimizer, callbacks=callbacks, **common)
+        history = fit(stepper, train_loader, val_loader, epochs=epochs, optimizer=optimizer, scheduler=scheduler,
+                      callbacks=callbacks, **common)
     seconds = time.perf_counter() - start
     label = name or (strategy if bn == "default" else f"{strategy}, BN {bn}")
     if not prefix_cache:
@@ -389,8 +405,8 @@ def run_strategy(
 
 def _prefix_cache_skipped(model: TransferModel, strategy: str, train_transform: Callable) -> str | None:
     """Why the prefix cache cannot serve this run, or None when it can (a random transform also warns)."""
-    if strategy == "two_phase":
-        return "two_phase trains through fine_tune on the model itself, and its second phase trains every block"
+    if strategy in ("two_phase", "fastai_fine_tune"):
+        return f"{strategy} trains on the model itself, and its second phase trains every block"
     if not is_deterministic(train_transform):
         prefix_cache_allowed(model, train_transform)  # warns, as the feature cache does
         return "the train transform is random"
