@@ -5,20 +5,42 @@ import tlkit
 from tlkit.incremental import DistillationLoss, expand_head, group_accuracy, with_replay
 
 
-def test_expanding_the_head_keeps_old_rows_and_old_predictions():
+@pytest.mark.parametrize("init", ["zero", "improbable", "mean"])
+def test_expanding_the_head_keeps_old_rows_and_old_logits(init):
     tlkit.set_seed(0)
     model = tlkit.freeze(tlkit.create_model("efficientnet_lite0", 3, weights="imagenet"))
     x = torch.randn(6, 3, 32, 32)
     model.eval()
     before = model(x)
     old_w, old_b = model.head.weight.clone(), model.head.bias.clone()
-    expand_head(model, 2)
+    expand_head(model, 2, init=init)
     after = model(x)
     assert model.head.out_features == 5
     assert torch.equal(model.head.weight[:3], old_w) and torch.equal(model.head.bias[:3], old_b)
     assert torch.allclose(after[:, :3], before, atol=1e-6)  # same rows; only BLAS summation order differs
-    assert torch.equal(after.argmax(1), before.argmax(1))
     assert model.head.weight.requires_grad
+
+
+def test_each_head_init_starts_the_new_rows_as_documented():
+    tlkit.set_seed(0)
+    rows = {}
+    for init in tlkit.incremental.HEAD_INITS:
+        model = tlkit.create_model("efficientnet_lite0", 3, weights=None)
+        with torch.no_grad():
+            model.head.bias.copy_(torch.tensor([-4.0, -5.0, -6.0]))  # every old logit negative on zero features
+        rows[init] = expand_head(model, 2, init=init).head
+    assert torch.count_nonzero(rows["zero"].weight[3:]) == 0 and torch.count_nonzero(rows["zero"].bias[3:]) == 0
+    assert torch.count_nonzero(rows["improbable"].weight[3:]) == 0 and torch.equal(rows["improbable"].bias[3:], torch.full((2,), -10.0))
+    mean = rows["mean"]
+    assert torch.allclose(mean.weight[3:], mean.weight[:3].mean(0).expand(2, -1)) and torch.allclose(mean.bias[3:], torch.full((2,), -5.0))
+    features = torch.zeros(1, mean.in_features)
+    assert rows["zero"](features).argmax(1).item() >= 3  # logit 0 beats old logits that are all negative
+    for init in ("improbable", "mean"):  # never above the largest old logit: every prediction stays an old class
+        assert rows[init](features).argmax(1).item() == 0
+    default = tlkit.create_model("efficientnet_lite0", 3, weights=None)
+    assert torch.equal(expand_head(default, 2).head.weight[3:], default.head.weight[:3].mean(0).expand(2, -1))  # "mean"
+    with pytest.raises(ValueError, match="init must be one of"):
+        expand_head(tlkit.create_model("efficientnet_lite0", 3, weights=None), 1, init="random")
 
 
 def test_expanding_needs_a_positive_count():
@@ -60,24 +82,34 @@ def test_distillation_is_zero_when_student_matches_teacher_and_grows_otherwise()
 
 
 @pytest.mark.notebook
-def test_notebook_05_reports_forgetting_for_every_run(tmp_path):
+def test_notebook_05_reports_forgetting_for_every_run_and_the_joint_upper_bound(tmp_path):
     from pathlib import Path
 
     from tlkit.course import run_notebook
 
     notebook = Path(__file__).resolve().parents[1] / "notebooks" / "05_adding_samples.ipynb"
     run = run_notebook(notebook, tmp_path, {"samples_per_class": 4, "new_samples_per_class": 4, "replay_per_class": 2,
-                                            "epochs": 2, "image_size": 32, "seeds": [0, 1]})
+                                            "epochs": 2, "continue_epochs": 2, "steps_per_epoch": 2, "patience": 1,
+                                            "image_size": 32, "seeds": [0, 1]})
     assert run.error == "", run.error
     m = run.metrics
-    assert m["old_classes"] == 7 and m["new_classes"] == 3 and m["seeds"] == 2
-    for key in ("naive_fine_tuning", "replay", "head_only_replay", "lwf_distillation"):
+    assert m["old_classes"] == 7 and m["new_classes"] == 3 and m["seeds"] == 2 and m["max_steps"] == 4
+    for key in ("naive_fine_tuning", "replay", "head_only_replay", "lwf_distillation", "joint_retraining_upper_bound"):
         assert 0.0 <= m[f"old_acc_{key}"] <= 1.0 and 0.0 <= m[f"new_acc_{key}"] <= 1.0 and m[f"overall_acc_{key}_std"] >= 0
         assert m[f"forgetting_{key}"] == pytest.approx(m["old_acc_before"] - m[f"old_acc_{key}"])
+        assert 2 <= m[f"steps_{key}"] <= 4  # equal budgets: at most 2 epochs of 2 steps, at least one epoch
+    assert m["head_init"] in tlkit.incremental.HEAD_INITS
+    for init in tlkit.incremental.HEAD_INITS:
+        assert 0.0 <= m[f"head_init_val_acc_replay_{init}"] <= 1.0
+    assert {"val_acc_dropout_0_5", "val_acc_sgd_lr_0_09", "stage2_val_acc_batch_8_same_images"} <= set(m)
     for s in (0, 1):
         saved = tlkit.read_checkpoint(tmp_path / f"05_first_model_seed{s}.pt")
         assert saved.classes == tlkit.load_dataset("clothing").classes[:7] and saved.optimizer is not None
-    assert (tmp_path / "figures" / "05" / "stage3_forgetting.png").stat().st_size > 0
+    updated, saved = tlkit.model_from_checkpoint(tmp_path / "05_updated_model.pt")
+    assert saved.classes == tlkit.load_dataset("clothing").classes and m["saved_model_reloads_equal"] == 1
+    assert len(list((tmp_path / "05_new_images").glob("photo_*.jpg"))) == 20 and 0.0 <= m["folder_acc"] <= 1.0
+    for figure in ("stage2_forgetting", "stage3_forgetting", "predictions"):
+        assert (tmp_path / "figures" / "05" / f"{figure}.png").stat().st_size > 0
 
 
 def test_the_accuracy_tracker_scores_fits_validation_pass_as_group_accuracy_does():

@@ -100,3 +100,38 @@ def test_compare_histories_by_epoch_and_by_wall_time():
     train = tlkit.compare_histories(histories, metric="train_acc", by_time=True)
     assert train.axes[0].get_ylabel() == "train_acc" and tuple(train.axes[1].get_lines()[1].get_ydata()) == (0.5, 0.5)
     assert np.allclose(train.axes[1].get_lines()[1].get_xdata(), np.cumsum([3.0, 2.5]))
+
+
+def _schedule_history(val_acc, lr) -> History:
+    history = _history(val_acc, [1.0] * len(val_acc))
+    history.lr = list(lr)
+    return history
+
+
+def test_lr_drops_are_the_epochs_that_trained_at_a_lower_rate():
+    assert tlkit.plots.lr_drops(_schedule_history([0.5] * 5, [1e-3, 1e-3, 3e-4, 3e-4, 9e-5])) == [3, 5]
+    assert tlkit.plots.lr_drops(_schedule_history([0.5] * 3, [1e-3] * 3)) == []
+
+
+def test_the_schedule_figure_marks_lr_cuts_early_stops_and_kept_epochs():
+    histories = {
+        "stopped": _schedule_history([0.5, 0.7, 0.6, 0.6], [1e-3, 1e-3, 1e-3, 3e-4]),  # stopped after 4 of 6 epochs
+        "full": _schedule_history([0.4, 0.5, 0.6, 0.65, 0.7, 0.72], [1e-3] * 6),
+    }
+    tracked = {name: {"old": h.val_acc, "new": [1 - a for a in h.val_acc]} for name, h in histories.items()}
+    fig = tlkit.plots.plot_tracked_with_schedule(tracked, histories, epochs=6, steps_per_epoch=10, reference={"old": 0.8},
+                                                 restored_best=True, title="stage 3")
+    old, new, lr = fig.axes
+    assert [ax.get_title() for ax in fig.axes] == ["old", "new", "learning rate"] and lr.get_yscale() == "log"
+    assert old.get_xlabel() == "epoch of 10 optimizer steps" and fig.get_suptitle() == "stage 3"
+    assert old.get_ylim()[1] >= 0.8  # the reference level stays in view above every curve
+
+    def marked(ax, marker):
+        return [(float(x), float(y)) for line in ax.get_lines() if line.get_marker() == marker
+                for x, y in zip(line.get_xdata(), line.get_ydata())]
+
+    assert marked(old, "v") == [(4.0, 0.6)] and marked(lr, "v") == [(4.0, 3e-4)]  # the cut: epoch 4 trained at 3e-4
+    assert marked(old, "X") == [(4.0, 0.6)]  # only the run that stopped before epoch 6
+    assert marked(old, "*") == [(2.0, 0.7), (6.0, 0.72)] and marked(new, "*") == [(2.0, 1 - 0.7), (6.0, 1 - 0.72)]
+    legend = [t.get_text() for t in lr.get_legend().get_texts()]
+    assert legend == ["stopped", "full", "before", "LR cut (plateau)", "early stop", "weights kept (best val acc)"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import TensorDataset
 
 import tlkit
@@ -172,3 +173,79 @@ def test_the_lesson_modules_do_not_import_the_recipes():
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
         assert "recipes" not in imported and not any(name.endswith(".recipes") for name in imported), module
+
+
+def _first_model(tmp_path, splits):
+    old = splits.train.select_classes(splits.classes[:2])
+    tlkit.set_seed(0)
+    model = tlkit.freeze(tlkit.create_model("efficientnet_lite0", 2, "imagenet"), up_to="stage7")
+    transform = tlkit.eval_transform(32, model.normalization)
+    path = tmp_path / "first.pt"
+    tlkit.fit(model, tlkit.make_loader(old, transform, 8, shuffle=True, seed=0),
+              tlkit.make_loader(splits.val.select_classes(splits.classes[:2]), transform, 8, shuffle=False),
+              epochs=1, callbacks=[tlkit.SaveCheckpoint(path, splits.classes[:2])], progress=False)
+    return path, transform
+
+
+def test_steps_per_epoch_gives_every_train_set_the_same_optimizer_steps(tmp_path, splits):
+    path, transform = _first_model(tmp_path, splits)
+    groups = {"old": range(2), "new": range(2, 3)}
+    new = splits.train.select_classes(splits.classes[2:]).with_classes(splits.classes)
+    replayed = tlkit.incremental.with_replay(new, splits.train.with_classes(splits.classes), 6, seed=0)
+    assert len(replayed) > 2 * len(new)
+    steps = []
+    hook = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: steps.append(1))
+    try:
+        for train_set in (new, replayed):
+            steps.clear()
+            result = tlkit.continue_training(
+                tlkit.RunConfig(**{**TINY, "epochs": 2}), path, train_set, splits.val, groups, classes=splits.classes,
+                trainable=["top", "head"], transform=transform, steps_per_epoch=3, early_stopping_patience=None,
+                prefix_cache=True,
+            )
+            assert len(result.history) == 2 and len(steps) == 2 * 3
+    finally:
+        hook.remove()
+
+
+def test_a_fixed_step_epoch_is_full_batches_that_go_through_the_set_in_reshuffled_passes():
+    data = TensorDataset(torch.arange(10).float().unsqueeze(1), torch.zeros(10, dtype=torch.long))
+    loader = tlkit.recipes._continue_train_loader(data, None, 4, seed=0, steps_per_epoch=6)
+    batches = [x.squeeze(1).long().tolist() for x, _ in loader]
+    assert [len(b) for b in batches] == [4] * 6
+    seen = [i for b in batches for i in b]
+    assert sorted(seen[:10]) == sorted(seen[10:20]) == list(range(10))  # each pass holds every item once
+    again = [x.squeeze(1).long().tolist() for x, _ in tlkit.recipes._continue_train_loader(data, None, 4, seed=0, steps_per_epoch=6)]
+    assert again == batches and [x.squeeze(1).long().tolist() for x, _ in loader] != batches  # same seed same order; next epoch reshuffled
+    assert len(tlkit.recipes._continue_train_loader(data, None, 4, seed=0, steps_per_epoch=None)) == 3  # one pass, last batch short
+
+
+def test_continue_training_options_restore_the_best_epoch_and_return_the_checkpoints_structure(tmp_path, splits):
+    path, transform = _first_model(tmp_path, splits)
+    groups = {"old": range(2), "new": range(2, 3)}
+    new = splits.train.select_classes(splits.classes[2:]).with_classes(splits.classes)
+    result = tlkit.continue_training(
+        tlkit.RunConfig(**{**TINY, "epochs": 4, "lr": 0.05}), path, new, splits.val, groups, classes=splits.classes,
+        trainable=["head"], transform=transform, optimizer="sgd", steps_per_epoch=2, early_stopping_patience=2,
+        monitor="val_acc", restore_best=True, head_init="mean", head_dropout=0.5, test_set=splits.val, prefix_cache=True,
+    )
+    assert isinstance(result.model.head, torch.nn.Linear)  # the dropout is taken out after training
+    assert result.val_acc == max(result.history.val_acc)
+    scores = tlkit.evaluate_on(result.model, splits.val, tlkit.RunConfig(**TINY))
+    assert scores["acc"] == pytest.approx(result.val_acc)  # the restored weights score what the best epoch did
+    saved = tlkit.checkpoints.save_checkpoint(tmp_path / "updated.pt", result.model, classes=splits.classes, epoch=1)
+    reloaded, _ = tlkit.model_from_checkpoint(saved)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(reloaded.eval()(x), result.model.eval()(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(optimizer="adam"), "optimizer must be one of"),
+    (dict(optimizer="sgd", resume_optimizer=True), "needs optimizer='adamw'"),
+    (dict(steps_per_epoch=0), "steps_per_epoch"),
+    (dict(head_dropout=1.0), "head_dropout"),
+])
+def test_continue_training_refuses_bad_options_before_training(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        tlkit.continue_training(tlkit.RunConfig(**TINY), tmp_path / "never_read.pt", None, None, {}, classes=["a"],
+                                trainable=["head"], transform=None, **kw)

@@ -221,3 +221,44 @@ def test_save_checkpoint_writes_every_epoch_and_resuming_checks_its_classes(tmp_
     with pytest.raises(tlkit.checkpoints.CheckpointError, match="classes: checkpoint has"):
         tlkit.fit(torch.nn.Linear(5, 3), train, val, epochs=1, progress=False, resume_from=path,
                   callbacks=[tlkit.SaveCheckpoint(path, ["x", "y", "z"])])
+
+
+def _history_of(val_loss, val_acc):
+    history = tlkit.History()
+    for epoch, (loss, acc) in enumerate(zip(val_loss, val_acc), 1):
+        history.append(epoch=epoch, train_loss=1.0, train_acc=0.5, val_loss=loss, val_acc=acc, lr=0.1, epoch_time=1.0)
+    return history
+
+
+@pytest.mark.parametrize(
+    "accs, stops",
+    [([0.5, 0.6, 0.55], False), ([0.5, 0.6, 0.55, 0.6], True), ([0.5, 0.5, 0.5], True), ([0.5, 0.4, 0.7], False)],
+)
+def test_early_stopping_on_val_acc_waits_patience_epochs_without_a_strictly_higher_accuracy(accs, stops):
+    falling_loss = [1.0 / epoch for epoch in range(1, len(accs) + 1)]  # the loss alone would never stop it
+    state = tlkit.train.FitState(None, None, None, None, None, epoch=len(accs), history=_history_of(falling_loss, accs))
+    stopping = tlkit.EarlyStopping(2, monitor="val_acc")
+    stopping.on_epoch_end(state)
+    assert state.stop is stops
+    assert stopping.stopped_epoch == (len(accs) if stops else None)
+    by_loss = tlkit.train.FitState(None, None, None, None, None, epoch=len(accs), history=_history_of(falling_loss, accs))
+    tlkit.EarlyStopping(2).on_epoch_end(by_loss)
+    assert by_loss.stop is False
+
+
+def test_early_stopping_on_val_acc_ends_fit_and_restore_best_keeps_the_best_epoch():
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 5), torch.randint(0, 2, (64,)))
+    noise = tlkit.make_loader(torch.utils.data.TensorDataset(torch.randn(32, 5), torch.randint(0, 2, (32,))), None, 16, shuffle=False)
+    model, stopping = torch.nn.Linear(5, 2), tlkit.EarlyStopping(3, monitor="val_acc")
+    history = tlkit.fit(model, tlkit.make_loader(data, None, 16, shuffle=True), noise, epochs=60, lr=0.5, progress=False,
+                        callbacks=[stopping, tlkit.RestoreBest()])
+    best = history.best_epoch()
+    assert len(history) < 60 and stopping.stopped_epoch == history.epoch[-1] == best + 3
+    assert tlkit.evaluate(model, noise)["acc"] == pytest.approx(max(history.val_acc))
+
+
+@pytest.mark.parametrize("kw, message", [(dict(patience=0), "patience"), (dict(patience=2, monitor="train_acc"), "monitor")])
+def test_early_stopping_refuses_a_bad_patience_or_monitor(kw, message):
+    with pytest.raises(ValueError, match=message):
+        tlkit.EarlyStopping(**kw)

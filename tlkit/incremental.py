@@ -25,20 +25,39 @@ def with_replay(new: LabeledImages, old: LabeledImages, per_class: int, seed: in
     return ConcatDataset([new, old.limit_per_class(per_class, seed)])
 
 
-def expand_head(model: nn.Module, num_new: int, new_bias: float = -10.0) -> nn.Module:
+# How the rows of new classes start when the head grows (expand_head's ``init``); the old rows are always kept exactly.
+HEAD_INITS = {
+    "mean": "the mean of the old rows (weights and bias): each new class starts as the average old class",
+    "zero": "zero weights and zero bias: every new class gets logit 0 on every image, until training moves it",
+    "improbable": "zero weights and bias -10: the new classes start with almost no probability",
+}
+
+
+def expand_head(model: nn.Module, num_new: int, init: str = "mean") -> nn.Module:
     """Grow the head from K to K + ``num_new`` outputs; the K old rows keep their weights and biases exactly.
 
-    New rows start with zero weights and bias ``new_bias``: new classes start improbable, so what
-    the model predicts for old classes does not change until it is trained on the new ones.
+    ``init`` says how the new rows start (``HEAD_INITS``): "mean" (the mean of the old rows, the default), "zero" (zero
+    weights and bias) or "improbable" (zero weights, bias -10). With any of them the old rows, hence the old classes'
+    logits, are unchanged. "mean" gives each new class the average old logit, never above the largest, so no
+    prediction changes before training, and the new rows start where old ones are rather than far below them;
+    "improbable" changes no prediction either but makes every new row climb out of -10 first; "zero" gives logit 0,
+    which beats old logits that are all negative. Notebook 05 measures the three.
     """
     if num_new < 1:
         raise ValueError(f"num_new must be at least 1, got {num_new}.")
+    if init not in HEAD_INITS:
+        raise ValueError(f"init must be one of {', '.join(map(repr, HEAD_INITS))}, got {init!r}.")
     old = head_linear(model)
     name = next(name for name, module in model.head.named_modules() if module is old)  # "" when the head is the Linear
     new = nn.Linear(old.in_features, old.out_features + num_new).to(old.weight.device, old.weight.dtype)
     with torch.no_grad():
         new.weight.zero_()
-        new.bias.fill_(new_bias)
+        new.bias.zero_()
+        if init == "improbable":
+            new.bias.fill_(-10.0)
+        elif init == "mean":
+            new.weight[old.out_features :] = old.weight.mean(0)
+            new.bias[old.out_features :] = old.bias.mean()
         new.weight[: old.out_features] = old.weight
         new.bias[: old.out_features] = old.bias
     new.weight.requires_grad_(old.weight.requires_grad)

@@ -136,6 +136,9 @@ def _notebook_05() -> dict[str, Check]:
         "new_samples_per_class": _size,
         "replay_per_class": _count,
         "continue_lr_factor": _positive,
+        "continue_epochs": _size,
+        "steps_per_epoch": _size,
+        "patience": _size,
     }
 
 

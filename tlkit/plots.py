@@ -258,6 +258,80 @@ def plot_tracked(runs: dict[str, dict[str, list[float]]], reference: dict[str, f
     return fig
 
 
+def lr_drops(history: History) -> list[int]:
+    """The epochs that trained at a lower learning rate than the epoch before (where ReduceLROnPlateau cut it)."""
+    return [epoch for epoch, before, now in zip(history.epoch[1:], history.lr, history.lr[1:]) if now < before]
+
+
+def plot_tracked_with_schedule(
+    tracked: Mapping[str, Mapping[str, Sequence[float]]],
+    histories: Mapping[str, History],
+    *,
+    epochs: int,
+    steps_per_epoch: int | None = None,
+    reference: Mapping[str, float] | None = None,
+    restored_best: bool = False,
+    title: str = "",
+) -> Figure:
+    """Per-epoch validation accuracy of several runs, one panel per class group, and their learning rate (last panel).
+
+    ``tracked``: run -> group -> accuracy per epoch (``RunResult.tracked``); ``histories``: run -> its History (for the
+    LR, recorded at the start of every epoch). On every curve a triangle marks each epoch that trained at a lower LR
+    than the one before (a ReduceLROnPlateau cut), a cross the last epoch of a run that stopped early (fewer than
+    ``epochs`` epochs) and, with ``restored_best``, a star the epoch whose weights the run kept (best val accuracy).
+    ``reference``: a dashed level per group (e.g. the model before).
+    """
+    groups = list(next(iter(tracked.values())))
+    fig, axes = plt.subplots(1, len(groups) + 1, figsize=(3.9 * (len(groups) + 1), 3.5), squeeze=False)
+    axes = axes[0]
+    colors = {name: f"C{k % 10}" for k, name in enumerate(tracked)}
+    for ax, group in zip(axes, groups):
+        for name, runs_groups in tracked.items():
+            _plot_marked(ax, histories[name], runs_groups[group], colors[name], name, epochs, restored_best)
+        if reference and group in reference:
+            level = reference[group]
+            ax.axhline(level, color="gray", linestyle="--", label="before")
+            low, high = ax.get_ylim()  # an axhline does not widen the axis: keep the level in view
+            ax.set_ylim(min(low, level - 0.02), max(high, level + 0.02))
+        ax.set_title(group)
+        ax.set_ylabel("val accuracy")
+    for name, history in histories.items():
+        if name in tracked:
+            _plot_marked(axes[-1], history, history.lr, colors[name], name, epochs, restored_best)
+    axes[-1].set_yscale("log")
+    axes[-1].set_title("learning rate")
+    axes[-1].set_ylabel("learning rate (log scale)")
+    step_note = f" of {steps_per_epoch} optimizer steps" if steps_per_epoch else ""
+    for ax in axes:
+        ax.set_xlabel(f"epoch{step_note}")
+        ax.set_xlim(0.5, epochs + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    marks = [plt.Line2D([], [], color="k", marker="v", linestyle="", label="LR cut (plateau)"),
+             plt.Line2D([], [], color="k", marker="X", linestyle="", markersize=8, label="early stop")]
+    if restored_best:
+        marks.append(plt.Line2D([], [], color="k", marker="*", linestyle="", markersize=10, label="weights kept (best val acc)"))
+    handles, _ = axes[0].get_legend_handles_labels()
+    axes[-1].legend(handles=handles + marks, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_marked(ax, history: History, values: Sequence[float], color: str, name: str, epochs: int, restored_best: bool) -> None:
+    """One run's curve against epoch, with its LR cuts, early stop and kept epoch marked."""
+    at = dict(zip(history.epoch, values))
+    ax.plot(history.epoch, values, "-", color=color, alpha=0.85, label=name, lw=1.5)
+    drops = lr_drops(history)
+    ax.plot(drops, [at[e] for e in drops], "v", color=color, markersize=7)
+    if len(history) < epochs:
+        ax.plot([history.epoch[-1]], [values[-1]], "X", color=color, markersize=9, markeredgecolor="k")
+    if restored_best and history.val_acc:
+        best = history.best_epoch()
+        ax.plot([best], [at[best]], "*", color=color, markersize=12, markeredgecolor="k")
+
+
 def plot_seed_summary(summary: pd.DataFrame, metric: str, *, title: str = "", xlim: tuple[float, float] | None = (0, 1)) -> Figure:
     """One horizontal bar per method: the mean of ``metric`` over seeds, with ± one standard deviation as error bar.
 

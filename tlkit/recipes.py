@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, RandomSampler, TensorDataset
 
 from .augment import BatchTransform, InMemoryImages, augment_on_device, augmented_loader, batch_mix, device_loader, feature_cache_allowed
 from .checkpoints import model_from_checkpoint
@@ -150,7 +150,8 @@ class RunResult:
     - ``fit_head_with_remedy``: ``"optimizer_steps"``, the head's optimizer steps; with ``test_features`` also
       ``"test_acc"``, the accuracy of the test predictions after the remedy's post-hoc step;
     - ``continue_training`` with ``test_set``: ``"test_acc/<group>"`` for every class group, the test accuracy on the
-      images of that group's classes after training (``by_group("test_acc")`` gives them back keyed by group).
+      images of that group's classes after training (``by_group("test_acc")`` gives them back keyed by group); with
+      ``restore_best``, ``"val_acc"`` is the best epoch's, whose weights the model keeps.
 
     ``prefix_cache``: what the prefix cache did (None: no cache, or it did not apply). ``tracked``: validation
     accuracy per class group after every epoch (``continue_training``). ``predictions``: split -> (probabilities,
@@ -585,6 +586,12 @@ def fit_head_with_remedy(
 # --- notebook 05: continuing from a checkpoint --------------------------------------------------------
 
 
+CONTINUE_OPTIMIZERS = {
+    "adamw": "AdamW (torch's defaults: betas 0.9, 0.999; weight decay 0.01)",
+    "sgd": "SGD with momentum 0.9 (no weight decay)",
+}
+
+
 def continue_training(
     config: RunConfig,
     checkpoint: str | Path,
@@ -597,7 +604,13 @@ def continue_training(
     transform: Callable,
     distill: bool = False,
     resume_optimizer: bool = False,
+    optimizer: str = "adamw",
+    steps_per_epoch: int | None = None,
     early_stopping_patience: int | None = 2,
+    monitor: str = "val_loss",
+    restore_best: bool = False,
+    head_init: str = "mean",
+    head_dropout: float = 0.0,
     test_set: Dataset | None = None,
     prefix_cache: bool = False,
     name: str = "",
@@ -605,36 +618,53 @@ def continue_training(
     """Load ``checkpoint`` in a fresh state, grow its head to ``classes`` if needed, train ``trainable`` blocks on ``train_set``.
 
     ``config``'s epochs, LR, batch size, seed, device, progress and cache folder apply; the checkpoint gives the
-    backbone and weights, ``transform`` the images' size and scaling. ``resume_optimizer`` reloads the saved
-    optimizer state (same classes and blocks only) and then sets ``config.lr``; ``distill`` adds LwF distillation on
-    the old classes' logits. ``val_set`` drives the LR plateau schedule and early stopping; accuracy per class group
-    is tracked every epoch (the result's ``tracked``), and measured once on ``test_set`` at the end: the result's
-    ``metrics["test_acc/<group>"]`` for every group of ``groups`` (``by_group("test_acc")``). ``prefix_cache`` runs
-    the frozen blocks below ``trainable`` once per image set (``PrefixCache``; on disk in ``config.cache_dir``) and
-    trains the rest on their activations: the same numbers up to float noise, with the teacher of ``distill`` run
+    backbone and weights, ``transform`` the images' size and scaling. ``optimizer``: "adamw" or "sgd" (momentum 0.9,
+    ``CONTINUE_OPTIMIZERS``). ``resume_optimizer`` reloads the saved (AdamW) optimizer state (same classes and blocks
+    only) and then sets ``config.lr``; ``distill`` adds LwF distillation on the old classes' logits. A grown head's new
+    rows start as ``head_init`` says (``incremental.HEAD_INITS``); ``head_dropout`` > 0 puts dropout before the head
+    while it trains (taken out afterwards, so the returned model saves and reloads as the checkpoint's did: dropout
+    does nothing at inference).
+
+    Budget: ``steps_per_epoch=None`` makes an epoch one pass over ``train_set`` (a small set gets few optimizer steps);
+    an int makes every epoch exactly that many optimizer steps of ``config.batch_size`` items (full batches), drawn by
+    going through ``train_set`` in random order as many times as the steps need, each pass in a new order (the last
+    pass of an epoch partly), so runs on sets of different sizes get the same number of steps: at most
+    ``config.epochs * steps_per_epoch``.
+
+    ``val_set`` drives the LR plateau schedule (ReduceLROnPlateau on validation loss: factor 0.3, patience 1) and early
+    stopping: after ``early_stopping_patience`` epochs without a better ``monitor`` ("val_loss", or "val_acc": the
+    accuracy over every class of ``val_set``), or never with None. ``restore_best`` ends with the weights of the epoch
+    with the best validation accuracy (``RestoreBest``), and ``metrics["val_acc"]`` is then that accuracy. Accuracy per
+    class group is tracked every epoch (the result's ``tracked``), and measured once on ``test_set`` at the end: the
+    result's ``metrics["test_acc/<group>"]`` for every group of ``groups`` (``by_group("test_acc")``). ``prefix_cache``
+    runs the frozen blocks below ``trainable`` once per image set (``PrefixCache``; on disk in ``config.cache_dir``)
+    and trains the rest on their activations: the same numbers up to float noise, with the teacher of ``distill`` run
     from the same activations. ``name`` defaults to "continued from <checkpoint file name>".
     """
     lr, batch_size, seed, device = config.lr, config.batch_size, config.seed, config.device
+    _check_continue_options(optimizer, resume_optimizer, steps_per_epoch, head_dropout)
     set_seed(seed)
     model, ckpt = model_from_checkpoint(checkpoint)
     if list(classes[: len(ckpt.classes)]) != ckpt.classes:
         raise ValueError(f"New class list must start with the checkpoint's classes {ckpt.classes}, got {list(classes)}.")
     teacher = copy.deepcopy(model) if distill else None
     if len(classes) > len(ckpt.classes):
-        expand_head(model, len(classes) - len(ckpt.classes))
+        expand_head(model, len(classes) - len(ckpt.classes), init=head_init)
     set_trainable(model, block_names(model), False)
     set_trainable(model, trainable, True)
     model.to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = _continue_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr)
     if resume_optimizer:
         if ckpt.optimizer is None or len(classes) != len(ckpt.classes):
             raise ValueError("resume_optimizer needs a checkpoint with optimizer state and the same classes.")
         optimizer.load_state_dict(ckpt.optimizer)
         for group in optimizer.param_groups:
             group["lr"] = lr
+    if head_dropout > 0:
+        model.head = nn.Sequential(nn.Dropout(head_dropout), model.head)  # while training only: taken out below
     start = time.perf_counter()
     loaders = {
-        "train": make_loader(train_set, transform, batch_size, shuffle=True, seed=seed),
+        "train": _continue_train_loader(train_set, transform, batch_size, seed, steps_per_epoch),
         "val": make_loader(val_set, transform, batch_size, shuffle=False),
     }
     if test_set is not None:
@@ -644,11 +674,16 @@ def continue_training(
         ordered = {**loaders, "train": make_loader(train_set, transform, batch_size, shuffle=False)}
         cache = PrefixCache(model, ordered, device, cache_dir=config.cache_dir, progress=config.progress, report=False)
         stepper = cache.suffix  # the suffix shares the model's parameters
-        loaders = {split: cache.loader(split, batch_size, shuffle=split == "train", seed=seed) for split in ordered}
+        loaders = {split: cache.loader(split, batch_size, shuffle=False) for split in ordered}
+        loaders["train"] = _continue_train_loader(cache.items["train"], None, batch_size, seed, steps_per_epoch)
         if teacher is not None:
             teacher = Suffix(teacher.to(device), cache.boundary)  # the teacher's frozen blocks are the student's
     tracker = AccuracyTracker(groups)  # scores each epoch's validation pass: the tracker runs before early stopping
-    callbacks = [tracker] if early_stopping_patience is None else [tracker, EarlyStopping(early_stopping_patience)]
+    callbacks: list[Callback] = [tracker]
+    if early_stopping_patience is not None:
+        callbacks.append(EarlyStopping(early_stopping_patience, monitor=monitor))
+    if restore_best:
+        callbacks.append(RestoreBest())
     loss_fn = DistillationLoss(stepper, teacher.to(device)) if teacher is not None else None
     try:
         history = fit(
@@ -659,9 +694,39 @@ def continue_training(
     finally:
         if loss_fn is not None:
             loss_fn.remove()
-    metrics = {"val_acc": history.val_acc[-1]}
+        if head_dropout > 0:
+            model.head = model.head[1]
+    metrics = {"val_acc": max(history.val_acc) if restore_best else history.val_acc[-1]}
     if "test" in loaders:
         metrics.update({f"test_acc/{group}": acc for group, acc in group_accuracy(stepper, loaders["test"], groups, device).items()})
     seconds = time.perf_counter() - start
     return RunResult(name or f"continued from {Path(checkpoint).name}", model, history, seconds, _trainable(model),
                      metrics=metrics, prefix_cache=None if cache is None else cache.stats, tracked=tracker.acc)
+
+
+def _check_continue_options(optimizer: str, resume_optimizer: bool, steps_per_epoch: int | None, head_dropout: float) -> None:
+    if optimizer not in CONTINUE_OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(map(repr, CONTINUE_OPTIMIZERS))}, got {optimizer!r}.")
+    if resume_optimizer and optimizer != "adamw":
+        raise ValueError(f"resume_optimizer reloads the checkpoint's AdamW state: it needs optimizer='adamw', got {optimizer!r}.")
+    if steps_per_epoch is not None:
+        check_int("steps_per_epoch", steps_per_epoch, minimum=1)
+    if isinstance(head_dropout, bool) or not isinstance(head_dropout, (int, float)) or not 0 <= head_dropout < 1:
+        raise ValueError(f"head_dropout must be a probability in [0, 1), got {head_dropout!r}.")
+
+
+def _continue_optimizer(kind: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    return torch.optim.AdamW(params, lr=lr)
+
+
+def _continue_train_loader(dataset: Dataset, transform: Callable | None, batch_size: int, seed: int,
+                           steps_per_epoch: int | None) -> torch.utils.data.DataLoader:
+    """One pass over ``dataset`` per epoch, or exactly ``steps_per_epoch`` full batches (reshuffled passes, as needed)."""
+    if steps_per_epoch is None:
+        return make_loader(dataset, transform, batch_size, shuffle=True, seed=seed)
+    # Without replacement: each item comes once per pass, a used-up pass starts again in a new order and every epoch
+    # starts a new pass, so within an epoch the items' counts differ by at most one.
+    sampler = RandomSampler(dataset, num_samples=steps_per_epoch * batch_size, generator=torch.Generator().manual_seed(seed))
+    return make_loader(dataset, transform, batch_size, shuffle=False, seed=seed, sampler=sampler)

@@ -471,31 +471,44 @@ def _as_callbacks(callbacks: Callback | Callable | Iterable[Callback | Callable]
     return out
 
 
-def _epochs_since_best(val_loss: Sequence[float]) -> int:
-    """Epochs since validation loss last improved (strictly), as early stopping counts them over a whole run."""
+def _epochs_since_best(values: Sequence[float], *, higher_is_better: bool = False) -> int:
+    """Epochs since ``values`` last improved (strictly), as early stopping counts them over a whole run."""
     best, stale = float("inf"), 0
-    for value in val_loss:
-        if value < best:
-            best, stale = value, 0
+    for value in values:
+        score = -value if higher_is_better else value
+        if score < best:
+            best, stale = score, 0
         else:
             stale += 1
     return stale
 
 
-class EarlyStopping(Callback):
-    """Stop when validation loss has not improved for ``patience`` epochs.
+EARLY_STOPPING_MONITORS = ("val_loss", "val_acc")
 
-    The count follows from the history (all of it, when ``fit`` continues one with ``resume_from``), so a resumed
-    run stops where an uninterrupted one would.
+
+class EarlyStopping(Callback):
+    """Stop when the validation figure ``monitor`` has not improved for ``patience`` epochs.
+
+    ``monitor``: "val_loss" (lower is better, the default) or "val_acc" (higher is better: the accuracy of fit's own
+    validation pass, over every class of the validation set). The count follows from the history (all of it, when
+    ``fit`` continues one with ``resume_from``), so a resumed run stops where an uninterrupted one would.
+    ``stopped_epoch`` is the epoch after which it stopped training (None while it has not). Pair it with
+    ``RestoreBest()`` to end with the weights of the best validation accuracy rather than those of the last epoch.
     """
 
-    def __init__(self, patience: int) -> None:
-        self.patience = patience
+    def __init__(self, patience: int, monitor: str = "val_loss") -> None:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be a whole number of at least 1 (epochs without improvement), got {patience!r}.")
+        if monitor not in EARLY_STOPPING_MONITORS:
+            raise ValueError(f"monitor must be one of {', '.join(EARLY_STOPPING_MONITORS)}, got {monitor!r}.")
+        self.patience, self.monitor = patience, monitor
+        self.stopped_epoch: int | None = None
 
     def on_epoch_end(self, state: FitState) -> None:
-        stale = _epochs_since_best(state.history.val_loss)
+        stale = _epochs_since_best(getattr(state.history, self.monitor), higher_is_better=self.monitor == "val_acc")
         if stale > 0 and stale >= self.patience:
             state.stop = True
+            self.stopped_epoch = state.epoch
 
 
 class RestoreBest(Callback):
