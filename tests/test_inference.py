@@ -1,7 +1,9 @@
-"""python -m tlkit.inference: a saved model predicts on a folder of new images, unreadable files listed, not fatal."""
+"""python -m tlkit.predict (and tlkit.inference): a saved model predicts on a folder of new images, unreadable files listed, not fatal."""
 
+import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -69,3 +71,25 @@ def test_python_m_tlkit_inference_runs(saved_model, new_images, tmp_path):
                            "--image-size", "64", "--top-k", "1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "RuntimeWarning" not in done.stderr, done.stderr
     assert list(pd.read_csv(out).columns) == ["file", "class_1", "prob_1", "error"]
+
+
+def test_python_m_tlkit_predict_writes_top_k_and_lists_unreadable_files(saved_model, new_images, tmp_path):
+    _, path = saved_model
+    out = tmp_path / "predictions.csv"
+    done = subprocess.run([sys.executable, "-m", "tlkit.predict", str(path), str(new_images), "--out", str(out),
+                           "--image-size", "64", "--top-k", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "RuntimeWarning" not in done.stderr, done.stderr
+    table = pd.read_csv(out, keep_default_na=False)
+    assert list(table.columns) == ["file", "class_1", "prob_1", "class_2", "prob_2", "error"]
+    broken = table[table["error"] != ""]
+    assert [Path(f).name for f in broken["file"]] == ["broken.jpg"] and "broken.jpg" in done.stderr
+    assert (table.loc[table["error"] == "", "prob_1"] >= table.loc[table["error"] == "", "prob_2"]).all()
+    missing = subprocess.run([sys.executable, "-m", "tlkit.predict", str(path), str(tmp_path / "nowhere")],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and missing.stderr.startswith("python -m tlkit.predict: ") and "does not exist" in missing.stderr
+
+
+def test_tlkit_predict_stays_the_function_when_the_command_module_is_imported():
+    with pytest.raises(ImportError, match="python -m tlkit.predict"):
+        importlib.import_module("tlkit.predict")
+    assert callable(tlkit.predict) and "tlkit.predict" not in sys.modules

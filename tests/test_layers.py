@@ -32,7 +32,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["prefix_cache", "lr_finder"], 5),  # blocks several lessons share
     **dict.fromkeys(["features", "finetune", "augment", "imbalance", "incremental"], 6),  # one module per lesson
     **dict.fromkeys(["recipes", "plots", "course", "notebook_params", "inference"], 7),  # on top: whole runs, figures, the course
-    **dict.fromkeys(["widgets", "sweep"], 8),  # the freeze panel draws with plots; a sweep runs the course
+    **dict.fromkeys(["widgets", "sweep", "predict"], 8),  # the freeze panel draws with plots; a sweep runs the course; the command line
     "tlkit": 9,  # the package root, which picks the public API
 }
 LOWER = {name for name, layer in LAYERS.items() if layer < 6}

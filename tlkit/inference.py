@@ -1,14 +1,14 @@
 """Predict with a saved model outside a notebook: the last step of the workflow (train, save, reload, predict).
 
-    python -m tlkit.inference outputs/05_first_model_seed0.pt photos/ --out predictions.csv
-    python -m tlkit.inference model.pt a.jpg b.png --top-k 5 --image-size 160 --device cuda
+    python -m tlkit.predict outputs/05_updated_model.pt photos/ --out predictions.csv
+    python -m tlkit.predict model.pt a.jpg b.png --top-k 5 --image-size 160 --device cuda
 
 Every image file in the folders (searched recursively) and every file named is read upright (EXIF orientation),
 as in training; the CSV has one row per file: its top-k classes and probabilities. A file that cannot be read is
 listed in the CSV's ``error`` column and on stderr, and the others are still predicted.
 
-(The module is not called ``tlkit.predict``: that name is the function ``tlkit.predict``, which a submodule of the
-same name would replace on the package as soon as it was imported.)
+``python -m tlkit.predict`` runs ``main``; so does ``python -m tlkit.inference``. The functions live here: the name
+``tlkit.predict`` belongs to the function that predicts a loader, so ``tlkit/predict.py`` is a command only.
 """
 
 from __future__ import annotations
@@ -90,8 +90,9 @@ def predict_files(
     return pd.DataFrame(rows).reindex(columns=columns)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str = "python -m tlkit.inference") -> int:
+    """The command line: parse ``argv`` (default: ``sys.argv[1:]``), write the CSV, return the exit status."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a checkpoint written by tlkit (fit(callbacks=[SaveCheckpoint(...)]) or save_checkpoint)")
     parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     parser.add_argument("--out", type=Path, default=Path("predictions.csv"))
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         table = predict_files(args.checkpoint, args.inputs, top_k=args.top_k, image_size=args.image_size,
                               batch_size=args.batch_size, device=args.device)
     except (FileNotFoundError, ValueError) as err:
-        print(f"tlkit.inference: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
