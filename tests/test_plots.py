@@ -52,7 +52,7 @@ def _figure_functions() -> set[str]:
     """'module.qualname' of every function and method defined in tlkit (public or not) annotated to return a Figure."""
     found = set()
     for info in pkgutil.iter_modules(tlkit.__path__):
-        if info.name == "__main__":  # importing it would run it
+        if info.name in ("__main__", "predict"):  # commands: importing them would run them (predict refuses)
             continue
         module = importlib.import_module(f"tlkit.{info.name}")
         for _, value in inspect.getmembers(module):
