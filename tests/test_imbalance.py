@@ -123,12 +123,12 @@ def test_undersample_keeps_the_rarest_count_of_every_class():
 
 
 def test_repeated_passes_sampler_shuffles_every_pass_and_is_seeded():
-    drawn = list(tlkit.imbalance.repeated_passes_sampler(4, 10, seed=0))
+    drawn = list(tlkit.data.repeated_passes_sampler(4, 10, seed=0))
     assert len(drawn) == 10 and sorted(drawn[:4]) == sorted(drawn[4:8]) == [0, 1, 2, 3] and len(set(drawn[8:])) == 2
-    assert drawn == list(tlkit.imbalance.repeated_passes_sampler(4, 10, seed=0))
-    assert drawn != list(tlkit.imbalance.repeated_passes_sampler(4, 10, seed=1))
+    assert drawn == list(tlkit.data.repeated_passes_sampler(4, 10, seed=0))
+    assert drawn != list(tlkit.data.repeated_passes_sampler(4, 10, seed=1))
     with pytest.raises(ValueError, match="at least 1"):
-        tlkit.imbalance.repeated_passes_sampler(0, 10, seed=0)
+        tlkit.data.repeated_passes_sampler(0, 10, seed=0)
 
 
 def test_focal_loss_is_cross_entropy_at_gamma_zero_and_smaller_for_easy_examples():

@@ -139,14 +139,7 @@ def test_fit_head_with_remedy_returns_a_run_result_with_val_and_test_predictions
 
 
 def test_continue_training_returns_a_run_result_with_test_accuracy_per_group(tmp_path, splits):
-    old = splits.train.select_classes(splits.classes[:2])
-    tlkit.set_seed(0)
-    model = tlkit.freeze(tlkit.create_model("efficientnet_lite0", 2, "imagenet"), up_to="stage7")
-    transform = tlkit.eval_transform(32, model.normalization)
-    path = tmp_path / "first.pt"
-    tlkit.fit(model, tlkit.make_loader(old, transform, 8, shuffle=True, seed=0),
-              tlkit.make_loader(splits.val.select_classes(splits.classes[:2]), transform, 8, shuffle=False),
-              epochs=1, callbacks=[tlkit.SaveCheckpoint(path, splits.classes[:2])], progress=False)
+    path, transform = _first_model(tmp_path, splits)
     groups = {"old": range(2), "new": range(2, 3)}
     new = splits.train.select_classes(splits.classes[2:]).with_classes(splits.classes)
     result = tlkit.continue_training(tlkit.RunConfig(**{**TINY, "epochs": 2}), path, new, splits.val, groups,

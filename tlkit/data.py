@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from tqdm.auto import tqdm
 
 from .params import check_seed
@@ -776,6 +776,17 @@ def make_loader(
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,  # page-locked: faster, async copies to a GPU
         persistent_workers=num_workers > 0,
     )
+
+
+def repeated_passes_sampler(n_items: int, num_samples: int, seed: int) -> RandomSampler:
+    """Draws ``num_samples`` positions of ``0..n_items-1`` as successive shuffled passes (no repeat within a pass).
+
+    For equal optimizer steps over training sets of different sizes: a smaller set is gone through several times
+    per epoch, each pass in a new order (undersampling in notebook 04, the few new images of notebook 05).
+    """
+    if n_items < 1 or num_samples < 1:
+        raise ValueError(f"n_items and num_samples must be at least 1, got {n_items} and {num_samples}.")
+    return RandomSampler(range(n_items), num_samples=num_samples, generator=torch.Generator().manual_seed(seed))
 
 
 class BatchesOf:

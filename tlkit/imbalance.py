@@ -10,9 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import RandomSampler, Sampler, WeightedRandomSampler
+from torch.utils.data import Sampler, WeightedRandomSampler
 
-from .data import DatasetSplits, LabeledImages
+from .data import DatasetSplits, LabeledImages, repeated_passes_sampler
 from .metrics import per_class_recall
 
 REMEDIES: dict[str, str] = {
@@ -181,17 +181,6 @@ def oversampling_sampler(targets: Sequence[int], seed: int, num_samples: int | N
     return WeightedRandomSampler(
         torch.as_tensor(per_item, dtype=torch.double), num_samples or len(targets), replacement=True, generator=generator
     )
-
-
-def repeated_passes_sampler(n_items: int, num_samples: int, seed: int) -> RandomSampler:
-    """Draws ``num_samples`` positions of ``0..n_items-1`` as successive shuffled passes (no repeat within a pass).
-
-    With the undersampled items it keeps the optimizer steps per epoch of the full training set: a smaller balanced
-    set seen several times per epoch instead of once.
-    """
-    if n_items < 1 or num_samples < 1:
-        raise ValueError(f"n_items and num_samples must be at least 1, got {n_items} and {num_samples}.")
-    return RandomSampler(range(n_items), num_samples=num_samples, generator=torch.Generator().manual_seed(seed))
 
 
 def undersample(targets: Sequence[int], seed: int) -> list[int]:

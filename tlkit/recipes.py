@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, RandomSampler, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from .augment import BatchTransform, InMemoryImages, augment_on_device, augmented_loader, batch_mix, device_loader, feature_cache_allowed
 from .checkpoints import model_from_checkpoint
-from .data import DatasetSplits, make_loader
+from .data import DatasetSplits, make_loader, repeated_passes_sampler
 from .features import cached_features
 from .finetune import BN_MODES, SCHEDULES, GradualUnfreezing, apply_strategy, fastai_fine_tune, fine_tune, freeze_batchnorm
 from .imbalance import make_remedy
@@ -726,7 +726,6 @@ def _continue_train_loader(dataset: Dataset, transform: Callable | None, batch_s
     """One pass over ``dataset`` per epoch, or exactly ``steps_per_epoch`` full batches (reshuffled passes, as needed)."""
     if steps_per_epoch is None:
         return make_loader(dataset, transform, batch_size, shuffle=True, seed=seed)
-    # Without replacement: each item comes once per pass, a used-up pass starts again in a new order and every epoch
-    # starts a new pass, so within an epoch the items' counts differ by at most one.
-    sampler = RandomSampler(dataset, num_samples=steps_per_epoch * batch_size, generator=torch.Generator().manual_seed(seed))
+    # Every epoch starts a new pass, so within an epoch the items' counts differ by at most one.
+    sampler = repeated_passes_sampler(len(dataset), steps_per_epoch * batch_size, seed)
     return make_loader(dataset, transform, batch_size, shuffle=False, seed=seed, sampler=sampler)
