@@ -25,8 +25,8 @@ build_graph, cycles, layer_order, root_importers = module_graph.build_graph, mod
 
 # The layers of issue 13, bottom to top: a module imports only modules of lower layers (lessons never each other).
 LAYERS: dict[str, int] = {
-    **dict.fromkeys(["_version", "params", "compare", "results", "metrics", "_cache"], 0),  # basics, numbers only
-    "transforms": 1, "models": 2,  # images, then the models that say how to normalise them
+    **dict.fromkeys(["_version", "params", "compare", "metrics", "_cache", "_io"], 0),  # basics: numbers, file writes
+    **dict.fromkeys(["transforms", "results"], 1), "models": 2,  # images, then the models that say how to normalise them
     **dict.fromkeys(["checkpoints", "data"], 3),
     **dict.fromkeys(["train", "optim"], 4),  # the training loop and its optimizers
     **dict.fromkeys(["prefix_cache", "lr_finder"], 5),  # blocks several lessons share

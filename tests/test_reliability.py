@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import stat
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import tlkit
+import tlkit._io
 import tlkit.checkpoints
 import tlkit.data
 from tlkit.transforms import IMAGENET_NORM
@@ -346,15 +346,14 @@ def unwritable(monkeypatch):
         if os.geteuid() != 0:
             folder.chmod(0o500)
             return
-        real = tempfile.mkstemp
+        real = open
 
-        def refuse(*args, dir=None, **kwargs):
-            if dir is not None and Path(dir) == folder:
-                name = os.path.join(dir, f"{kwargs.get('prefix', '')}x1y2z3{kwargs.get('suffix', '')}")
-                raise PermissionError(13, "Permission denied", name)
-            return real(*args, dir=dir, **kwargs)
+        def refuse(file, mode="r", *args, **kwargs):
+            if "w" in mode and Path(file).parent == folder:
+                raise PermissionError(13, "Permission denied", str(file))
+            return real(file, mode, *args, **kwargs)
 
-        monkeypatch.setattr(tlkit.checkpoints.tempfile, "mkstemp", refuse)
+        monkeypatch.setattr(tlkit._io, "open", refuse, raising=False)  # tlkit._io writes every file tlkit saves
 
     yield make
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._io import SaveError, torch_save_atomically
 from ._version import __version__
 from .models import create_model
 
@@ -28,13 +29,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, unsafe, or does not fit the model it is loaded into."""
 
 
-class CheckpointSaveError(OSError):
+class CheckpointSaveError(SaveError):
     """A checkpoint (or cache file) could not be written: a folder that cannot be written, a full disk.
 
     Raised inside ``fit``, its ``history`` holds the complete epochs of the run (None elsewhere).
     """
-
-    history = None
 
 
 @dataclass
@@ -116,63 +115,16 @@ def save_checkpoint(
     return save_atomically(payload, path)
 
 
-def _file_mode(path: Path) -> int:
-    """The permissions ``path`` should get: those it has if it exists, else what the umask gives a new file (0o666 masked)."""
-    try:
-        return path.stat().st_mode & 0o7777
-    except OSError:
-        return 0o666 & ~_umask()
-
-
-def _umask() -> int:
-    try:  # Linux reports it without changing it
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    umask = os.umask(0)  # elsewhere, reading the umask means setting it: put it straight back
-    os.umask(umask)
-    return umask
-
-
-def _cannot_write(path: Path, err: OSError) -> CheckpointSaveError:
-    reason = err.strerror or type(err).__name__
-    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        why, fix = f"the folder {path.parent} cannot be written", "Choose a path in a folder you can write to (e.g. under your home folder)"
-    elif err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        why, fix = "the disk is full", "Free some space, or choose a path on another disk"
-    else:
-        why, fix = f"{path.parent} is not a folder that can hold it", "Choose a path in a folder you can write to"
-    return CheckpointSaveError(f"Could not write {path} ({reason}): {why}. {fix}.")
-
-
 def save_atomically(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename it: ``path`` is never half-written.
+    """``torch.save`` to memory, then write the bytes atomically (``tlkit._io``): ``path`` is never half-written.
 
     The file gets the permissions a plain ``open(path, "w")`` would give it (the umask, or those of the file it
-    replaces), not the private ones of a temporary file. A failure to write is a ``CheckpointSaveError`` naming ``path``.
+    replaces). A failure to write, a full disk included, is a ``CheckpointSaveError`` naming ``path``.
     """
-    path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise _cannot_write(path, err) from err
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        with contextlib.suppress(OSError):  # a file system without permissions (FAT, some network shares)
-            os.chmod(tmp, _file_mode(path))
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and not isinstance(err, CheckpointSaveError):
-            raise _cannot_write(path, err) from err
-        raise
-    return path
+        return torch_save_atomically(obj, path)
+    except SaveError as err:
+        raise CheckpointSaveError(str(err)) from err.__cause__
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from tqdm.auto import tqdm
 
 from .params import check_seed
-from .transforms import to_rgb
+from .transforms import ImageTooLargeError, check_decode_size, read_image_file, to_rgb
 
 # A GIF is read as its first frame.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -171,8 +171,7 @@ def _open_rgb(paths: Sequence[Path], j: int) -> Image.Image:
     if Path(paths[j]).suffix.lower() in HEIF_EXTENSIONS:
         _heif_supported()  # a DataLoader worker started by spawn has not registered the plugin yet
     try:
-        with Image.open(paths[j]) as image:
-            return to_rgb(image)
+        return read_image_file(paths[j])
     except Exception as err:  # any failure to decode a file must name the file
         raise UnreadableImageError(
             f"Could not read image {paths[j]} ({type(err).__name__}: {err}). Delete or replace the file, then "
@@ -211,9 +210,12 @@ def _unreadable_reason(path: str, size: int, mtime_ns: int, max_pixels: int | No
     """Why the image file at ``path`` cannot be used, or None; cached per file version (size, mtime) and pixel limit."""
     try:
         with Image.open(path) as image:
+            check_decode_size(image, "the file")
             image.draft(None, (1, 1))  # JPEG: decode at 1/8 scale, which still reads every byte, twice as fast
             image.load()
             to_rgb(image)
+    except ImageTooLargeError as err:
+        return str(err)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
         return (
             f"too large for Pillow's decompression-bomb guard ({err}); downscale it, or raise "

@@ -24,7 +24,7 @@ from PIL import Image
 from .checkpoints import model_from_checkpoint
 from .data import HEIF_EXTENSIONS, IMAGE_EXTENSIONS
 from .train import get_device, predict_images
-from .transforms import eval_transform, to_rgb
+from .transforms import eval_transform, read_image_file
 
 DEFAULT_IMAGE_SIZE = 128  # the course's training size; pass the size the model was trained at
 
@@ -50,8 +50,7 @@ def image_files(inputs: list[str | Path]) -> list[Path]:
 
 def _load(path: Path) -> Image.Image | Unreadable:
     try:
-        with Image.open(path) as image:
-            return to_rgb(image)
+        return read_image_file(path)
     except Exception as err:  # any file that does not decode is reported, not fatal
         return Unreadable(path, f"{type(err).__name__}: {err}")
 

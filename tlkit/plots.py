@@ -18,6 +18,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from torchvision.transforms import v2
 
+from ._io import atomic_path
 from .metrics import average_precision_per_class
 from .train import Callback, FitState, History
 from .transforms import Normalization
@@ -118,10 +119,10 @@ class LiveCurves(Callback):
 
 
 def save_figure(fig: Figure, path: str | Path) -> None:
-    """Save ``fig`` as PNG, creating the folder (returns nothing, so a notebook cell ending with it shows the figure only)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    """Save ``fig`` as PNG, creating the folder, atomically (a full disk leaves the old file, never an empty one;
+    ``tlkit._io.SaveError`` names the path). Returns nothing, so a notebook cell ending with it shows the figure only."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
 
 
 def plot_confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str], *, normalize: str | None = None, title: str = "") -> Figure:

@@ -7,6 +7,8 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+from ._io import write_text_atomically
+
 
 def write_results(path: str | Path | None, metrics: Mapping[str, object]) -> dict[str, float | int | str]:
     """Check that ``metrics`` is flat (numbers and strings, accuracies in [0, 1]) and write it as JSON to ``path``."""
@@ -22,7 +24,5 @@ def write_results(path: str | Path | None, metrics: Mapping[str, object]) -> dic
             raise ValueError(f"results[{key!r}] = {value}: accuracies are fractions in [0, 1].")
         flat[key] = value
     if path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
+        write_text_atomically(path, json.dumps(flat, indent=2, sort_keys=True) + "\n")  # never a 0-byte file on a full disk
     return flat

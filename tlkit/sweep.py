@@ -49,6 +49,7 @@ from .course import (  # the -p values of python -m tlkit.course and of a sweep 
     run_notebook,
     run_parameters,
 )
+from ._io import atomic_path, write_text_atomically
 from .plots import save_figure
 
 # The sweep points these at each run's own folder, so that runs never overwrite each other's files.
@@ -310,29 +311,6 @@ def plot_sweep(table: pd.DataFrame, grid_keys: Sequence[str], metrics: Sequence[
     if title:
         fig.suptitle(title)
     return fig
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to, renamed over ``path`` (after an fsync) when the block ends and removed
-    on an error: ``path`` is never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{os.urandom(4).hex()}.tmp{path.suffix}")  # keeps the suffix: savefig reads the format from it
-    try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomically(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through :func:`atomic_path`."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return path
 
 
 def write_results_files(

@@ -100,6 +100,33 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# Decoding an image costs memory in proportion to the pixel count its header claims, not to the file's size (a
+# 30 KB PNG can claim 20,000 x 20,000 pixels). Every image tlkit reads is refused above this bound, before decoding:
+# 64 megapixels (a 9,248 x 6,936 photo, larger than phone cameras save by default) is 256 MB at 4 bytes per pixel.
+MAX_DECODE_PIXELS = 64_000_000
+
+
+class ImageTooLargeError(ValueError):
+    """An image file claims more pixels than tlkit decodes (``MAX_DECODE_PIXELS``)."""
+
+
+def check_decode_size(image: Image.Image, name: object = "image", max_pixels: int = MAX_DECODE_PIXELS) -> None:
+    """Refuse ``image`` (opened, not yet decoded) when its header claims more than ``max_pixels`` pixels."""
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"{name} claims {width:,} x {height:,} pixels, more than tlkit decodes ({max_pixels:,}, "
+            f"tlkit.transforms.MAX_DECODE_PIXELS, about {4 * max_pixels // 2**20} MB decoded): downscale it first."
+        )
+
+
+def read_image_file(path, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
+    """The image at ``path`` as an upright RGB Pillow image (``to_rgb``), refused before decoding when it is too large."""
+    with Image.open(path) as image:
+        check_decode_size(image, path, max_pixels)
+        return to_rgb(image)
+
+
 # --- eval transform and training presets -------------------------------------------------------------
 
 
