@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 
 import tlkit
+import tlkit.compare
 from tlkit.compare import is_tie
 
 
@@ -123,3 +127,44 @@ def test_plateau_sentence_tells_flattened_from_still_improving_curves():
     assert "flattened" in tlkit.compare.plateau_sentence({"augmented": curves["augmented"]}, "val acc", tolerance=0.1)
     with pytest.raises(ValueError, match="at least one method"):
         tlkit.compare.plateau_sentence({}, "val acc", tolerance=0.01)
+
+
+# --- paired differences ---------------------------------------------------------------------------------------
+
+
+def _runs(a: list[float], b: list[float]) -> list[dict]:
+    return [{"run": "a", "seed": s, "acc": v} for s, v in enumerate(a)] + [{"run": "b", "seed": s, "acc": v} for s, v in enumerate(b)]
+
+
+def test_a_steady_paired_gain_is_a_win_although_the_spreads_overlap():
+    # b's seeds move far more than a's lead over b: unpaired, the spreads overlap; paired, a is ahead on every seed.
+    a, b = [0.71, 0.81, 0.61], [0.70, 0.80, 0.60]
+    diff = tlkit.compare.paired_difference(_runs(a, b), "run", "a", "b", "acc")
+    assert diff.per_seed == pytest.approx({0: 0.01, 1: 0.01, 2: 0.01})
+    assert diff.low == pytest.approx(0.01) and diff.high == pytest.approx(0.01)
+    assert diff.sentence().startswith("a beats b on acc: a minus b is +1.0 points")
+    summary = tlkit.summarize_seeds(_runs(a, b), "run", ["acc"])
+    assert "tie" in tlkit.versus_sentence(summary, "a", "b", "acc")  # the unpaired rule could not see it
+
+
+def test_the_interval_is_the_t_interval_over_seeds_and_a_zero_inside_is_a_tie():
+    a, b = [0.644, 0.650, 0.638], [0.630, 0.633, 0.627]
+    diff = tlkit.compare.paired_difference(_runs(a, b), "run", "a", "b", "acc")
+    d = np.array(a) - np.array(b)
+    half = 4.302652729911275 * d.std(ddof=1) / np.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    assert (diff.low, diff.high) == pytest.approx((d.mean() - half, d.mean() + half))
+    noisy = tlkit.compare.paired_difference(_runs([0.70, 0.60, 0.66], [0.65, 0.66, 0.64]), "run", "a", "b", "acc")
+    assert noisy.low < 0 < noisy.high and "tie" in noisy.sentence()
+    assert "beats" in tlkit.compare.paired_difference(_runs([0.5, 0.6], [0.6, 0.7]), "run", "a", "b", "acc").sentence(
+        higher_is_better=False)
+
+
+def test_only_shared_seeds_are_paired_and_bad_input_is_named():
+    rows = _runs([0.7, 0.8, 0.9], [0.6, 0.7]) + [{"run": "b", "seed": 5, "acc": 0.1}]
+    assert tlkit.compare.paired_difference(rows, "run", "a", "b", "acc").seeds == 2
+    with pytest.raises(KeyError, match="'c'"):
+        tlkit.compare.paired_difference(rows, "run", "a", "c", "acc")
+    with pytest.raises(ValueError, match="two runs"):
+        tlkit.compare.paired_difference(rows + [{"run": "a", "seed": 0, "acc": 0.5}], "run", "a", "b", "acc")
+    one = tlkit.compare.paired_difference(_runs([0.7], [0.6]), "run", "a", "b", "acc")
+    assert math.isnan(one.low) and "one seed" in one.sentence()

@@ -10,7 +10,7 @@ live in ``tlkit.sweep`` (``python -m tlkit.sweep``), imported only when used.
 from . import augment, features, finetune, imbalance, incremental, lr_finder, metrics, models, optim, plots, prefix_cache, transforms
 from ._version import __version__
 from .checkpoints import model_from_checkpoint, read_checkpoint
-from .compare import headline_metrics, mean_std_table, ranking_sentence, summarize_seeds, versus_sentence
+from .compare import PairedDifference, headline_metrics, mean_std_table, paired_difference, ranking_sentence, summarize_seeds, versus_sentence
 from .data import DatasetSplits, LabeledImages, class_counts, load_dataset, make_loader
 from .features import cached_features, extract_features
 from .finetune import STRATEGIES, apply_strategy
@@ -80,7 +80,7 @@ __all__ = [
     "TransferModel", "create_model", "block_names", "parameter_counts",
     "RunConfig", "RunResult",
     # comparing methods over seeds
-    "summarize_seeds", "mean_std_table", "versus_sentence", "ranking_sentence", "headline_metrics",
+    "summarize_seeds", "mean_std_table", "versus_sentence", "ranking_sentence", "headline_metrics", "paired_difference", "PairedDifference",
     # training and prediction
     "fit", "History", "Callback", "EarlyStopping", "RestoreBest", "SaveCheckpoint", "TrainingInterrupted",
     "evaluate", "predict", "predict_images",

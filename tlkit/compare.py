@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -135,6 +136,74 @@ def headline_metrics(summary: pd.DataFrame, metric: str, prefix: str) -> dict[st
         std = float(summary.loc[name, f"{metric} std"])
         out[f"{key}_std"] = std if math.isfinite(std) else 0.0
     return out
+
+
+# --- paired differences: the same seed gives both arms the same data and head init --------------------------
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``a`` minus ``b`` on ``metric``, seed by seed: the mean difference and its 95% t interval over the seeds."""
+
+    a: str
+    b: str
+    metric: str
+    per_seed: dict[int, float]
+    mean: float
+    low: float
+    high: float
+
+    @property
+    def seeds(self) -> int:
+        return len(self.per_seed)
+
+    def sentence(self, *, higher_is_better: bool = True) -> str:
+        """One sentence: who is ahead by how much, with the interval; "beats" only when the interval excludes 0."""
+        gap = f"{_signed_points(self.mean, self.metric)} (95% interval {_signed_points(self.low, self.metric)} to " \
+              f"{_signed_points(self.high, self.metric)}, paired over {self.seeds} seeds)"
+        if self.seeds < 2:
+            return f"{self.a} minus {self.b} on {self.metric}: {_signed_points(self.mean, self.metric)} on one seed, no interval: run more seeds to judge."
+        if self.low <= 0 <= self.high:
+            return f"{self.a} and {self.b} tie on {self.metric}: {self.a} minus {self.b} is {gap}, an interval that holds 0."
+        a_better = (self.mean > 0) == higher_is_better
+        winner, loser = (self.a, self.b) if a_better else (self.b, self.a)
+        return f"{winner} beats {loser} on {self.metric}: {self.a} minus {self.b} is {gap}."
+
+
+def _signed_points(difference: float, metric: str) -> str:
+    return ("+" if difference >= 0 else "-") + _points(abs(difference), metric)
+
+
+def paired_difference(rows: Sequence[Mapping[str, object]], by: str, a: str, b: str, metric: str, *,
+                      seed: str = "seed", confidence: float = 0.95) -> PairedDifference:
+    """``a`` minus ``b`` on ``metric`` for each seed that both ran, with a t interval over those seeds.
+
+    ``rows`` is one mapping per run, as for ``summarize_seeds`` (e.g. ``{"run": "head", "seed": 0, "val acc": 0.74}``).
+    Pairing removes what the seed alone moves both arms by (the sampled images, the head's init), so a difference
+    smaller than either arm's spread can still be clear, and a large-looking one can be noise.
+    """
+    from scipy import stats  # scikit-learn's own dependency
+
+    values: dict[str, dict[int, float]] = {a: {}, b: {}}
+    for row in rows:
+        arm = row.get(by)
+        if arm in values:
+            if row.get(seed) in values[arm]:
+                raise ValueError(f"{arm!r} has two runs for {seed} {row.get(seed)!r}: pair each seed once.")
+            values[arm][row[seed]] = float(row[metric])
+    for arm, by_seed in values.items():
+        if not by_seed:
+            raise KeyError(f"No runs with {by} = {arm!r}; the arms are {sorted({str(r.get(by)) for r in rows})}.")
+    shared = [s for s in values[a] if s in values[b]]
+    if not shared:
+        raise ValueError(f"{a!r} and {b!r} share no {seed}: run both on the same seeds to pair them.")
+    diffs = {s: values[a][s] - values[b][s] for s in shared}
+    mean = sum(diffs.values()) / len(diffs)
+    if len(diffs) < 2:
+        return PairedDifference(a, b, metric, diffs, mean, math.nan, math.nan)
+    sem = stats.sem(list(diffs.values()))
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1) * sem) if sem > 0 else 0.0
+    return PairedDifference(a, b, metric, diffs, mean, mean - half, mean + half)
 
 
 # --- budgets and learning curves ------------------------------------------------------------------------
