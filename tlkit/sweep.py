@@ -43,13 +43,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ._io import atomic_path, write_text_atomically
 from .course import (  # the -p values of python -m tlkit.course and of a sweep read alike
     NotebookRun,
     parse_value,
     run_notebook,
     run_parameters,
 )
-from ._io import atomic_path, write_text_atomically
 from .plots import save_figure
 
 # The sweep points these at each run's own folder, so that runs never overwrite each other's files.
