@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import tlkit
+from tlkit._cache import checked_payload
 from tlkit.prefix_cache import (
     PrefixCache,
     PrefixCacheTooLargeError,
@@ -95,8 +96,9 @@ def test_disk_cache_is_read_back_and_its_key_follows_prefix_weights_boundary_and
     loader = _images()
     first = cached_prefix(lite0, loader, cache_dir=tmp_path, progress=False)
     (path,) = tmp_path.glob("prefix-*.pt")
-    # a planted file under the same key is what the second call returns: it reads, it does not recompute
-    torch.save((torch.full_like(first.tensors[0], 7.0), first.tensors[1]), path)
+    # a planted file under the same key (a complete one, with its checksum) is what the second call returns: it
+    # reads, it does not recompute
+    torch.save(checked_payload(tlkit.prefix_cache._FORMAT, torch.full_like(first.tensors[0], 7.0), first.tensors[1]), path)
     assert torch.all(cached_prefix(lite0, loader, cache_dir=tmp_path, progress=False).tensors[0] == 7.0)
 
     key = prefix_key(lite0, loader, "stage7")

@@ -6,6 +6,7 @@ import contextlib
 import difflib
 import functools
 import hashlib
+import io
 import numbers
 import os
 import re
@@ -23,6 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from tqdm.auto import tqdm
 
+from ._io import user_path
 from .params import check_seed
 from .transforms import ImageTooLargeError, check_decode_size, read_image_file, to_rgb
 
@@ -63,6 +65,11 @@ class NestedFoldersWarning(UserWarning):
     """A class folder holds subfolders (or links to folders) whose images are used as images of that class."""
 
 
+class DatasetWarning(UserWarning):
+    """The dataset is not quite what was asked for, or its scores could mislead: classes with fewer images than
+    ``samples_per_class``, an empty split folder, the same image in two splits or two classes."""
+
+
 class LabeledImages(Dataset):
     """Images with integer labels; item ``i`` is ``(PIL RGB image, label)``. Subsets keep their labels."""
 
@@ -90,6 +97,13 @@ class LabeledImages(Dataset):
         """Label of every item, in item order."""
         return [self._all_targets[j] for j in self.indices]
 
+    @property
+    def files(self) -> list[Path] | None:
+        """The image file of every item, in item order; None when the images are not files (digits, torchvision sets)."""
+        if isinstance(self._load, functools.partial) and self._load.func is _open_rgb:
+            return [Path(self._load.args[0][j]) for j in self.indices]
+        return None
+
     def fingerprint(self) -> str | None:
         """A hash of the source images (file paths, sizes, times; or pixels), labels and selection; None if the source is unknown."""
         source = _source_fingerprint(self._load)
@@ -103,7 +117,6 @@ class LabeledImages(Dataset):
     def subset(self, positions: Sequence[int]) -> LabeledImages:
         """The items at ``positions`` (positions in this dataset, not in its source)."""
         return LabeledImages(self._load, self._all_targets, self.classes, [self.indices[p] for p in positions])
-
 
     def limit_per_class(self, samples_per_class: int, seed: int) -> LabeledImages:
         """A deterministic random subset with at most ``samples_per_class`` images of each class."""
@@ -187,7 +200,8 @@ def _source_fingerprint(load: Callable) -> str | None:
     if load.func is _open_rgb:
         for path in source:
             stat = Path(path).stat()
-            h.update(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            # os.fsencode: a file name's own bytes, also where they are not UTF-8 (the same bytes as before where they are)
+            h.update(os.fsencode(Path(path).resolve()) + f"|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     elif load.func is _array_to_rgb:
         h.update(np.ascontiguousarray(source).tobytes())
     elif load.func is _torchvision_item:
@@ -205,11 +219,40 @@ def _torchvision_item(base: Dataset, j: int) -> Image.Image:
     return to_rgb(base[j][0])
 
 
+# Files up to this size are read once, hashed and decoded from memory; larger ones are hashed in chunks, then decoded.
+_READ_WHOLE_AT_MOST = 64 * 2**20
+
+
 @functools.cache
-def _unreadable_reason(path: str, size: int, mtime_ns: int, max_pixels: int | None) -> str | None:
-    """Why the image file at ``path`` cannot be used, or None; cached per file version (size, mtime) and pixel limit."""
+def _checked_file(path: str, size: int, mtime_ns: int, max_pixels: int | None) -> tuple[str | None, str | None]:
+    """(why the image file at ``path`` cannot be used or None, a hash of its bytes), cached per file version (size,
+    mtime) and pixel limit. The hash finds copies across splits and classes at almost no cost: the bytes are read anyway."""
     try:
-        with Image.open(path) as image:
+        if size <= _READ_WHOLE_AT_MOST:
+            with open(path, "rb") as handle:
+                data = handle.read()
+            return _unreadable_reason(io.BytesIO(data), max_pixels), _digest(data)
+        with open(path, "rb") as handle:
+            digest = hashlib.file_digest(handle, _new_hash).hexdigest()
+        return _unreadable_reason(path, max_pixels), digest
+    except OSError as err:
+        return f"{type(err).__name__}: {err}", None
+
+
+def _new_hash():
+    return hashlib.blake2b(digest_size=16)
+
+
+def _digest(data: bytes) -> str:
+    h = _new_hash()
+    h.update(data)
+    return h.hexdigest()
+
+
+def _unreadable_reason(source, max_pixels: int | None) -> str | None:
+    """Why the image file ``source`` (a path or the file's bytes) cannot be used, or None."""
+    try:
+        with Image.open(source) as image:
             check_decode_size(image, "the file")
             image.draft(None, (1, 1))  # JPEG: decode at 1/8 scale, which still reads every byte, twice as fast
             image.load()
@@ -226,9 +269,14 @@ def _unreadable_reason(path: str, size: int, mtime_ns: int, max_pixels: int | No
     return None
 
 
-def _image_problem(path: Path) -> str | None:
+def _inspect_image(path: Path) -> tuple[str | None, str | None]:
+    """(why ``path`` cannot be used or None, a hash of its content); see ``_checked_file``."""
     stat = path.stat()
-    return _unreadable_reason(str(path), stat.st_size, stat.st_mtime_ns, Image.MAX_IMAGE_PIXELS)
+    return _checked_file(str(path), stat.st_size, stat.st_mtime_ns, Image.MAX_IMAGE_PIXELS)
+
+
+def _image_problem(path: Path) -> str | None:
+    return _inspect_image(path)[0]
 
 
 # --- splitting ----------------------------------------------------------------------------------
@@ -477,27 +525,31 @@ def _warn_left_out(root: Path, problems: dict[Path, str], not_images: list[Path]
         )
 
 
-def _check_images(paths: Sequence[Path], where: Path) -> dict[Path, str]:
-    """Why each unusable file of ``paths`` cannot be used; a progress bar and a summary when checking takes a while."""
+def _check_images(paths: Sequence[Path], where: Path) -> tuple[dict[Path, str], dict[Path, str]]:
+    """Why each unusable file of ``paths`` cannot be used, and a content digest of each usable one (to find copies);
+    a progress bar and a summary when checking takes a while."""
     problems: dict[Path, str] = {}
+    digests: dict[Path, str] = {}
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # huge images are reported, not decoded
         with tqdm(total=len(paths), desc=f"checking images in {where}", unit="img", delay=PROGRESS_AFTER_S, leave=False) as bar:
             for path in paths:
-                reason = _image_problem(path)
+                reason, digest = _inspect_image(path)
                 if reason is not None:
                     problems[path] = reason
+                elif digest is not None:
+                    digests[path] = digest
                 bar.update()
     seconds = time.perf_counter() - start
     if seconds >= PROGRESS_AFTER_S:
         print(
             f"Checked {len(paths):,} images in {where} in {seconds:.1f} s: each was decoded once, so that unreadable "
-            "files are left out now (and listed) rather than failing mid-training. Loading the same files again "
-            "in this session skips the check.",
+            "files are left out now (and listed) rather than failing mid-training, and its bytes hashed, to find "
+            "copies across splits and classes. Loading the same files again in this session skips the check.",
             flush=True,
         )
-    return problems
+    return problems, digests
 
 
 def _broken_link_reason(path: Path) -> str:
@@ -528,7 +580,8 @@ def _read_class_folders(root: Path, folders: Sequence[Path], classes: Sequence[s
     DataLoader worker mid-epoch. Nothing in the folders is ever imported or unpickled: only image files are opened.
     """
     listings = [_list_class_files(folder, classes) for folder in folders]
-    problems = _check_images([p for listing in listings for images in listing.images for p in images], root)
+    problems, digests = _check_images([p for listing in listings for images in listing.images for p in images], root)
+    _warn_copies(root, listings, digests)
     nested = [line for listing in listings for line in listing.nested]
     if nested:
         warnings.warn(
@@ -541,10 +594,64 @@ def _read_class_folders(root: Path, folders: Sequence[Path], classes: Sequence[s
     return [_labeled_images(listing, problems) for listing in listings]
 
 
+def _warn_copies(root: Path, listings: Sequence[_ClassFiles], digests: dict[Path, str]) -> None:
+    """Warn once when files with the same content are in two splits (val/test scores would be inflated: the model
+    trains on those very images) or in two classes (one image, two labels). Copies within one class are left alone."""
+    places: dict[str, list[tuple[str, str, Path]]] = {}
+    for listing in listings:
+        for name, images in zip(listing.classes, listing.images):
+            for path in images:
+                if path in digests:
+                    places.setdefault(digests[path], []).append((listing.root.name, name, path))
+    in_two_splits, in_two_classes, across_splits = [], [], 0
+    shared: Counter[str] = Counter()  # "train/ and test/" -> images in both
+    for group in places.values():
+        splits, classes = sorted({s for s, _, _ in group}), {c for _, c, _ in group}
+        if len(splits) < 2 and len(classes) < 2:
+            continue
+        line = " = ".join(os.path.relpath(path, root) for _, _, path in group)
+        (in_two_classes if len(classes) > 1 else in_two_splits).append(line)
+        shared.update(f"{a}/ and {b}/" for i, a in enumerate(splits) for b in splits[i + 1:])
+        across_splits += len(splits) > 1
+    if not (in_two_splits or in_two_classes):
+        return
+    parts = []
+    if shared:
+        pairs = ", ".join(f"{pair}: {n}" for pair, n in shared.items())
+        parts.append(f"{across_splits} image(s) are in more than one split ({pairs}): the scores on the split "
+                     f"that holds a copy would be inflated, as the model is scored on images it trained on (or was "
+                     f"chosen on). Keep each image in one split.")
+    if in_two_classes:
+        parts.append(f"{len(in_two_classes)} image(s) are in more than one class, so one image has two labels. Keep "
+                     f"each in the class it belongs to.")
+    warnings.warn(
+        f"Files with identical content in {root}: " + " ".join(parts) + "\n" + _listing(in_two_classes + in_two_splits),
+        DatasetWarning,
+        stacklevel=4,  # through image_folder and load_dataset: the caller
+    )
+
+
 def _missing_folder_message(folder: Path) -> str:
     return (
         f"Dataset folder {folder} does not exist (absolute path: {folder.resolve()}): check the spelling and the "
         f"current folder, or use a registered dataset name ({', '.join(REGISTERED_DATASETS)})."
+    )
+
+
+def _refuse_whole_tree(root: Path) -> None:
+    """Refuse the filesystem root and the home folder itself before walking them: every file of the machine (or of
+    the user) would be listed and decoded, to end in a PermissionError or a dataset of whatever lies there."""
+    real = root.resolve()
+    if real == Path(real.anchor):
+        what = "the filesystem root"
+    elif real == Path.home().resolve():
+        what = "your home folder itself"
+    else:
+        return
+    raise DatasetUnavailableError(
+        f"Dataset folder {root} is {what}: loading it would read every file below it. This usually comes from an "
+        f"unset or empty shell variable (\"$DATA/\" with DATA unset is \"/\"). Pass the folder that holds the class "
+        f"folders (or train/ and val/ folders), e.g. dataset='~/data/pets'."
     )
 
 
@@ -568,7 +675,8 @@ def image_folder(root: str | Path, *, val_fraction: float = 0.2, seed: int = 0) 
     Class folders that look like splits (``Training_Set/``, or folders that all hold the same class folders)
     are an error that says how to lay them out.
     """
-    root = Path(root).expanduser()
+    root = user_path(root)
+    _refuse_whole_tree(root)
     if not root.is_dir():
         raise DatasetUnavailableError(_missing_folder_message(root))
     _check_val_fraction(val_fraction)
@@ -584,6 +692,7 @@ def image_folder(root: str | Path, *, val_fraction: float = 0.2, seed: int = 0) 
             f"{root} has {found} but no train/ folder: expected {root}/train/<class name>/<image files> next to it "
             f"(or the class folders directly in {root}, split by seed)."
         )
+    _warn_empty_split_folders(root, splits, val_fraction)
     classes = _class_names(splits["train"])
     others = [splits[name] for name in ("val", "test") if name in splits]
     for other in others:
@@ -596,6 +705,28 @@ def image_folder(root: str | Path, *, val_fraction: float = 0.2, seed: int = 0) 
         train_pos, val_pos = stratified_split(train.targets, val_fraction, seed)
         train, val = train.subset(train_pos), train.subset(val_pos)
     return DatasetSplits(root.name, train, val, classes, read.get("test"))
+
+
+def _warn_empty_split_folders(root: Path, splits: dict[str, Path], val_fraction: float) -> None:
+    """A val/ or test/ folder without class folders next to train/ is not used: say so, and what happens instead.
+
+    Warning rather than refusing: the run is still sound (validation carved from train/ is what a layout without
+    val/ gets), and an empty placeholder folder is common; the warning says why the folder's images were not used.
+    """
+    for folder in sorted(d for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_NAMES):
+        split = SPLIT_NAMES[folder.name.lower()]
+        if split == "train" or split in splits:
+            continue
+        images = sum(1 for p in folder.iterdir() if p.is_file() and _is_image_name(p))
+        holds = f"holds {images} image(s) but no class folders" if images else "holds no class folders"
+        instead = (f"validation images are carved from {splits['train'].name}/ instead (val_fraction={val_fraction}, "
+                   f"stratified by seed)") if split == "val" else "there is no test split (splits.test is None)"
+        warnings.warn(
+            f"{folder} {holds}, so it is not used: {instead}. To use it, put the images in class folders, "
+            f"{folder}/<class name>/<image files>, as in {splits['train'].name}/; or delete it.",
+            DatasetWarning,
+            stacklevel=4,  # through image_folder and load_dataset: the caller
+        )
 
 
 def _download_archive(name: str, url: str, data_root: Path, unpacks_to: str) -> Path:
@@ -680,7 +811,7 @@ def check_dataset(value: object, name: str = "dataset") -> str:
 
 
 def _unknown_dataset_message(dataset: str) -> str:
-    path = Path(dataset).expanduser()
+    path = user_path(dataset)
     if path.is_file():
         return f"Dataset {dataset} is a file, not a folder: unpack it first and pass the folder it unpacks to."
     if any(sep in dataset for sep in ("/", "\\")) or dataset.startswith(("~", ".")):
@@ -712,7 +843,7 @@ def load_dataset(
     _check_val_fraction(val_fraction)
     if samples_per_class is not None:
         _check_samples_per_class(samples_per_class)
-    data_root = Path(data_root).expanduser()
+    data_root = user_path(data_root)
     if dataset == "clothing":
         splits = image_folder(BUNDLED_CLOTHING, val_fraction=val_fraction, seed=seed)
     elif dataset == "clothing_full":
@@ -726,13 +857,30 @@ def load_dataset(
         splits = image_folder(_download_hymenoptera(data_root), val_fraction=val_fraction, seed=seed)
     elif dataset in ("cifar10", "oxford_pets", "flowers102"):
         splits = _torchvision_splits(dataset, data_root, seed, val_fraction)
-    elif Path(dataset).expanduser().is_dir():
+    elif user_path(dataset).is_dir():
         splits = image_folder(dataset, val_fraction=val_fraction, seed=seed)
     else:
         raise DatasetUnavailableError(_unknown_dataset_message(str(dataset)))
     if samples_per_class is not None:
+        _warn_short_classes(splits.train, samples_per_class)
         splits.train = splits.train.limit_per_class(samples_per_class, seed)
     return splits
+
+
+def _warn_short_classes(train: LabeledImages, samples_per_class: int) -> None:
+    """Say which classes have fewer training images than ``samples_per_class`` asks for (they keep all of theirs)."""
+    counts = class_counts(train)
+    short = {name: n for name, n in counts.items() if n < samples_per_class}
+    if not short:
+        return
+    listed = ", ".join(f"{name!r} {n}" for name, n in sorted(short.items(), key=lambda item: item[1]))
+    warnings.warn(
+        f"samples_per_class={samples_per_class}: {len(short)} of {len(counts)} classes have fewer training images and "
+        f"keep all they have ({listed}); the others keep {samples_per_class}. For the same number in every class, use "
+        f"samples_per_class={min(short.values())} or less; or add images to those classes.",
+        DatasetWarning,
+        stacklevel=3,  # through load_dataset: the caller
+    )
 
 
 # --- transforms and loaders -------------------------------------------------------------------------

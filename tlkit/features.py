@@ -11,8 +11,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ._cache import dataset_fingerprint, hash_tensor
-from .checkpoints import CheckpointSaveError, save_atomically
+from ._cache import (
+    DamagedCache,
+    cache_file_exists,
+    cache_folder,
+    checked_payload,
+    dataset_fingerprint,
+    hash_tensor,
+    read_checked,
+    save_or_warn,
+)
 from .train import _amp_dtype, _channels_last_batch, _channels_last_model, _with_progress, with_classes_of
 from .transforms import is_deterministic
 
@@ -71,31 +79,17 @@ def cached_features(
         if cache_dir is not None:
             warnings.warn(f"{type(loader.dataset).__name__} has no fingerprint: its features are not cached on disk.", stacklevel=2)
         return extract_features(model, loader, device, progress=progress)
-    path = Path(cache_dir) / f"features-{key}.pt"
-    if path.exists():
+    path = cache_folder(cache_dir) / f"features-{key}.pt"
+    if cache_file_exists(path):
         try:
-            return with_classes_of(loader.dataset, _read_cache(path, len(loader.dataset), _feature_size(model)))
-        except _DamagedCache as err:  # a damaged cache file is recomputed, never trusted
+            stored = read_checked(path, _FORMAT, count=len(loader.dataset), item_shape=(_feature_size(model),),
+                                  dtype=torch.float32, what="features")
+            return with_classes_of(loader.dataset, stored)
+        except DamagedCache as err:  # a damaged cache file is recomputed, never trusted
             warnings.warn(f"Ignoring the damaged feature cache {path} ({err}); computing the features again.", stacklevel=2)
     computed = extract_features(model, loader, device, progress=progress)
-    features, labels = computed.tensors
-    payload = (features, labels, {"format": _FORMAT.decode(), "checksum": _checksum(features, labels)})
-    try:
-        save_atomically(payload, path)
-    except CheckpointSaveError as err:  # the features are fine; only the next run loses the shortcut
-        warnings.warn(f"{err} The features are used, but not cached: the next run computes them again.", stacklevel=2)
+    save_or_warn(checked_payload(_FORMAT, *computed.tensors), path, "features", stacklevel=2)
     return computed
-
-
-class _DamagedCache(Exception):
-    """A feature cache file that must not be used, and why."""
-
-
-def _checksum(features: torch.Tensor, labels: torch.Tensor) -> str:
-    h = hashlib.sha256(_FORMAT)
-    hash_tensor(h, features)
-    hash_tensor(h, labels)
-    return h.hexdigest()
 
 
 def _feature_size(model: nn.Module) -> int | None:
@@ -103,24 +97,3 @@ def _feature_size(model: nn.Module) -> int | None:
     head = getattr(model, "head", None)
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)] if isinstance(head, nn.Module) else []
     return linears[0].in_features if linears else None
-
-
-def _read_cache(path: Path, count: int, size: int | None) -> TensorDataset:
-    """The features in ``path`` if they are what this cache wrote for ``count`` items of ``size`` features; else _DamagedCache."""
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not a PyTorch file, or refused by weights_only
-        raise _DamagedCache(f"unreadable: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
-    if not (isinstance(raw, (tuple, list)) and len(raw) == 3 and isinstance(raw[2], dict)) or raw[2].get("format") != _FORMAT.decode():
-        raise _DamagedCache(f"not a {_FORMAT.decode()} file")
-    features, labels, meta = raw
-    if not isinstance(features, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise _DamagedCache("no features or labels tensor")
-    expected = f"({count}, {size if size is not None else 'D'})"
-    if features.dtype != torch.float32 or features.ndim != 2 or len(features) != count or (size is not None and features.shape[1] != size):
-        raise _DamagedCache(f"features are {features.dtype} {tuple(features.shape)}, expected torch.float32 {expected}")
-    if len(labels) != count:
-        raise _DamagedCache(f"{len(labels)} labels for {count} items")
-    if meta.get("checksum") != _checksum(features, labels):
-        raise _DamagedCache("its content does not match the checksum written with it")
-    return TensorDataset(features, labels)

@@ -22,15 +22,25 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ._cache import dataset_fingerprint, hash_tensor
-from .checkpoints import save_atomically
+from ._cache import (
+    DamagedCache,
+    cache_file_exists,
+    cache_folder,
+    checked_payload,
+    dataset_fingerprint,
+    hash_tensor,
+    read_checked,
+    save_or_warn,
+)
 from .data import BatchesOf, make_loader
 from .models import HEAD, TransferModel
 from .train import _amp_dtype, _channels_last_batch, _with_progress, evaluate
 from .transforms import is_deterministic
 
 POOL = "pool"
-_FORMAT = b"tlkit-prefix-1"
+# 2: (activations, labels, {"format", "checksum"}), checked for count, shape and content when read (as the
+# feature cache); version 1 files (no checksum) have other keys, so they are simply computed again.
+_FORMAT = b"tlkit-prefix-2"
 # Layers whose output depends on train/eval mode: a stage holding one is cacheable only while in eval mode.
 _MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
@@ -264,13 +274,15 @@ def _prefix_in_channels_last(model: TransferModel, stop: int) -> None:
 
 
 
-def _read(path: Path) -> TensorDataset | None:
-    if not path.exists():
+def _read(path: Path, expected: Callable[[], ActivationSize]) -> TensorDataset | None:
+    """The activations stored at ``path`` if they pass the integrity check against ``expected()`` (asked only when
+    there is a file); None, with a warning saying why, for a damaged or altered file, which is then recomputed."""
+    if not cache_file_exists(path):
         return None
+    size = expected()
     try:
-        acts, labels = torch.load(path, weights_only=True)
-        return TensorDataset(acts, labels)
-    except Exception as err:  # a damaged cache file is recomputed, never trusted
+        return read_checked(path, _FORMAT, count=size.images, item_shape=size.shape, dtype=size.dtype, what="activations")
+    except DamagedCache as err:  # a damaged cache file is recomputed, never trusted
         warnings.warn(f"Ignoring the damaged prefix cache {path} ({err}); computing the activations again.", stacklevel=3)
         return None
 
@@ -282,19 +294,20 @@ def _cache_path(model: TransferModel, loader: DataLoader, boundary: str, device:
     if key is None:
         warnings.warn(f"{type(loader.dataset).__name__} has no fingerprint: its prefix activations are not cached on disk.", stacklevel=3)
         return None
-    return Path(cache_dir) / f"prefix-{key}.pt"
+    return cache_folder(cache_dir) / f"prefix-{key}.pt"
 
 
 def _load_or_compute(model: TransferModel, loader: DataLoader, boundary: str, device: torch.device,
-                     cache_dir: str | Path | None, progress: bool) -> tuple[TensorDataset, bool]:
-    """The activations at ``boundary`` and whether they came from disk."""
+                     cache_dir: str | Path | None, progress: bool, size: ActivationSize | None = None) -> tuple[TensorDataset, bool]:
+    """The activations at ``boundary`` and whether they came from disk (``size``: what they should be, if known)."""
     path = _cache_path(model, loader, boundary, device, cache_dir)
-    stored = None if path is None else _read(path)
+    expected = (lambda: size) if size is not None else (lambda: activation_size(model, loader.dataset, device, boundary=boundary))
+    stored = None if path is None else _read(path, expected)
     if stored is not None:
         return stored, True
     computed = _compute(model, loader, boundary, device, progress)
     if path is not None:
-        save_atomically(tuple(computed.tensors), path)
+        save_or_warn(checked_payload(_FORMAT, *computed.tensors), path, "prefix activations", stacklevel=3)
     return computed, False
 
 
@@ -322,7 +335,7 @@ def cached_prefix(
     size = activation_size(model, loader.dataset, device, boundary=boundary)
     print(f"Prefix cache: {describe_sizes([size])} ({_budget_text(max_bytes)}).", flush=True)
     check_budget([size], max_bytes)
-    return _load_or_compute(model, loader, boundary, device, cache_dir, progress)[0]
+    return _load_or_compute(model, loader, boundary, device, cache_dir, progress, size)[0]
 
 
 # --- training on cached activations ------------------------------------------------------------------
@@ -432,6 +445,7 @@ class PrefixCache:
         return [activation_size(self.model, loader.dataset, self.device, boundary=boundary) for loader in self.loaders.values()]
 
     def _build(self, boundary: str | None, *, on_budget: str) -> None:
+        sizes: list[ActivationSize | None] = [None] * len(self.loaders)
         if boundary is not None:
             sizes = self._sizes(boundary)
             if self.report:
@@ -445,10 +459,10 @@ class PrefixCache:
                 self._refused.add(boundary)
                 boundary = None
         start = time.perf_counter()
-        for name, loader in self.loaders.items():
+        for (name, loader), size in zip(self.loaders.items(), sizes):
             self.items[name].activations = None  # free the old activations before computing the new ones
             if boundary is not None:
-                acts, from_disk = _load_or_compute(self.model, loader, boundary, self.device, self.cache_dir, self.progress)
+                acts, from_disk = _load_or_compute(self.model, loader, boundary, self.device, self.cache_dir, self.progress, size)
                 self.items[name].activations = acts
                 self.stats.from_disk += from_disk
         self._finish(boundary, start)

@@ -130,10 +130,25 @@ def read_image_file(path, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
 # --- eval transform and training presets -------------------------------------------------------------
 
 
+# Activations, memory and time grow with the square of image_size. No built-in backbone was trained above 600 px
+# (torchvision's EfficientNet-B7; the others at 224 to 528), and timm's largest pretrained weights at 1024 px.
+MAX_IMAGE_SIZE = 1024
+
+
 def _check_image_size(image_size: int) -> None:
-    # The backbone's own minimum (tlkit.models.check_image_size) is checked when the model sees the images.
+    """Every entry point that takes an image_size (the transforms, ``models.check_image_size``, ``RunConfig``) checks here.
+
+    The backbone's own minimum (tlkit.models.check_image_size) is checked when the model sees the images.
+    """
     if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
         raise ValueError(f"image_size must be a whole number of pixels >= 1 (e.g. 224), got {image_size!r}.")
+    if image_size > MAX_IMAGE_SIZE:
+        raise ValueError(
+            f"image_size={image_size} is over the largest tlkit accepts, {MAX_IMAGE_SIZE} pixels "
+            f"(tlkit.transforms.MAX_IMAGE_SIZE): memory and time grow with its square ({image_size} px costs "
+            f"{(image_size / 224) ** 2:.0f}x what 224 px does), and no built-in backbone was trained above 600 px "
+            f"(timm's largest pretrained weights: 1024 px). Use the size the weights were trained at (224 for most)."
+        )
 
 
 def eval_transform(image_size: int, norm: Normalization) -> v2.Compose:
