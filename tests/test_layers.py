@@ -25,14 +25,14 @@ build_graph, cycles, layer_order, root_importers = module_graph.build_graph, mod
 
 # The layers of issue 13, bottom to top: a module imports only modules of lower layers (lessons never each other).
 LAYERS: dict[str, int] = {
-    **dict.fromkeys(["_version", "params", "compare", "metrics", "_cache", "_io"], 0),  # basics: numbers, file writes
-    **dict.fromkeys(["transforms", "results"], 1), "models": 2,  # images, then the models that say how to normalise them
+    **dict.fromkeys(["_version", "params", "compare", "metrics", "_io"], 0),  # basics: numbers, file writes
+    **dict.fromkeys(["transforms", "results", "_cache"], 1), "models": 2,  # images, then the models that say how to normalise them
     **dict.fromkeys(["checkpoints", "data"], 3),
     **dict.fromkeys(["train", "optim"], 4),  # the training loop and its optimizers
     **dict.fromkeys(["prefix_cache", "lr_finder"], 5),  # blocks several lessons share
     **dict.fromkeys(["features", "finetune", "augment", "imbalance", "incremental"], 6),  # one module per lesson
     **dict.fromkeys(["recipes", "plots", "course", "notebook_params", "inference"], 7),  # on top: whole runs, figures, the course
-    **dict.fromkeys(["widgets", "sweep", "predict"], 8),  # the freeze panel draws with plots; a sweep runs the course; the command line
+    **dict.fromkeys(["widgets", "sweep", "predict", "lesson"], 8),  # the freeze panel draws with plots; a sweep runs the course; the command line
     "tlkit": 9,  # the package root, which picks the public API
 }
 LOWER = {name for name, layer in LAYERS.items() if layer < 6}

@@ -10,11 +10,22 @@ live in ``tlkit.sweep`` (``python -m tlkit.sweep``), imported only when used.
 from . import augment, features, finetune, imbalance, incremental, lr_finder, metrics, models, optim, plots, prefix_cache, transforms
 from ._version import __version__
 from .checkpoints import model_from_checkpoint, read_checkpoint
-from .compare import PairedDifference, headline_metrics, mean_std_table, paired_difference, ranking_sentence, summarize_seeds, versus_sentence
+from .compare import (
+    Comparison,
+    PairedDifference,
+    compare_arms,
+    headline_metrics,
+    mean_std_table,
+    paired_difference,
+    ranking_sentence,
+    summarize_seeds,
+    versus_sentence,
+)
 from .data import DatasetSplits, LabeledImages, class_counts, load_dataset, make_loader
 from .features import cached_features, extract_features
 from .finetune import STRATEGIES, apply_strategy
 from .imbalance import REMEDIES
+from .lesson import Lesson, start_lesson
 from .lr_finder import lr_find
 from .metrics import classification_metrics
 from .models import (
@@ -75,12 +86,13 @@ from .widgets import FreezePanel
 
 __all__ = [
     # every notebook: setup, data, models, results
-    "set_seed", "get_device", "check_notebook_parameters", "resolve_path", "write_results",
+    "start_lesson", "Lesson", "set_seed", "get_device", "check_notebook_parameters", "resolve_path", "write_results",
     "DatasetSplits", "LabeledImages", "load_dataset", "class_counts", "make_loader", "eval_transform", "train_transform",
     "TransferModel", "create_model", "block_names", "parameter_counts",
     "RunConfig", "RunResult",
     # comparing methods over seeds
-    "summarize_seeds", "mean_std_table", "versus_sentence", "ranking_sentence", "headline_metrics", "paired_difference", "PairedDifference",
+    "compare_arms", "Comparison", "paired_difference", "PairedDifference",
+    "summarize_seeds", "mean_std_table", "versus_sentence", "ranking_sentence", "headline_metrics",
     # training and prediction
     "fit", "History", "Callback", "EarlyStopping", "RestoreBest", "SaveCheckpoint", "TrainingInterrupted",
     "evaluate", "predict", "predict_images",

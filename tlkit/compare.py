@@ -1,9 +1,13 @@
-"""Comparisons over seeds: mean ± std per method, ties, and the sentences that rank methods.
+"""Comparisons over seeds: mean ± std per method, paired differences, and the sentences that rank methods.
 
-Every sentence a notebook prints to rank or judge methods comes from ``ranking_sentence`` or
-``versus_sentence`` on the measured table, never from text written before the run. The rule for a
-tie: two methods tie when the difference of their means is not larger than the larger of their two
-standard deviations over seeds (the spread), since a smaller difference could come from the seed alone.
+``compare_arms`` runs arms over seeds and returns a ``Comparison`` whose verdicts pair the arms seed by seed (the
+same seed gives each arm the same data and head initialisation): a mean difference with its 95% t interval, and
+"beats" only when that interval excludes 0. The older unpaired helpers below (``versus_sentence``,
+``ranking_sentence``) remain for tables without per-seed rows.
+
+Every sentence a notebook prints to rank or judge methods comes from these helpers on the measured rows, never from
+text written before the run. The unpaired rule (``is_tie``): two methods tie when the difference of their means is
+not larger than the larger of their two standard deviations over seeds.
 """
 
 from __future__ import annotations
@@ -274,3 +278,141 @@ def value_at_time(epoch_time: Sequence[float], values: Sequence[float], seconds:
             break
         reached = value
     return reached
+
+
+# --- arms over seeds: one call runs a comparison and says what it found -----------------------------------
+
+
+def _numbers(values: Mapping[str, object]) -> dict[str, float]:
+    """The entries of ``values`` that are numbers (bools excluded), as floats."""
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _metrics_of(output: object) -> dict[str, float]:
+    """The numbers a run returned: a mapping's numeric entries, or a tlkit ``RunResult``'s ``metrics`` and ``seconds``."""
+    if isinstance(output, Mapping):
+        return _numbers(output)
+    metrics = getattr(output, "metrics", None)
+    if isinstance(metrics, Mapping):
+        seconds = getattr(output, "seconds", None)
+        return _numbers({**metrics, **({"seconds": seconds} if seconds is not None else {})})
+    raise TypeError(f"A run must return a mapping of metrics (e.g. {{'val_acc': 0.74}}) or a tlkit RunResult, got "
+                    f"{type(output).__name__}.")
+
+
+@dataclass
+class Comparison:
+    """Arms run over the same seeds: one row per (arm, seed), what each run returned, and the paired verdicts.
+
+    ``reference`` is the arm the others are compared with (by default the first); ``metric`` the one the verdicts
+    are about. Every sentence comes from the measured rows: ``differences()`` pairs each arm with the reference seed
+    by seed, ``sentences()`` says who beats whom (only when the 95% interval of the paired difference excludes 0).
+    """
+
+    arms: list[str]
+    seeds: list[int]
+    rows: list[dict[str, object]]
+    outputs: dict[tuple[str, int], object]
+    metric: str
+    reference: str
+    higher_is_better: bool = True
+
+    def summary(self, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+        """Mean and std over seeds of each metric (default: every metric measured), one row per arm."""
+        return summarize_seeds(self.rows, "arm", list(metrics) if metrics else self.metrics)
+
+    @property
+    def metrics(self) -> list[str]:
+        """Every metric measured, in first-seen order."""
+        names: dict[str, None] = {}
+        for row in self.rows:
+            names.update(dict.fromkeys(k for k in row if k not in ("arm", "seed")))
+        return list(names)
+
+    def differences(self, metric: str | None = None) -> dict[str, PairedDifference]:
+        """Each other arm minus the reference on ``metric`` (default: the comparison's), paired by seed."""
+        metric = metric or self.metric
+        return {arm: paired_difference(self.rows, "arm", arm, self.reference, metric) for arm in self.arms if arm != self.reference}
+
+    def sentences(self, metric: str | None = None) -> list[str]:
+        """One sentence per arm against the reference, from the paired differences."""
+        return [d.sentence(higher_is_better=self.higher_is_better) for d in self.differences(metric).values()]
+
+    def ranking(self, metric: str | None = None) -> str:
+        """Which arm has the best mean, and against each other arm, paired by seed, whether it beats it or ties."""
+        metric = metric or self.metric
+        summary = self.summary([metric])
+        best = summary[metric].idxmax() if self.higher_is_better else summary[metric].idxmin()
+        sentence = f"{'Highest' if self.higher_is_better else 'Lowest'} mean {metric} over {len(self.seeds)} seeds: {_described(summary, best, metric)}."
+        beaten, tied = [], []
+        for arm in self.arms:
+            if arm != best:
+                d = paired_difference(self.rows, "arm", best, arm, metric)
+                clear = d.seeds > 1 and not (d.low <= 0 <= d.high)
+                (beaten if clear else tied).append(f"{arm} ({_interval_text(d)})")
+        if beaten:
+            sentence += f" Paired by seed, it beats {', '.join(beaten)}."
+        if tied:
+            sentence += f" It ties with {', '.join(tied)}: the 95% interval of the difference holds 0."
+        return sentence
+
+    def table(self, metric: str | None = None, digits: int = 3) -> pd.DataFrame:
+        """For reading: ``mean ± std`` per arm and its paired difference from the reference with the 95% interval."""
+        metric = metric or self.metric
+        shown = mean_std_table(self.summary([metric]), [metric], digits)
+        differences = self.differences(metric)
+        shown[f"minus {self.reference}"] = [_interval_text(differences[arm]) if arm in differences else "" for arm in shown.index]
+        return shown
+
+    def with_metric(self, name: str, measure) -> Comparison:
+        """The same runs with one more metric: ``measure(arm, seed, output)`` for each run (e.g. the test accuracy of its
+        model), as a comparison about that metric. Choose on validation, then score the choice once on test this way."""
+        rows = [{**row, name: float(measure(row["arm"], row["seed"], self.outputs[row["arm"], row["seed"]]))} for row in self.rows]
+        return Comparison(self.arms, self.seeds, rows, self.outputs, name, self.reference, self.higher_is_better)
+
+    def results(self, prefix: str, metric: str | None = None) -> dict[str, float]:
+        """Flat numbers for the results file: each arm's mean and std, and its paired difference with its interval."""
+        metric = metric or self.metric
+        out = headline_metrics(self.summary([metric]), metric, prefix)
+        for arm, d in self.differences(metric).items():
+            key = re.sub(r"[^0-9a-z]+", "_", f"{prefix}_{arm}_minus_{self.reference}".lower()).strip("_")
+            out[key] = d.mean
+            if d.seeds > 1:
+                out[f"{key}_low"], out[f"{key}_high"] = d.low, d.high
+        return out
+
+
+def _interval_text(d: PairedDifference) -> str:
+    if d.seeds < 2:
+        return f"{_signed_points(d.mean, d.metric)} (one seed)"
+    return f"{_signed_points(d.mean, d.metric)} [{_signed_points(d.low, d.metric)}, {_signed_points(d.high, d.metric)}]"
+
+
+def compare_arms(run, arms: Sequence[str], seeds: Sequence[int], *, metric: str = "val_acc", reference: str | None = None,
+                 higher_is_better: bool = True, progress: bool = False) -> Comparison:
+    """Run ``run(arm, seed)`` for every arm on every seed and compare the arms seed by seed.
+
+    ``run`` returns the run's metrics (a mapping such as ``{"val_acc": 0.74, "seconds": 3.1}``, or a tlkit
+    ``RunResult``); whatever it returns is kept in ``outputs[arm, seed]`` (models, histories). A seed gives every arm
+    the same data and head initialisation, so the arms are compared by their per-seed differences.
+    """
+    from tqdm.auto import tqdm
+
+    arms, seeds = [str(a) for a in arms], check_seeds(list(seeds))
+    if not arms or len(set(arms)) != len(arms):
+        raise ValueError(f"arms must be distinct names, at least one, got {arms!r}.")
+    reference = arms[0] if reference is None else reference
+    if reference not in arms:
+        raise ValueError(f"reference {reference!r} is not one of the arms {arms}.")
+    rows, outputs = [], {}
+    with tqdm(total=len(arms) * len(seeds), desc="runs", unit="run", disable=not progress) as bar:
+        for seed in seeds:  # seed by seed, so that stopping early leaves complete pairs
+            for arm in arms:
+                output = run(arm, seed)
+                metrics = _metrics_of(output)
+                if metric not in metrics:
+                    raise KeyError(f"run({arm!r}, {seed}) returned no {metric!r}; it returned {sorted(metrics)}.")
+                rows.append({"arm": arm, "seed": seed, **metrics})
+                outputs[arm, seed] = output
+                bar.update()
+    return Comparison(arms, seeds, rows, outputs, metric, reference, higher_is_better)

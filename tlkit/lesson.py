@@ -1,0 +1,60 @@
+"""One call sets a course notebook up: checked parameters, seed, device, folders and the shared run config.
+
+    lesson = tlkit.start_lesson("01", globals())
+
+replaces the setup every notebook used to repeat: each parameter of the notebook's ``parameters`` cell is checked
+(a bad value fails here, by name), the cleaned values are written back into the notebook's namespace (so
+``seeds`` given as text by papermill becomes a list), paths are resolved against the notebooks folder, the seed is
+set and the device chosen in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+
+from .notebook_params import check_notebook_parameters
+from .params import resolve_path
+from .plots import save_figure
+from .recipes import RunConfig
+from .train import get_device, set_seed
+
+
+@dataclass
+class Lesson:
+    """What a notebook's cells share: the device, the run config, where figures, caches and results go."""
+
+    notebook: str
+    device: torch.device
+    config: RunConfig
+    figures: Path
+    cache_dir: Path
+    results_path: Path | None
+
+    def save(self, fig: Figure, name: str) -> Path:
+        """Save ``fig`` as ``name`` in this notebook's figures folder (atomically); the path."""
+        path = self.figures / name
+        save_figure(fig, path)
+        return path
+
+
+def start_lesson(notebook: str, namespace: MutableMapping[str, Any]) -> Lesson:
+    """Check notebook ``notebook``'s parameters in ``namespace`` (its ``globals()``), write the cleaned values back,
+    set the seed, choose the device and build the run config every recipe of the notebook shares."""
+    namespace.update(check_notebook_parameters(notebook, namespace))
+    for name in ("output_dir", "data_root"):
+        if name in namespace:
+            namespace[name] = resolve_path(namespace[name])  # relative to notebooks/, wherever the run started
+    if namespace.get("results_path"):
+        namespace["results_path"] = resolve_path(namespace["results_path"])
+    set_seed(namespace["seed"])
+    device = get_device(namespace.get("device", "auto"))
+    output_dir = Path(namespace.get("output_dir", "outputs"))
+    cache_dir = output_dir / "cache"  # one folder for the feature and prefix caches of every notebook
+    config = RunConfig.from_parameters(namespace, device=device, cache_dir=cache_dir)
+    return Lesson(notebook, device, config, output_dir / "figures" / notebook, cache_dir, namespace.get("results_path") or None)
