@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._io import SaveError, torch_save_atomically
+from ._io import SaveError, torch_save_atomically, user_path
 from ._version import __version__
 from .models import create_model
+from .transforms import _check_image_size
 
 FORMAT = "tlkit-checkpoint-1"
 _REQUIRED_KEYS = ("model", "classes", "backbone", "weights", "epoch", "history", "optimizer", "scheduler", "scaler", "rng", "tlkit_version")
@@ -48,6 +49,7 @@ class Checkpoint:
     rng: dict[str, Any] | None = None
     loader_rng: torch.Tensor | None = None
     tlkit_version: str = ""
+    image_size: int | None = None  # the size the model was trained at; None in checkpoints that do not say
 
 
 def rng_states() -> dict[str, Any]:
@@ -87,12 +89,16 @@ def save_checkpoint(
     scheduler: Any = None,
     scaler: torch.amp.GradScaler | None = None,
     loader_rng: torch.Generator | None = None,
+    image_size: int | None = None,
 ) -> Path:
     """Write a checkpoint atomically: to a temporary file in the same folder, then renamed over ``path``.
 
     An interrupted save leaves the previous file at ``path`` untouched. ``loader_rng`` is the
-    train loader's generator, whose state decides the next epoch's shuffling order.
+    train loader's generator, whose state decides the next epoch's shuffling order. ``image_size``, the size the
+    model was trained at, is what ``python -m tlkit.predict`` resizes new images to unless told otherwise.
     """
+    if image_size is not None:
+        _check_image_size(image_size)
     payload = {
         "format": FORMAT,
         "tlkit_version": __version__,
@@ -107,6 +113,7 @@ def save_checkpoint(
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng_states(),
         "loader_rng": loader_rng.get_state() if loader_rng is not None else None,
+        "image_size": int(image_size) if image_size is not None else None,
     }
     return save_atomically(payload, path)
 
@@ -125,7 +132,7 @@ def save_atomically(obj: Any, path: str | Path) -> Path:
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Load a checkpoint file with ``torch.load(weights_only=True)``: tensors and plain data only, never pickled code."""
-    path = Path(path)
+    path = user_path(path)  # ~ as in a shell, as where the checkpoint was written
     if not path.is_file():
         raise CheckpointError(f"No checkpoint at {path}.")
     try:
@@ -150,7 +157,15 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         model=raw["model"], classes=raw["classes"], backbone=raw["backbone"], weights=raw["weights"],
         epoch=raw["epoch"], history=raw["history"], optimizer=raw["optimizer"], scheduler=raw["scheduler"],
         scaler=raw["scaler"], rng=raw["rng"], loader_rng=raw.get("loader_rng"), tlkit_version=raw["tlkit_version"],
+        image_size=_saved_image_size(raw.get("image_size")),
     )
+
+
+def _saved_image_size(value: Any) -> int | None:
+    """The training size a checkpoint records; None when it records none (older checkpoints) or not a usable one."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    return value
 
 
 def _refused_part(err: pickle.UnpicklingError) -> str:

@@ -3,9 +3,14 @@
     python -m tlkit.predict outputs/05_updated_model.pt photos/ --out predictions.csv
     python -m tlkit.predict model.pt a.jpg b.png --top-k 5 --image-size 160 --device cuda
 
-One CSV row per file (folders searched recursively, images read upright as in training): its top-k classes and
-probabilities; a file that cannot be read is listed in the ``error`` column and on stderr, and the rest are still
-predicted. The device is chosen as everywhere in tlkit ("auto": CUDA when present).
+One CSV row per file (folders read as training reads them: recursively, links followed, hidden and system files
+skipped; images read upright): its top-k classes and probabilities; a file that cannot be read is listed in the
+``error`` column and on stderr, and the rest are still predicted. Images are resized to the size recorded in the
+checkpoint unless ``--image-size`` is given. The device is chosen as everywhere in tlkit ("auto": CUDA when present).
+
+Nothing is overwritten but a CSV: ``--out`` may not be the checkpoint or an input, an existing file that is not a
+``.csv`` is replaced only with ``--force``, and the CSV is written atomically. A bad argument, checkpoint or ``--out``
+is one line on stderr and exit status 2, before any image is predicted.
 
 This module is only run, never imported: ``tlkit.predict`` is the function that predicts a loader, and importing a
 submodule of the same name would replace it on the package. Scripts call ``tlkit.inference.predict_files``, which
