@@ -5,13 +5,17 @@ Usage: python -m tlkit.sweep NOTEBOOK [-p NAME VALUE ...] [--grid NAME=V1,V2,...
 
 Each point of the grid (the cartesian product of the --grid lists, in the order given; with --seeds, once per
 seed) is one papermill run in its own folder DIR/<name>=<value>,... (executed notebook, metrics JSON, figures,
-and the run's status, sweep-run.json, written when it ends). The runs' metrics are collected into
+and the run's status, sweep-run.json, written when it ends; a name over 120 bytes is cut and ends in ~ and a hash
+of all of it). The runs' metrics are collected into
 DIR/results.csv, DIR/results.md and a plot, DIR/results.png; with --seeds the table and the plot show the mean
 and standard deviation over the seeds of each point. Runs go one after another, on N local worker processes
 (--workers), or to a running dask.distributed scheduler (--dask). The same command again reuses the runs that
-finished (same notebook content and parameters) and reruns the others; --force reruns all. A failed run is
-reported and the sweep goes on; the exit status is 1 when any run failed, 2 for a bad command line or a folder
-another live sweep is writing, 130 when interrupted.
+finished (same notebook content and parameters) and reruns the others; --force reruns all. More values or seeds
+for the same sweep (same notebook content, fixed parameters and grid names, as DIR/sweep.json records them) extend
+it: its finished runs stay and the tables hold them all. A different sweep is refused in a folder that holds one
+(give it another --out, or --force to replace that sweep). A failed run is reported and the sweep goes on; the exit
+status is 1 when any run failed, 2 for a bad command line, a folder that cannot be written, holds a different sweep
+or is being written by another live sweep, 130 when interrupted.
 Values are read like papermill's -p (True/False/None, numbers, else text); lists and dicts as JSON.
 """
 
@@ -20,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import difflib
 import hashlib
 import itertools
 import json
@@ -43,9 +46,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ._io import atomic_path, write_text_atomically
+from ._io import SaveError, atomic_path, check_writable_folder, user_path, write_text_atomically
 from .course import (  # the -p values of python -m tlkit.course and of a sweep read alike
     NotebookRun,
+    did_you_mean,
     parse_value,
     run_notebook,
     run_parameters,
@@ -58,6 +62,10 @@ PER_RUN_PARAMETERS = ("results_path", "output_dir")
 STATUS_FILE = "sweep-run.json"
 # The lock that keeps two live sweeps out of one folder, and who holds it (for the refusal message).
 LOCK_FILE, OWNER_FILE = ".sweep.lock", ".sweep.owner.json"
+# What the sweep in a folder is (notebook content, fixed parameters, grid, seeds, runs): a later sweep extends it or is refused.
+SWEEP_FILE = "sweep.json"
+# Run folder names longer than this are cut (file systems allow 255 bytes, and long values made runs fail after the first).
+MAX_RUN_NAME_BYTES = 120
 
 
 class SweepError(ValueError):
@@ -66,6 +74,10 @@ class SweepError(ValueError):
 
 class SweepBusy(SweepError):
     """The sweep's folder is held by another sweep that is still running."""
+
+
+class SweepConflict(SweepError):
+    """The sweep's folder holds a different sweep (other notebook content, fixed parameters or grid names)."""
 
 
 # --- parsing the command line --------------------------------------------------------------------------
@@ -103,11 +115,22 @@ def format_value(value: object) -> str:
 
 
 def run_name(point: Mapping[str, object]) -> str:
-    """A readable folder name for one grid point: ``lr=0.001,image_size=48`` (``default`` for an empty grid)."""
+    """A readable folder name for one grid point: ``lr=0.001,image_size=48`` (``default`` for an empty grid), cut to
+    :data:`MAX_RUN_NAME_BYTES` by :func:`short_name`."""
     if not point:
         return "default"
     name = ",".join(f"{key}={format_value(value)}" for key, value in point.items())
-    return re.sub(r"[^\w.=,+\-\[\]]", "_", name)  # no path separators, spaces or quotes in folder names
+    return short_name(re.sub(r"[^\w.=,+\-\[\]]", "_", name))  # no path separators, spaces, quotes or ~ in folder names
+
+
+def short_name(name: str, limit: int = MAX_RUN_NAME_BYTES) -> str:
+    """``name`` if it fits in ``limit`` bytes (UTF-8), else its start, ``~`` and 12 hex digits of its SHA-256: names
+    that differ anywhere stay different (``~`` is in no value's part of a name, so a cut name is never a real one)."""
+    encoded = name.encode()
+    if len(encoded) <= limit:
+        return name
+    digest = hashlib.sha256(encoded).hexdigest()[:12]
+    return f"{encoded[: limit - len(digest) - 1].decode('utf-8', 'ignore')}~{digest}"
 
 
 def grid_lists(grid: Mapping[str, Iterable[object]]) -> dict[str, list]:
@@ -147,10 +170,8 @@ def check_parameters(notebook: Path, params: Mapping[str, object], grid: Mapping
     valid = notebook_parameters(notebook)
     unknown = [name for name in [*params, *grid] if name not in valid]
     if unknown:
-        guesses = {name: difflib.get_close_matches(name, valid, n=1) for name in unknown}
-        did_you_mean = "".join(f" ({name}: did you mean {g[0]!r}?)" for name, g in guesses.items() if g)
         raise SweepError(
-            f"{notebook.name} has no parameter {', '.join(map(repr, unknown))}{did_you_mean}. "
+            f"{notebook.name} has no parameter {', '.join(map(repr, unknown))}{did_you_mean(unknown, valid)}. "
             + (f"Its parameters are: {', '.join(valid)}." if valid else "It has no code cell tagged 'parameters': tag its first code cell.")
         )
     reserved = [name for name in [*params, *grid] if name in PER_RUN_PARAMETERS]
@@ -162,8 +183,6 @@ def check_parameters(notebook: Path, params: Mapping[str, object], grid: Mapping
     both = [name for name in params if name in grid]
     if both:
         raise SweepError(f"{', '.join(both)} is both fixed (-p) and swept (--grid); keep only one of them.")
-
-
 
 
 def seed_list(seeds: Iterable[object] | str | None) -> list[int]:
@@ -283,6 +302,11 @@ def summary_markdown(summary: pd.DataFrame, digits: int = 3) -> str:
     return markdown_table(shown, digits)
 
 
+def value_label(value: object) -> str:
+    """A grid value as a tick or legend label: :func:`format_value`, long ones cut (and kept distinct) by :func:`short_name`."""
+    return short_name(format_value(value), 40)
+
+
 def plot_sweep(table: pd.DataFrame, grid_keys: Sequence[str], metrics: Sequence[str], title: str = "") -> Figure:
     """Each metric against the grid: bars for one grid name, else x = the first name and one line per value of the others;
     error bars where ``table`` has ``<metric>_std`` (a :func:`seed_summary`)."""
@@ -290,7 +314,7 @@ def plot_sweep(table: pd.DataFrame, grid_keys: Sequence[str], metrics: Sequence[
     for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics):
         values = pd.to_numeric(table[metric], errors="coerce").astype(float)  # failed runs: NaN
         spread = pd.to_numeric(table[f"{metric}_std"], errors="coerce").astype(float).fillna(0.0) if f"{metric}_std" in table.columns else None
-        labels = table[list(grid_keys)].map(format_value) if grid_keys else table.iloc[:, :1]  # no grid: the run (or point) names
+        labels = table[list(grid_keys)].map(value_label) if grid_keys else table.iloc[:, :1]  # no grid: the run (or point) names
         x_name, *others = labels.columns
         x_labels = list(dict.fromkeys(labels[x_name]))
         if not others:
@@ -369,6 +393,30 @@ class RunOutcome:
     files: dict[str, bytes] = field(default_factory=dict)
 
 
+def notebook_values(value: object) -> object:
+    """``value`` as plain data that papermill writes into a notebook as a literal of the same type, in this process and
+    through :func:`parameters_yaml` alike: numpy scalars and arrays as Python numbers and lists, tuples as lists, mapping
+    keys as text, anything else (a Path) as its text, never pasted in unquoted."""
+    if isinstance(value, np.generic | np.ndarray):
+        value = value.tolist()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Mapping):
+        return {str(key): notebook_values(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [notebook_values(item) for item in value]
+    return str(value)
+
+
+def parameters_yaml(parameters: Mapping[str, object]) -> str:
+    """``parameters`` as the YAML of papermill's ``-y``, which it reads back as the same values with the same types
+    (``1e-05``, ``inf`` and ``nan`` stay floats, the text ``"1e-05"`` or ``"yes"`` stays text): one typing for runs in
+    this process and in a process of their own."""
+    import yaml  # papermill's own dependency, and its reader of -y
+
+    return yaml.safe_dump(notebook_values(dict(parameters)), sort_keys=False, allow_unicode=True, width=math.inf)
+
+
 def run_key(notebook_source: bytes, parameters: Mapping[str, object]) -> str:
     """SHA-256 of the notebook's bytes and its parameters (canonical JSON): equal keys, same run."""
     digest = hashlib.sha256(notebook_source)
@@ -428,14 +476,20 @@ def run_notebook_process(notebook: Path, output_dir: Path, parameters: Mapping[s
     output_dir.mkdir(parents=True, exist_ok=True)
     results, executed = output_dir / f"{notebook.stem}.json", output_dir / notebook.name
     results.unlink(missing_ok=True)
-    params = json.dumps(run_parameters(notebook, output_dir, dict(parameters)), default=str)  # JSON is YAML, which papermill's -y reads
-    command = [sys.executable, "-m", "papermill", str(notebook), str(executed), "-y", params, "--cwd", str(cwd), "-k", "python3", "--no-progress-bar"]
     start = time.perf_counter()
-    done = subprocess.run(command, env=dict(env), capture_output=True, text=True)
+    done = subprocess.run(papermill_command(notebook, output_dir, parameters, cwd=cwd), env=dict(env), capture_output=True, text=True)
     seconds = time.perf_counter() - start
     error = notebook_error(executed, done.stderr) if done.returncode else ""
     metrics = json.loads(results.read_text()) if results.exists() and not error else {}
     return NotebookRun(notebook.name, seconds, metrics, error)
+
+
+def papermill_command(notebook: Path, output_dir: Path, parameters: Mapping[str, object], *, cwd: Path) -> list[str]:
+    """The papermill command line that runs ``notebook`` into ``output_dir`` with the parameters a run in this process
+    gets (:func:`tlkit.course.run_parameters`), as YAML that papermill reads back with their types."""
+    params = parameters_yaml(run_parameters(notebook, output_dir, dict(parameters)))
+    executed = output_dir / notebook.name
+    return [sys.executable, "-m", "papermill", str(notebook), str(executed), "-y", params, "--cwd", str(cwd), "-k", "python3", "--no-progress-bar"]
 
 
 def execute_run(task: RunTask, env: Mapping[str, str] | None = None) -> RunOutcome:
@@ -625,6 +679,136 @@ def dask_executor(address: str, timeout: str = "30s") -> Iterator[Executor]:
         client.close()
 
 
+# --- the sweep a folder holds: extended by more values or seeds, refused when it is another one -----------
+
+
+def unique_values(values: Iterable[object]) -> list:
+    """``values`` without repeats (as :func:`format_value` writes them), in the order they first appear."""
+    first: dict[str, object] = {}
+    for value in values:
+        first.setdefault(format_value(value), value)
+    return list(first.values())
+
+
+def sweep_config(notebook: Path, source: bytes, params: Mapping[str, object], grid_keys: Sequence[str], seeded: bool,
+                 runs: Sequence[tuple[str, Mapping[str, object]]]) -> dict:
+    """What sweep.json records: the notebook and its content's hash, the fixed parameters, each grid name with the
+    values of ``runs``, their seeds, and the runs in table order."""
+    return {
+        "notebook": str(notebook), "notebook_sha256": hashlib.sha256(source).hexdigest(), "params": notebook_values(dict(params)),
+        "grid": {key: unique_values(point[key] for _, point in runs) for key in grid_keys},
+        "seeds": unique_values(point["seed"] for _, point in runs) if seeded else [], "runs": [name for name, _ in runs],
+    }
+
+
+def swept_names(config: Mapping[str, object]) -> list[str]:
+    """The grid names of a sweep.json, ``seed`` last where it had seeds: what a run's folder name is made of."""
+    return [*dict(config.get("grid") or {}), *(["seed"] if config.get("seeds") else [])]
+
+
+def canonical(value: object) -> str:
+    return json.dumps(notebook_values(value), sort_keys=True, default=str)
+
+
+def sweep_differences(previous: Mapping[str, object], current: Mapping[str, object]) -> list[str]:
+    """How the sweep ``previous`` (a sweep.json) differs from ``current``: notebook content, fixed parameters, grid names."""
+
+    def fixed(config: Mapping[str, object]) -> str:
+        return ", ".join(f"{k}={format_value(v)}" for k, v in dict(config.get("params") or {}).items()) or "none"
+
+    def swept(config: Mapping[str, object]) -> str:
+        return ", ".join(swept_names(config)) or "none"
+
+    differences = []
+    if previous.get("notebook_sha256") != current["notebook_sha256"]:
+        differences.append(f"it ran {previous.get('notebook', 'a notebook')} with other content than {current['notebook']} has now")
+    if canonical(previous.get("params") or {}) != canonical(current["params"]):
+        differences.append(f"its fixed parameters (-p) were {fixed(previous)}, now {fixed(current)}")
+    if swept_names(previous) != swept_names(current):
+        differences.append(f"its grid names were {swept(previous)}, now {swept(current)}")
+    return differences
+
+
+def read_sweep_file(out_dir: Path, *, force: bool = False) -> dict | None:
+    """The sweep.json in ``out_dir``; None where there is none. :class:`SweepConflict` where it cannot be read (unless
+    ``force``: then None), as then nothing tells whether the sweep there is this one."""
+    path = out_dir / SWEEP_FILE
+    try:
+        config = json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as err:
+        config = err
+    if not isinstance(config, dict) and force:
+        return None
+    if not isinstance(config, dict):
+        raise SweepConflict(f"{path} cannot be read ({config}), so it is unknown which sweep {out_dir}/ holds. "
+                            "Give this sweep a folder of its own with --out (out_dir), or add --force (force=True) to replace what is there.")
+    return config
+
+
+def previous_finished_runs(previous: Mapping[str, object], out_dir: Path, source: bytes, grid_keys: Sequence[str]) -> dict[str, tuple[dict, dict]]:
+    """``{name: (point, status record)}`` of the runs ``previous`` lists that finished ``ok`` with the key this sweep
+    would give them (same notebook content and parameters): what an extension of that sweep keeps."""
+    kept = {}
+    for name in previous.get("runs") or []:
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            continue  # a hand-edited sweep.json: only folders inside out_dir count
+        record = read_status(out_dir / name)
+        parameters = record.get("parameters") if record and record.get("status") == "ok" else None
+        if not isinstance(parameters, dict) or any(key not in parameters for key in grid_keys):
+            continue
+        point = {key: parameters[key] for key in grid_keys}
+        if run_name(point) == name and record.get("key") == run_key(source, parameters):
+            kept[name] = (point, record)
+    return kept
+
+
+def runs_to_keep(
+    previous: Mapping[str, object] | None, out_dir: Path, notebook: Path, source: bytes, params: Mapping[str, object], grid_keys: Sequence[str],
+    seeded: bool, runs: Sequence[tuple[str, Mapping[str, object]]], *, force: bool = False,
+) -> dict[str, tuple[dict, dict]]:
+    """The finished runs of the sweep ``previous`` (``out_dir``'s sweep.json) that this one does not plan but keeps, as it
+    extends that sweep; :class:`SweepConflict` where that is a different sweep (its runs would be replaced), unless ``force``
+    (then none is kept)."""
+    if previous is None:
+        return {}
+    current = sweep_config(notebook, source, params, grid_keys, seeded, runs)
+    differences = sweep_differences(previous, current)
+    if differences and force:
+        return {}
+    if differences:
+        raise SweepConflict(
+            f"{out_dir}/ holds a different sweep ({'; '.join(differences)}): running this one there would replace that sweep's finished runs "
+            "and tables. Give this sweep a folder of its own with --out (out_dir), or add --force (force=True) to replace that sweep."
+        )
+    planned = {name for name, _ in runs}
+    return {name: kept for name, kept in previous_finished_runs(previous, out_dir, source, swept_names(current)).items() if name not in planned}
+
+
+def table_runs(previous: Mapping[str, object] | None, kept: Mapping[str, tuple[dict, dict]], runs: Sequence[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """The runs the tables show: the kept ones and the planned ones, in the grid's order (the last name varying fastest)
+    with the values of ``previous`` (the sweep extended) first and new values after them."""
+    if not kept:
+        return list(runs)
+    points = {**{name: point for name, (point, _) in kept.items()}, **dict(runs)}
+    earlier = {**dict(previous.get("grid") or {}), "seed": previous.get("seeds") or []} if previous else {}
+    order = {key: [format_value(v) for v in unique_values([*earlier.get(key, []), *(point[key] for point in points.values())])]
+             for key in next(iter(points.values()))}
+    return sorted(points.items(), key=lambda run: tuple(order[key].index(format_value(value)) for key, value in run[1].items()))
+
+
+def run_tasks_of(notebook: Path, source: bytes, params: Mapping[str, object], runs: Sequence[tuple[str, Mapping[str, object]]],
+                 out_dir: Path, shared_out: bool) -> list[RunTask]:
+    """One :class:`RunTask` per run: its parameters as :func:`notebook_values` (the values every way of running gets), its key, its folder."""
+    tasks = []
+    for name, point in runs:
+        parameters = notebook_values({**params, **point})
+        tasks.append(RunTask(name, run_key(source, parameters), parameters, notebook.name, source, str(notebook.resolve().parent),
+                             str((out_dir / name).resolve()) if shared_out else None))
+    return tasks
+
+
 # --- running -------------------------------------------------------------------------------------------
 
 
@@ -651,44 +835,57 @@ def sweep(
     themselves, which must then be the same path where they execute (a shared filesystem); otherwise their
     files come back with their results. Runs that finished before with the same notebook content and
     parameters are reused unless ``force``; a folder another live sweep holds raises :class:`SweepBusy`.
+
+    A folder that holds the same sweep (notebook content, ``params`` and grid names, seeds or not, as its sweep.json
+    says) is extended: its finished runs that this call does not list stay in the table. A folder that holds a
+    different sweep raises :class:`SweepConflict` (nothing is run or removed) unless ``force``, which replaces that
+    sweep; a folder that cannot be written raises :class:`tlkit._io.SaveError` before anything runs.
     """
-    notebook = Path(notebook)
+    notebook = user_path(notebook)
     params, grid, seeds = dict(params or {}), grid_lists(grid or {}), seed_list(seeds)
     if workers < 1 or (executor is not None and workers != 1):
         raise SweepError(f"workers={workers}: give a number of local workers >= 1, or an executor (and leave workers at 1).")
-    out_dir = Path(out_dir) if out_dir is not None else Path("outputs") / "sweeps" / notebook.stem
+    out_dir = default_out_dir(notebook) if out_dir is None else user_path(out_dir)
     runs = plan_runs(notebook, params, grid, seeds)
     if shared_out is None:
         shared_out = executor is None or isinstance(executor, (ThreadPoolExecutor, ProcessPoolExecutor))
     source = notebook.read_bytes()
+    check_writable_folder(out_dir, what="The sweep's folder (--out)")
     with sweep_lock(out_dir):
-        config = {"notebook": str(notebook), "notebook_sha256": hashlib.sha256(source).hexdigest(), "params": params, "grid": grid,
-                  "seeds": seeds, "runs": [name for name, _ in runs]}
-        write_text_atomically(out_dir / "sweep.json", json.dumps(config, indent=2, default=str) + "\n")
-        tasks = [
-            RunTask(name, run_key(source, {**params, **point}), {**params, **point}, notebook.name, source,
-                    str(notebook.resolve().parent), str((out_dir / name).resolve()) if shared_out else None)
-            for name, point in runs
-        ]
+        previous = read_sweep_file(out_dir, force=force)
+        kept = runs_to_keep(previous, out_dir, notebook, source, params, list(grid), bool(seeds), runs, force=force)
+        shown = table_runs(previous, kept, runs)
+        config = sweep_config(notebook, source, params, list(grid), bool(seeds), shown)
+        write_text_atomically(out_dir / SWEEP_FILE, json.dumps(config, indent=2, default=str) + "\n")
+        tasks = run_tasks_of(notebook, source, params, runs, out_dir, shared_out)
         records = {} if force else finished_runs(tasks, out_dir)
         if verbose and records:
             print(f"reused {len(records)} finished run{'s' if len(records) != 1 else ''} in {out_dir}/ "
                   f"(same notebook and parameters; --force reruns them)", flush=True)
+        if verbose and kept:
+            print(f"kept {len(kept)} earlier run{'s' if len(kept) != 1 else ''} of the same sweep in {out_dir}/ (ended ok, not listed "
+                  "this time); the tables show them too", flush=True)
+        records.update({name: record for name, (_, record) in kept.items()})
         try:
             for task, record in run_tasks([t for t in tasks if t.name not in records], out_dir, workers=workers, executor=executor, verbose=verbose):
                 records[task.name] = record
         except KeyboardInterrupt:
             finished = sum(r.get("status") == "ok" for r in records.values())
-            print(f"\nInterrupted: {finished} of {len(tasks)} runs have finished and are kept in {out_dir}/; "
+            print(f"\nInterrupted: {finished} of {len(shown)} runs have finished and are kept in {out_dir}/; "
                   "run the same command again to go on (it reuses them).", file=sys.stderr, flush=True)
             raise
-        rows = [result_row(name, point, record_run(records[name], notebook.name)) for name, point in runs]
+        rows = [result_row(name, point, record_run(records[name], notebook.name)) for name, point in shown]
         table = results_table(rows)
-        title = f"{notebook.name}: {len(runs)} runs" + (f" ({len(seeds)} seeds per point)" if seeds else "")
-        written = write_results_files(table, out_dir, list(grid), metrics, title, seeds=seeds)
+        title = f"{notebook.name}: {len(shown)} runs" + (f" ({len(config['seeds'])} seeds per point)" if seeds else "")
+        written = write_results_files(table, out_dir, list(grid), metrics, title, seeds=config["seeds"])
     if verbose:
         print_summary(table, list(grid), notebook.name, metrics, written, seeds=seeds)
     return table
+
+
+def default_out_dir(notebook: Path) -> Path:
+    """Where a sweep of ``notebook`` goes without --out: a folder per notebook."""
+    return Path("outputs") / "sweeps" / notebook.stem
 
 
 def record_run(record: Mapping[str, object], notebook_name: str) -> NotebookRun:
@@ -739,24 +936,33 @@ def main(argv: list[str] | None = None) -> int:
         if args.shared_out and not args.dask:
             raise SweepError("--shared-out goes with --dask (local workers always write into --out themselves).")
         if args.dry_run:
-            runs = plan_runs(args.notebook, params, grid, seeds)
-            out = args.out or Path("outputs") / "sweeps" / args.notebook.stem
-            print(f"{len(runs)} run(s) of {args.notebook} into {out}/, each with {params or 'the default parameters'} and:")
-            for name, point in runs:
-                print(f"  {name}: {point}")
-            return 0
+            return dry_run(user_path(args.notebook), params, grid, seeds, args.out, force=args.force)
         with contextlib.ExitStack() as stack:
             executor = stack.enter_context(dask_executor(args.dask)) if args.dask else None
             if executor is not None:
                 print(f"sending the runs to the Dask scheduler at {args.dask}", flush=True)
             table = sweep(args.notebook, params, grid, args.out, seeds=seeds, metrics=args.metric, workers=args.workers,
                           executor=executor, shared_out=args.shared_out if args.dask else None, force=args.force)
-    except SweepError as err:
+    except (SweepError, SaveError) as err:  # SaveError: --out cannot be written (checked first), or a disk filled up
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     return 1 if (table["status"] != "ok").any() else 0
+
+
+def dry_run(notebook: Path, params: dict, grid: dict, seeds: list[int], out: Path | None, *, force: bool = False) -> int:
+    """Print the runs (their folder names as the sweep will make them) and the finished runs an extension keeps; raise
+    :class:`SweepConflict` as the sweep would. Nothing is written."""
+    runs = plan_runs(notebook, params, grid, seeds)
+    out = default_out_dir(notebook) if out is None else user_path(out)
+    kept = runs_to_keep(read_sweep_file(out, force=force), out, notebook, notebook.read_bytes(), params, list(grid), bool(seeds), runs, force=force)
+    print(f"{len(runs)} run(s) of {notebook} into {out}/, each with {params or 'the default parameters'} and:")
+    for name, point in runs:
+        print(f"  {name}: {point}")
+    if kept:
+        print(f"and {len(kept)} earlier run(s) of the same sweep in {out}/ (ended ok, not listed this time) stay in the tables.")
+    return 0
 
 
 if __name__ == "__main__":
