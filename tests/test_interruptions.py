@@ -27,6 +27,15 @@ class InterruptAt(nn.Module):
         return nn.functional.cross_entropy(logits, y)
 
 
+@pytest.fixture(autouse=True)
+def sigint_raises_keyboard_interrupt():
+    """These tests send SIGINT as Ctrl-C does: give it Python's default handler whatever the shell that started pytest
+    did with it (a background job or nohup ignores SIGINT, and fit then leaves it ignored, so nothing would stop)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def _fit(tmp_path, epochs, *, loss_fn=None, resume=False, callbacks=(), **kwargs):
     train, val = toy_tensors()
     model = toy_lite0()
@@ -43,13 +52,14 @@ def _fit(tmp_path, epochs, *, loss_fn=None, resume=False, callbacks=(), **kwargs
 
 def test_ctrl_c_stops_at_a_batch_boundary_keeps_history_and_checkpoint_and_resumes_exactly(tmp_path):
     loss = InterruptAt(at=6)  # the 2nd batch of epoch 2
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as stopped:
         _fit(tmp_path, 3, loss_fn=loss)
     assert loss.calls == 6  # the batch that got the signal finished; no further batch started
     assert stopped.value.history.epoch == [1] and stopped.value.history.interrupted
     assert "resume_from" in str(stopped.value) and "epoch 2" in str(stopped.value)
     assert isinstance(stopped.value, KeyboardInterrupt)  # so Jupyter's "run all" stops too
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    assert signal.getsignal(signal.SIGINT) is before  # the handler was put back
     assert tlkit.read_checkpoint(tmp_path / "ckpt.pt").epoch == 1
 
     resumed, h_resumed = _fit(tmp_path, 1, resume=True)

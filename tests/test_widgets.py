@@ -206,13 +206,23 @@ class InterruptAt(TensorDataset):
         return super().__getitem__(index)
 
 
-def test_an_interrupted_train_keeps_the_complete_epochs_and_raises_nothing(panel):
+@pytest.fixture
+def sigint_raises_keyboard_interrupt():
+    """Python's default SIGINT handler, as Jupyter gives a cell and a button's callback, whatever the shell that started
+    pytest did with SIGINT (a background job or nohup ignores it, and fit then leaves it ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_an_interrupted_train_keeps_the_complete_epochs_and_raises_nothing(panel, sigint_raises_keyboard_interrupt):
+    handler = signal.getsignal(signal.SIGINT)
     x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
     panel.train_loader = DataLoader(InterruptAt(x, y, at=8), batch_size=3)  # the 1st batch of epoch 2
     panel.epochs.value = 3
     history = panel.train()
     assert history.epoch == [1] and history.interrupted and panel.history is history
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler  # the handler in place before Train was put back
     panel.epochs.value = 1
     panel.train_loader = DataLoader(TensorDataset(x, y), batch_size=3)
     assert panel.train().epoch == [1, 2]  # the next Train continues the count

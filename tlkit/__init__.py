@@ -70,6 +70,7 @@ from .train import (
     Callback,
     EarlyStopping,
     History,
+    NonFiniteLossError,
     RestoreBest,
     SaveCheckpoint,
     TrainingInterrupted,
@@ -94,7 +95,7 @@ __all__ = [
     "compare_arms", "Comparison", "paired_difference", "PairedDifference",
     "summarize_seeds", "mean_std_table", "versus_sentence", "ranking_sentence", "headline_metrics",
     # training and prediction
-    "fit", "History", "Callback", "EarlyStopping", "RestoreBest", "SaveCheckpoint", "TrainingInterrupted",
+    "fit", "History", "Callback", "EarlyStopping", "RestoreBest", "SaveCheckpoint", "TrainingInterrupted", "NonFiniteLossError",
     "evaluate", "predict", "predict_images",
     # figures
     "save_figure", "show_images", "LiveCurves", "plot_history", "compare_histories", "plot_confusion_matrix",

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from .models import TransferModel
 from .optim import param_groups
+from .params import check_learning_rate, check_weight_decay
 
 SUGGESTION_RULE = (
     "suggestion: the LR where the smoothed loss falls fastest (steepest negative slope against log10 LR, looked for "
@@ -153,9 +154,10 @@ def _sweep_groups(
         # ``defaults`` cannot be passed back: AdamW's include a name its __init__ does not take).
         sweep = type(optimizer)(groups)
         sweep.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-        reference = sweep.param_groups[0]["lr"]
-        if not reference > 0:
-            raise ValueError(f"The optimizer's first param group has lr={reference}; lr_find needs positive LRs to keep their ratios.")
+        lrs = [g["lr"] for g in sweep.param_groups]
+        if not all(0 < lr < math.inf for lr in lrs):
+            raise ValueError(f"The optimizer's param groups have lr={lrs}; lr_find needs positive finite LRs to keep their ratios.")
+        reference = lrs[0]
         mults = [g["lr"] / reference for g in sweep.param_groups]
     else:
         in_module = {id(p) for p in module.parameters()}
@@ -250,7 +252,10 @@ def lr_find(
     back too, so the next epoch sees the same batches as without the sweep. Not restored: the state
     of loader workers or of a sampler with a generator of its own, and anything ``loss_fn`` keeps.
     """
-    if not 0 < start_lr < end_lr:
+    check_learning_rate("start_lr", start_lr)
+    check_learning_rate("end_lr", end_lr)
+    check_weight_decay("weight_decay", weight_decay)
+    if not start_lr < end_lr:
         raise ValueError(f"Need 0 < start_lr < end_lr, got start_lr={start_lr}, end_lr={end_lr}.")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be a whole number of at least 2, got {num_steps!r}.")

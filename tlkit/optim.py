@@ -7,10 +7,12 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from numbers import Real
 
 import torch
 
 from .models import TransferModel, _check_names, block_names, set_trainable
+from .params import check_learning_rate, check_weight_decay
 
 
 def lr_multipliers(
@@ -22,9 +24,9 @@ def lr_multipliers(
     multipliers = OrderedDict((name, layer_decay**k) for k, name in enumerate(reversed(block_names(model))))
     overrides = dict(lr_mult or {})
     _check_names(model, overrides)
-    bad = {name: m for name, m in overrides.items() if not m > 0}
+    bad = {name: m for name, m in overrides.items() if isinstance(m, bool) or not isinstance(m, Real) or not 0 < m < math.inf}
     if bad:
-        raise ValueError(f"lr_mult values must be positive (freeze a block instead of giving it LR 0), got {bad}.")
+        raise ValueError(f"lr_mult values must be positive finite numbers (freeze a block instead of giving it LR 0), got {bad}.")
     multipliers.update(overrides)
     return multipliers
 
@@ -43,6 +45,7 @@ def param_groups(
     ``names`` limits the groups to those blocks; parameters in ``exclude`` (already in an optimizer)
     are left out. Each group carries its block's name under ``"name"``.
     """
+    lr = check_learning_rate("lr", lr)
     multipliers = lr_multipliers(model, layer_decay, lr_mult)
     wanted = set(_check_names(model, names)) if names is not None else set(multipliers)
     skip = {id(p) for p in exclude}
@@ -64,6 +67,7 @@ def make_optimizer(
     weight_decay: float = 0.0,
 ) -> torch.optim.AdamW:
     """AdamW over the trainable blocks with discriminative learning rates (``param_groups``)."""
+    weight_decay = check_weight_decay("weight_decay", weight_decay)
     groups = param_groups(model, lr, layer_decay=layer_decay, lr_mult=lr_mult)
     if not groups:
         raise ValueError("The model has no trainable parameters: unfreeze at least the head (tlkit.unfreeze(model, ['head'])).")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import math
 import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -98,6 +99,31 @@ def check_float(
         what = ("a positive number" if positive else "a number") + (f" {rules}" if rules else "")
         raise ValueError(f"{name} must be {what}{_none_note(allow_none)}, got {parsed:g}.")
     return parsed
+
+
+def check_learning_rate(name: str, value: Any) -> float:
+    """``value`` as a learning rate given in Python (not text): a finite number above 0.
+
+    ``value > 0`` alone lets ``inf`` through, and an infinite (or nan) learning rate turns every weight into nan at
+    the first optimizer step, which training would otherwise carry on with.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a positive number, got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(
+            f"{name} must be a positive number, got {value!r}: a learning rate must be finite (with {name}={value!r} "
+            f"the first optimizer step turns every weight into nan); typical values are 1e-5 to 1e-1."
+        )
+    if not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}.")
+    return float(value)
+
+
+def check_weight_decay(name: str, value: Any) -> float:
+    """``value`` as a weight decay given in Python (not text): a finite number of at least 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of at least 0 (0: no weight decay; typical 0.01 to 0.1), got {value!r}.")
+    return float(value)
 
 
 def check_bool(name: str, value: Any, *, allow_none: bool = False) -> bool | None:

@@ -20,10 +20,11 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Sampler, Subset, TensorDataset
 from tqdm.auto import tqdm
 
+from ._io import user_path
 from .checkpoints import CheckpointSaveError, load_checkpoint, save_checkpoint
 from .data import make_loader
 from .models import below_head_frozen, head_linear
-from .params import check_seed
+from .params import check_learning_rate, check_seed, check_weight_decay
 from .transforms import to_rgb
 
 
@@ -113,7 +114,10 @@ def _with_progress(loader: Iterable, desc: str, progress: bool) -> Iterator:
     second pass, which draws from its shuffling generator (other batches than the loader gives alone)
     and starts its workers once more.
     """
-    total = len(loader) if hasattr(loader, "__len__") else None
+    try:
+        total = len(loader)
+    except TypeError:  # a DataLoader over an iterable dataset without a length
+        total = None
     with tqdm(total=total, desc=desc, leave=False, disable=not progress) as bar:
         for batch in loader:
             yield batch
@@ -146,7 +150,7 @@ class _StopRequest:
         self._previous = None
 
     def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and _sigint_is_ours_to_handle():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -159,6 +163,12 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         print("Interrupt received: training stops after this batch (interrupt again to stop at once).", flush=True)
+
+
+def _sigint_is_ours_to_handle() -> bool:
+    """False where SIGINT is ignored on purpose (``nohup``, a background job: the run stays uninterruptible, as asked)
+    or handled outside Python (``getsignal`` gives None: that handler could not be put back afterwards)."""
+    return signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None)
 
 
 class _Stopped(Exception):
@@ -193,6 +203,19 @@ def _channels_last_batch(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
+@dataclass
+class _EpochTotals:
+    """What one pass over a loader measured: mean loss, accuracy, items and batches seen, and the first batch whose
+    loss was not finite (1-based; None when every one was)."""
+
+    loss: float
+    acc: float
+    seen: int
+    batches: int
+    bad_batch: int | None = None
+    bad_loss: float | None = None
+
+
 def _run_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -203,18 +226,23 @@ def _run_epoch(
     loss_fn: nn.Module,
     desc: str,
     progress: bool,
+    name: str,
     stop: _StopRequest | None = None,
     utilization: list[float] | None = None,
     outputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-) -> tuple[float, float, int]:
+) -> _EpochTotals:
     """One pass over ``loader`` (batches in channels_last); trains when ``optimizer`` is given.
 
-    Returns (mean loss, accuracy, items seen); ``outputs`` (a list) gets each batch's (float CPU logits, CPU labels).
+    Each batch's loss and number of correct predictions stay on the device and are read once, at the end: reading
+    them per batch (``.item()``) would make the CPU wait for the GPU at every batch. ``outputs`` (a list) gets each
+    batch's (float CPU logits, CPU labels). A loader that yields nothing is an error naming it (``name``).
     """
     training = optimizer is not None
     model.train(training)
     amp_dtype = _amp_dtype(device)
-    total_loss, correct, seen = 0.0, 0, 0
+    losses: list[torch.Tensor] = []
+    hits: list[torch.Tensor] = []
+    sizes: list[int] = []
     with torch.set_grad_enabled(training):
         for step, (x, y) in enumerate(_with_progress(loader, desc, progress)):
             if stop is not None and stop.requested:
@@ -240,12 +268,68 @@ def _run_epoch(
                 utilization.append(_gpu_utilization(device))
             if outputs is not None:
                 outputs.append((logits.detach().float().cpu(), y.cpu()))
-            total_loss += loss.item() * len(y)
+            losses.append(loss.detach().float().reshape(()))
             # Soft targets (MixUp/CutMix: class probabilities, N x C) count as their largest class.
             hard_y = y.argmax(1) if y.ndim == 2 else y
-            correct += (logits.argmax(1) == hard_y).sum().item()
-            seen += len(y)
-    return total_loss / max(seen, 1), correct / max(seen, 1), seen
+            hits.append((logits.argmax(1) == hard_y).sum())
+            sizes.append(len(y))
+    if not sizes:
+        raise ValueError(_no_batches_message(loader, name))
+    return _epoch_totals(losses, hits, sizes)
+
+
+def _epoch_totals(losses: list[torch.Tensor], hits: list[torch.Tensor], sizes: list[int]) -> _EpochTotals:
+    """The pass's totals from its per-batch tensors, read from the device in one transfer each."""
+    batch_losses = torch.stack(losses).tolist()
+    correct = int(torch.stack(hits).sum())
+    seen = sum(sizes)
+    total_loss = sum(loss * size for loss, size in zip(batch_losses, sizes))
+    bad = next((i for i, loss in enumerate(batch_losses) if not math.isfinite(loss)), None)
+    return _EpochTotals(
+        loss=total_loss / seen, acc=correct / seen, seen=seen, batches=len(sizes),
+        bad_batch=None if bad is None else bad + 1, bad_loss=None if bad is None else batch_losses[bad],
+    )
+
+
+def _no_batches_message(loader: Iterable, name: str) -> str:
+    """Why ``loader`` yields no batch, and what to change (an empty pass would report loss 0.0 and accuracy 0.0)."""
+    dataset = getattr(loader, "dataset", None)
+    try:
+        size = len(dataset)
+    except TypeError:  # no dataset, or an iterable one without a length
+        size = None
+    batch_size = getattr(loader, "batch_size", None)
+    if size == 0:
+        why = "its dataset is empty (0 items); check the folder or split it was made from"
+    elif size is not None and getattr(loader, "drop_last", False) and batch_size and size < batch_size:
+        why = (f"its dataset has {size} item(s), fewer than batch_size={batch_size}, and drop_last=True drops that "
+               f"incomplete batch; use batch_size={size} or less, or drop_last=False")
+    elif size is not None:
+        why = f"its dataset has {size} item(s) but its sampler yields none; check the sampler"
+    else:
+        why = "it yielded nothing; check the data it iterates"
+    return f"{name} has no batches: {why}. A pass over no batch would report loss 0.0 and accuracy 0.0 as if measured."
+
+
+def _check_has_batches(loader: Iterable, name: str) -> None:
+    """Refuse a loader known to be empty before any work; one without a length is checked after its first pass."""
+    try:
+        batches = len(loader)
+    except TypeError:
+        return
+    if batches == 0:
+        raise ValueError(_no_batches_message(loader, name))
+
+
+class NonFiniteLossError(FloatingPointError):
+    """``fit`` stopped because a batch's loss was nan or infinite; ``history`` holds the complete (finite) epochs.
+
+    It is raised before that epoch's history row and callbacks, so ``SaveCheckpoint`` keeps the last finite epoch.
+    """
+
+    def __init__(self, message: str, history: History) -> None:
+        super().__init__(message)
+        self.history = history
 
 
 # --- does the model fit the data? ------------------------------------------------------------------
@@ -379,13 +463,14 @@ def _warn_if_fitted_before(model: nn.Module) -> None:
 
 
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu", *, progress: bool = False) -> dict[str, float]:
-    """Mean cross-entropy loss and accuracy of ``model`` on ``loader``."""
+    """Mean cross-entropy loss and accuracy of ``model`` on ``loader`` (which must yield at least one batch)."""
     check_head_fits(model, loader, where="evaluate")
-    loss, acc, _ = _run_epoch(
+    _check_has_batches(loader, "evaluate: loader")
+    totals = _run_epoch(
         _channels_last_model(model), loader, torch.device(device), optimizer=None, scaler=None,
-        loss_fn=nn.CrossEntropyLoss(), desc="eval", progress=progress,
+        loss_fn=nn.CrossEntropyLoss(), desc="eval", progress=progress, name="evaluate: loader",
     )
-    return {"loss": loss, "acc": acc}
+    return {"loss": totals.loss, "acc": totals.acc}
 
 
 SchedulerSpec = str | Callable[[torch.optim.Optimizer], object] | None
@@ -401,12 +486,6 @@ def _make_scheduler(spec: SchedulerSpec, optimizer: torch.optim.Optimizer, epoch
     if callable(spec):
         return spec(optimizer)
     raise ValueError(f"Unknown scheduler {spec!r}: use 'cosine', 'plateau', None, or a function optimizer -> scheduler.")
-
-
-def _check_positive(**values: float) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}.")
 
 
 def _check_epochs(epochs: int) -> None:
@@ -599,18 +678,25 @@ def fit(
     Interrupting (Ctrl-C, Jupyter's stop button) ends training at the next batch boundary: the unfinished
     epoch is dropped, the callbacks' ``on_fit_end`` runs, and ``TrainingInterrupted`` is raised (a
     KeyboardInterrupt, so "run all" stops too; its ``.history`` holds the complete epochs, which a
-    ``SaveCheckpoint`` file also keeps).
+    ``SaveCheckpoint`` file also keeps). Where SIGINT is ignored (``nohup``, a background job) it stays ignored.
+
+    A batch whose loss is nan or infinite stops training with ``NonFiniteLossError`` at the end of that epoch's
+    training pass, naming the batch and the likely causes; that epoch gets no history row and no callback runs, so
+    a ``SaveCheckpoint`` file keeps the last finite epoch (the model keeps its, most likely non-finite, weights).
+    Learning rates must be finite, and both loaders must yield at least one batch.
     """
     _check_epochs(epochs)
-    _check_positive(lr=lr)
+    check_learning_rate("lr", lr)
     check_head_fits(model, train_loader, where="fit (train_loader)")
     check_head_fits(model, val_loader, where="fit (val_loader)")
+    _check_has_batches(train_loader, "fit: train_loader")
+    _check_has_batches(val_loader, "fit: val_loader")
     fitted_before = _epochs_fitted(model)
     if resume_from is None:
         _warn_if_fitted_before(model)
     device = torch.device(device)
     _channels_last_model(model.to(device))  # faster convolutions on GPUs and CPUs alike: bench/channels_last.py
-    optimizer = _default_optimizer(model, lr) if optimizer is None else optimizer
+    optimizer = _default_optimizer(model, lr) if optimizer is None else _check_optimizer_rates(optimizer)
     scheduler = _make_scheduler(scheduler, optimizer, epochs)
     scaler = torch.amp.GradScaler("cuda") if _amp_dtype(device) == torch.float16 else None
     callbacks = _as_callbacks(callbacks)
@@ -622,7 +708,8 @@ def fit(
     with _StopRequest() as stop:
         try:
             for state.epoch in tqdm(range(first, first + epochs), desc="epochs", disable=not progress):
-                _fit_one_epoch(state, val_loader, loss_fn, device, progress=progress, stop=stop)
+                _fit_one_epoch(state, val_loader, loss_fn, device, progress=progress, stop=stop, first_of_run=state.epoch == first,
+                               checkpoint=_checkpoint_of(callbacks))
                 for callback in callbacks:
                     callback.on_epoch_end(state)
                 if state.stop:
@@ -645,6 +732,17 @@ def _default_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
+def _check_optimizer_rates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``optimizer`` if every param group's learning rate (and weight decay) is finite; an infinite or nan one turns
+    every weight into nan at the first step."""
+    for i, group in enumerate(optimizer.param_groups):
+        where = f"optimizer.param_groups[{i}]" + (f" ({group['name']})" if "name" in group else "")
+        check_learning_rate(f"{where} lr", float(group["lr"]))
+        if "weight_decay" in group:
+            check_weight_decay(f"{where} weight_decay", float(group["weight_decay"]))
+    return optimizer
+
+
 def _starting_history(resume_from: str | Path | History | None, state: FitState, checkpoint: SaveCheckpoint | None) -> History:
     """The history this run continues: new, the given one, or a checkpoint's (whose training state is loaded too)."""
     if resume_from is None:
@@ -664,33 +762,39 @@ def _starting_history(resume_from: str | Path | History | None, state: FitState,
 
 
 def _fit_one_epoch(state: FitState, val_loader: DataLoader, loss_fn: nn.Module, device: torch.device, *,
-                   progress: bool, stop: _StopRequest) -> None:
-    """Train one epoch, validate (outputs into ``state``), append the history row, step the scheduler."""
+                   progress: bool, stop: _StopRequest, first_of_run: bool, checkpoint: SaveCheckpoint | None) -> None:
+    """Train one epoch, validate (outputs into ``state``), append the history row, step the scheduler.
+
+    A non-finite loss raises ``NonFiniteLossError`` before the row is appended (so before any callback): checked
+    once after the training pass, which spares a GPU sync per batch and the validation of nan weights.
+    """
     start = time.perf_counter()
     lr = state.optimizer.param_groups[0]["lr"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     utilization: list[float] = []
-    train_loss, train_acc, seen = _train_one_epoch(state, loss_fn, device, progress=progress, stop=stop, utilization=utilization)
+    train = _train_one_epoch(state, loss_fn, device, progress=progress, stop=stop, utilization=utilization)
     train_time = time.perf_counter() - start
-    val_loss, val_acc, state.val_logits, state.val_labels = _validate(
+    _raise_if_not_finite(train, "training", state, device, first_of_run=first_of_run, checkpoint=checkpoint)
+    val, state.val_logits, state.val_labels = _validate(
         state.model, val_loader, device, desc=f"val {state.epoch}", progress=progress, stop=stop,
     )
+    _raise_if_not_finite(val, "validation", state, device, first_of_run=first_of_run, checkpoint=checkpoint)
     state.history.append(
-        epoch=state.epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc, lr=lr,
-        epoch_time=time.perf_counter() - start, images_per_s=seen / max(train_time, 1e-9), **_gpu_figures(device, utilization),
+        epoch=state.epoch, train_loss=train.loss, train_acc=train.acc, val_loss=val.loss, val_acc=val.acc, lr=lr,
+        epoch_time=time.perf_counter() - start, images_per_s=train.seen / max(train_time, 1e-9), **_gpu_figures(device, utilization),
     )
-    _step_scheduler(state.scheduler, val_loss)
+    _step_scheduler(state.scheduler, val.loss)
 
 
 def _train_one_epoch(state: FitState, loss_fn: nn.Module, device: torch.device, *, progress: bool,
-                     stop: _StopRequest, utilization: list[float]) -> tuple[float, float, int]:
-    """One training pass over ``state.train_loader``: (mean loss, accuracy, items seen); GPU utilization samples
-    go to ``utilization``."""
+                     stop: _StopRequest, utilization: list[float]) -> _EpochTotals:
+    """One training pass over ``state.train_loader``; GPU utilization samples go to ``utilization``."""
     on_gpu = device.type == "cuda"
     result = _run_epoch(
         state.model, state.train_loader, device, optimizer=state.optimizer, scaler=state.scaler, loss_fn=loss_fn,
-        desc=f"train {state.epoch}", progress=progress, stop=stop, utilization=utilization if on_gpu else None,
+        desc=f"train {state.epoch}", progress=progress, name="fit: train_loader", stop=stop,
+        utilization=utilization if on_gpu else None,
     )
     if on_gpu:
         torch.cuda.synchronize(device)
@@ -698,16 +802,54 @@ def _train_one_epoch(state: FitState, loss_fn: nn.Module, device: torch.device, 
 
 
 def _validate(model: nn.Module, loader: DataLoader, device: torch.device, *, desc: str, progress: bool,
-              stop: _StopRequest | None = None) -> tuple[float, float, torch.Tensor, torch.Tensor]:
-    """One validation pass (plain cross-entropy): (mean loss, accuracy, logits as float on the CPU, labels)."""
+              stop: _StopRequest | None = None) -> tuple[_EpochTotals, torch.Tensor, torch.Tensor]:
+    """One validation pass (plain cross-entropy): its totals, the logits as float on the CPU, and the labels."""
     outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    loss, acc, _ = _run_epoch(
+    totals = _run_epoch(
         model, loader, device, optimizer=None, scaler=None, loss_fn=nn.CrossEntropyLoss(), desc=desc,
-        progress=progress, stop=stop, outputs=outputs,
+        progress=progress, name="fit: val_loader", stop=stop, outputs=outputs,
     )
-    if not outputs:
-        return loss, acc, torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    return loss, acc, torch.cat([logits for logits, _ in outputs]), torch.cat([labels for _, labels in outputs])
+    return totals, torch.cat([logits for logits, _ in outputs]), torch.cat([labels for _, labels in outputs])
+
+
+def _raise_if_not_finite(totals: _EpochTotals, phase: str, state: FitState, device: torch.device, *,
+                         first_of_run: bool, checkpoint: SaveCheckpoint | None) -> None:
+    """``NonFiniteLossError`` naming the epoch, the batch, the loss and its likely causes, if a batch's loss was not finite."""
+    if totals.bad_batch is None:
+        return
+    where = f"The {phase} loss is {totals.bad_loss} at epoch {state.epoch}, batch {totals.bad_batch} of {totals.batches}"
+    causes = _non_finite_causes(phase, state.optimizer, device, before_any_step=first_of_run and totals.bad_batch == 1 and phase == "training")
+    raise NonFiniteLossError(f"{where}: training stopped there. {causes} {_what_is_kept(state.history, checkpoint)}", state.history)
+
+
+def _non_finite_causes(phase: str, optimizer: torch.optim.Optimizer, device: torch.device, *, before_any_step: bool) -> str:
+    """The likely causes of a non-finite loss, the impossible ones left out."""
+    inputs = "nan or inf in the inputs or labels (check torch.isfinite(x).all() on a batch)"
+    if before_any_step:
+        return (f"It is the run's first batch, before any optimizer step, so the learning rate is not the cause: look for "
+                f"{inputs}, or non-finite weights in the model (a model from a run that already went nan).")
+    rates = sorted({float(g["lr"]) for g in optimizer.param_groups})
+    lr = f"lr={rates[0]:g}" if len(rates) == 1 else f"lrs from {rates[0]:g} to {rates[-1]:g}"
+    causes = [f"a learning rate too high (the optimizer's {lr} now: try 10 times lower, or tlkit.lr_find for a range)"]
+    if _amp_dtype(device) == torch.float16:
+        causes.append("an overflow of float16 in mixed precision (this GPU lacks bfloat16, so autocast uses float16, "
+                      "whose largest value is 65504)")
+    causes.append(inputs if phase == "training" else inputs.replace("inputs or labels", "validation inputs or labels"))
+    lead = ("The training losses of this epoch were finite, so its last steps most likely made the weights non-finite. "
+            if phase == "validation" else "")
+    return f"{lead}Likely causes: {'; '.join(causes)}."
+
+
+def _what_is_kept(history: History, checkpoint: SaveCheckpoint | None) -> str:
+    epochs = (f"The {len(history)} complete epoch(s) before it are in this error's .history (history = err.history in an "
+              f"except block)" if history.epoch else "No epoch was complete (err.history is empty)")
+    kept = f"{epochs}; the model's weights are most likely non-finite now"
+    if checkpoint is not None and user_path(checkpoint.path).exists():
+        return (f"{kept}, while the checkpoint {checkpoint.path} was not replaced (it keeps the last finite epoch it "
+                f"saved): reload it with tlkit.checkpoints.load_checkpoint('{checkpoint.path}', model) before training again.")
+    if checkpoint is not None:
+        return f"{kept}; no epoch was saved to {checkpoint.path}."
+    return f"{kept}: pass callbacks=[tlkit.SaveCheckpoint(path, classes)] to fit to keep the last finite epoch on disk."
 
 
 def _gpu_figures(device: torch.device, utilization: list[float]) -> dict[str, float]:
@@ -742,12 +884,15 @@ def _interrupted_message(epoch: int, history: History, checkpoint: SaveCheckpoin
 def predict(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu", *, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Class probabilities (N x C) and true labels (N) for every item of ``loader``, on the CPU."""
     check_head_fits(model, loader, where="predict")
+    _check_has_batches(loader, "predict: loader")
     device = torch.device(device)
     _channels_last_model(model).to(device).eval()
     probs, labels = [], []
     for x, y in _with_progress(loader, "predict", progress):
         probs.append(model(_channels_last_batch(x.to(device))).float().softmax(1).cpu())
         labels.append(y)
+    if not probs:  # a loader without a length that yielded nothing
+        raise ValueError(_no_batches_message(loader, "predict: loader"))
     return torch.cat(probs), torch.cat(labels)
 
 
@@ -800,5 +945,7 @@ def fit_head(
     val_loader = make_loader(val_features, None, batch_size, shuffle=False)
     check_head_fits(model, train_loader, where="fit_head (train_features)")
     check_head_fits(model, val_loader, where="fit_head (val_features)")
+    _check_has_batches(train_loader, "fit_head: train_features")
+    _check_has_batches(val_loader, "fit_head: val_features")
     return fit(model.head, train_loader, val_loader, epochs=epochs, **fit_kwargs)
 

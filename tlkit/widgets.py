@@ -7,6 +7,7 @@ only call them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -66,6 +67,7 @@ class FreezePanel:
     ) -> None:
         import ipywidgets as w
 
+        _check_transfer_model(model)
         self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
         self.device, self.save_path, self.lr_find_steps = device, save_path, lr_find_steps
         self.history: History | None = None
@@ -112,9 +114,9 @@ class FreezePanel:
         self.lr.observe(lambda change: self.refresh(), names="value")
         self.layer_decay.observe(lambda change: self.apply_layer_decay(change["new"]), names="value")
         self.bn_frozen.observe(lambda change: self.set_bn_frozen(change["new"]), names="value")
-        self.train_button.on_click(lambda button: self.train())
+        self.train_button.on_click(lambda button: self._run_for_button("Train", self.train))
         self.reset_button.on_click(lambda button: self.reset())
-        self.find_lr_button.on_click(lambda button: self.find_lr())
+        self.find_lr_button.on_click(lambda button: self._run_for_button("Find LR", self.find_lr))
         self.widget = w.VBox([
             w.HTML("<b>Blocks, input to output</b> (pressed = trains; lr = head lr × multiplier)"),
             *rows, self.summary_html, w.HBox([self.lr, self.find_lr_button, self.layer_decay]), self.bn_frozen,
@@ -122,6 +124,20 @@ class FreezePanel:
         ])
         self.widget.add_class("tlkit-freeze-panel")  # for the browser test and custom CSS
         self.refresh()
+
+    def _run_for_button(self, action: str, run: Callable[[], object]) -> None:
+        """Run a button's action and show a problem the user can fix (nothing trainable, a nan loss, a file that
+        cannot be written) in the panel: raised from a button's callback it would reach only Jupyter's log console,
+        and the button would seem dead."""
+        try:
+            run()
+        except (ValueError, FloatingPointError, OSError) as err:
+            self.show_message(f"{action}: {err}")
+
+    def show_message(self, text: str) -> None:
+        """Replace what the panel's output area shows with ``text``."""
+        self.output.outputs = ()  # clear_output() needs a kernel to clear anything; this works with and without one
+        self.output.append_stderr(f"{text}\n")
 
     # --- state logic (no widgets needed to call these) ---
 
@@ -187,6 +203,8 @@ class FreezePanel:
         """Run the LR range test on the training loader with the panel's choice and put its suggestion in the head-LR slider."""
         if self.train_loader is None:
             raise ValueError("FreezePanel needs a train_loader to find the LR: FreezePanel(model, train_loader, val_loader).")
+        if not trainable_blocks(self.model):
+            raise ValueError("The model has no trainable parameters: press at least the head's toggle (Find LR sweeps the blocks that train).")
         self.model.to(self.device)  # where Train would put it
         self.lr_finder = lr_find(self.model, self.train_loader, lr_mult=self.lr_mult(), num_steps=self.lr_find_steps)
         self.lr.value = _significant(self.lr_finder.suggestion, 3)  # the slider's readout shows it whole
@@ -250,6 +268,18 @@ class FreezePanel:
 
     def _repr_mimebundle_(self, **kwargs) -> dict:
         return self.widget._repr_mimebundle_(**kwargs)
+
+
+def _check_transfer_model(model: object) -> None:
+    """The panel toggles a TransferModel's named blocks: refuse anything else before building a widget."""
+    if isinstance(model, TransferModel):
+        return
+    raise TypeError(
+        f"FreezePanel needs a tlkit.TransferModel, whose named blocks (stem, stages, head) it freezes and unfreezes, "
+        f"got {type(model).__name__}. Build the model with tlkit.create_model(backbone, num_classes), e.g. "
+        f"tlkit.create_model('efficientnet_lite0', 3), or wrap your own parts in tlkit.TransferModel(features, pool, "
+        f"head, ...) with features an nn.Sequential of the blocks to toggle."
+    )
 
 
 def _significant(value: float, digits: int) -> float:
