@@ -122,3 +122,13 @@ def test_killing_a_save_midway_leaves_a_loadable_checkpoint(tmp_path):
         proc.wait()
     ckpt = read_checkpoint(path)
     assert ckpt.epoch >= 1 and ckpt.model["weight"].shape == (4000, 4000)
+
+
+def test_save_checkpoint_records_the_training_image_size_for_predict(tmp_path):
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.arange(8) % 2)
+    loader = tlkit.make_loader(data, None, 4, shuffle=False)
+    tlkit.fit(torch.nn.Linear(3, 2), loader, loader, epochs=1, progress=False,
+              callbacks=[tlkit.SaveCheckpoint(tmp_path / "m.pt", ["a", "b"], image_size=96)])
+    assert tlkit.read_checkpoint(tmp_path / "m.pt").image_size == 96
+    tlkit.fit(torch.nn.Linear(3, 2), loader, loader, epochs=1, progress=False, callbacks=[tlkit.SaveCheckpoint(tmp_path / "n.pt", ["a", "b"])])
+    assert tlkit.read_checkpoint(tmp_path / "n.pt").image_size is None

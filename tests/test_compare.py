@@ -177,15 +177,14 @@ def _fake_run(gains: dict[str, float]):
     """A run whose accuracy is a seed effect (shared by every arm, large) plus the arm's own gain (small)."""
     seed_effect = {0: 0.60, 1: 0.70, 2: 0.65, 3: 0.75, 4: 0.62}
 
-    def run(arm: str, seed: int) -> dict[str, float]:
-        return {"val_acc": seed_effect[seed] + gains[arm] + 0.002 * (seed % 2), "seconds": 1.0}
+    def arm(gain: float):
+        return lambda seed: {"val_acc": seed_effect[seed] + gain + 0.002 * (seed % 2), "seconds": 1.0}
 
-    return run
+    return {name: arm(gain) for name, gain in gains.items()}
 
 
 def test_compare_arms_pairs_by_seed_where_the_spread_alone_would_call_a_tie():
-    run = _fake_run({"head": 0.0, "last block": 0.02, "same": 0.0})
-    comparison = tlkit.compare_arms(run, ["head", "last block", "same"], [0, 1, 2, 3, 4])
+    comparison = tlkit.compare_arms(_fake_run({"head": 0.0, "last block": 0.02, "same": 0.0}), [0, 1, 2, 3, 4])
     summary = comparison.summary(["val_acc"])
     # unpaired, the 2-point gain is far inside the 6-point spread the seeds cause: a "tie"
     assert summary.loc["last block", "val_acc std"] > 0.05
@@ -197,14 +196,14 @@ def test_compare_arms_pairs_by_seed_where_the_spread_alone_would_call_a_tie():
     assert sentences[0].startswith("last block beats head on val_acc: last block minus head is +2.0 points")
     assert sentences[1].startswith("same and head tie on val_acc")
     assert comparison.ranking().startswith("Highest mean val_acc over 5 seeds: last block")
-    assert "it beats head (+2.0 points" in comparison.ranking()
+    assert "it beats head (+2.0 [+" in comparison.ranking()
     table = comparison.table()
-    assert table.loc["last block", "minus head"].startswith("+2.0 points [+") and table.loc["head", "minus head"] == ""
+    shown = table.loc["last block", "minus head"]
+    assert shown.startswith("+2.0 [+") and shown.endswith("] points") and table.loc["head", "minus head"] == ""
 
 
 def test_a_second_metric_scores_the_same_runs_and_results_are_flat_numbers():
-    run = _fake_run({"a": 0.0, "b": -0.05})
-    comparison = tlkit.compare_arms(run, ["a", "b"], [0, 1, 2])
+    comparison = tlkit.compare_arms(_fake_run({"a": 0.0, "b": -0.05}), [0, 1, 2])
     test = comparison.with_metric("test_acc", lambda arm, seed, output: output["val_acc"] - 0.1)
     assert test.metric == "test_acc" and test.differences()["b"].mean == pytest.approx(-0.05)
     assert test.sentences()[0].startswith("a beats b on test_acc")
@@ -215,21 +214,21 @@ def test_a_second_metric_scores_the_same_runs_and_results_are_flat_numbers():
 
 
 def test_compare_arms_says_what_is_wrong_with_its_input():
-    run = _fake_run({"a": 0.0})
-    with pytest.raises(KeyError, match=r"run\('a', 0\) returned no 'test_acc'; it returned \['seconds', 'val_acc'\]"):
-        tlkit.compare_arms(run, ["a"], [0], metric="test_acc")
+    arms = _fake_run({"a": 0.0})
+    with pytest.raises(KeyError, match=r"Arm 'a' on seed 0 returned no 'test_acc'; it returned \['seconds', 'val_acc'\]"):
+        tlkit.compare_arms(arms, [0], metric="test_acc")
     with pytest.raises(ValueError, match="reference 'z' is not one of the arms"):
-        tlkit.compare_arms(run, ["a"], [0], reference="z")
-    with pytest.raises(ValueError, match="distinct names"):
-        tlkit.compare_arms(run, ["a", "a"], [0])
+        tlkit.compare_arms(arms, [0], reference="z")
+    with pytest.raises(TypeError, match="arms must map each arm's name to a function of the seed"):
+        tlkit.compare_arms(["a"], [0])
     with pytest.raises(TypeError, match="must return a mapping of metrics"):
-        tlkit.compare_arms(lambda arm, seed: 0.7, ["a"], [0])
+        tlkit.compare_arms({"a": lambda seed: 0.7}, [0])
 
 
 def test_start_lesson_checks_parameters_and_builds_what_the_cells_share(tmp_path):
     namespace = {"dataset": "clothing", "backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": "96",
                  "batch_size": 16, "epochs": 3, "lr": 1e-3, "seed": 2, "seeds": "[0, 1]", "device": "cpu",
-                 "results_path": str(tmp_path / "r.json"), "samples_per_class": 5, "scratch_epochs": 1, "scratch_seeds": [],
+                 "results_path": str(tmp_path / "r.json"), "samples_per_class": 5,
                  "data_curve": [], "data_root": str(tmp_path / "data"), "output_dir": str(tmp_path / "out"), "progress": False}
     lesson = tlkit.start_lesson("01", namespace)
     assert namespace["seeds"] == [0, 1] and namespace["image_size"] == 96  # cleaned values written back

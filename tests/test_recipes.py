@@ -242,3 +242,25 @@ def test_continue_training_refuses_bad_options_before_training(tmp_path, kw, mes
     with pytest.raises(ValueError, match=message):
         tlkit.continue_training(tlkit.RunConfig(**TINY), tmp_path / "never_read.pt", None, None, {}, classes=["a"],
                                 trainable=["head"], transform=None, **kw)
+
+
+# --- notebook 01's baselines: no training, a head like any other -----------------------------------------
+
+
+def test_nearest_class_mean_is_a_linear_head_that_picks_the_nearest_mean_and_majority_is_the_floor(class_folder, tmp_path):
+    splits = tlkit.load_dataset(str(class_folder), val_fraction=0.25)
+    config = tlkit.RunConfig(weights=None, cache_dir=tmp_path, **TINY)
+    ncm = tlkit.recipes.nearest_class_mean(config, splits)
+    features = tlkit.cached_features(ncm.model, tlkit.make_loader(splits.train, tlkit.eval_transform(32, ncm.model.normalization), 8, shuffle=False),
+                                     cache_dir=tmp_path, progress=False)
+    val = tlkit.cached_features(ncm.model, tlkit.make_loader(splits.val, tlkit.eval_transform(32, ncm.model.normalization), 8, shuffle=False),
+                                cache_dir=tmp_path, progress=False)
+    (x, y), (vx, vy) = features.tensors, val.tensors
+    means = torch.stack([x[y == c].mean(0) for c in range(3)])
+    nearest = torch.cdist(vx, means).argmin(1)  # the rule, written out
+    assert ncm.val_acc == pytest.approx((nearest == vy).float().mean().item())
+    assert torch.equal(ncm.model.head(vx).argmax(1), nearest)
+    majority = tlkit.recipes.majority_class(config, splits)
+    counts = torch.bincount(vy)  # the commonest class on validation: the best constant answer there
+    assert majority.val_acc == pytest.approx(counts.max().item() / len(vy))
+    assert tlkit.evaluate_on(majority.model, splits.val, config)["acc"] == pytest.approx(majority.val_acc)

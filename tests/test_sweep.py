@@ -371,7 +371,7 @@ def test_a_sweep_killed_after_its_first_run_is_resumed_and_reuses_that_run(tiny_
 
 @pytest.mark.notebook
 def test_a_2x2_sweep_of_notebook_01_runs_every_point_in_its_own_folder(tmp_path):
-    tiny = {"samples_per_class": 3, "epochs": 2, "scratch_epochs": 1, "data_curve": [], "image_size": 32}
+    tiny = {"samples_per_class": 3, "epochs": 2, "data_curve": [], "image_size": 32}
     table = sweep(NB01, tiny, {"lr": [0.01, 0.003], "seed": [0, 1]}, tmp_path, verbose=False)
     assert table["run"].tolist() == ["lr=0.01,seed=0", "lr=0.01,seed=1", "lr=0.003,seed=0", "lr=0.003,seed=1"]
     assert table["status"].tolist() == ["ok"] * 4, table["error"].tolist()

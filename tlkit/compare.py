@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -383,36 +383,59 @@ class Comparison:
 
 
 def _interval_text(d: PairedDifference) -> str:
+    """``+2.0 [+0.4, +3.6] points``: the mean paired difference and its 95% interval, in the metric's units."""
     if d.seeds < 2:
         return f"{_signed_points(d.mean, d.metric)} (one seed)"
-    return f"{_signed_points(d.mean, d.metric)} [{_signed_points(d.low, d.metric)}, {_signed_points(d.high, d.metric)}]"
+    unit = " points" if _points(1.0, d.metric).endswith("points") else ""
+    bare = [_signed_points(v, d.metric).removesuffix(" points") for v in (d.mean, d.low, d.high)]
+    return f"{bare[0]} [{bare[1]}, {bare[2]}]{unit}"
 
 
-def compare_arms(run, arms: Sequence[str], seeds: Sequence[int], *, metric: str = "val_acc", reference: str | None = None,
-                 higher_is_better: bool = True, progress: bool = False) -> Comparison:
-    """Run ``run(arm, seed)`` for every arm on every seed and compare the arms seed by seed.
+def compare_arms(arms: Mapping[str, Callable[[int], object]], seeds: Sequence[int], *, metric: str = "val_acc",
+                 reference: str | None = None, higher_is_better: bool = True, progress: bool = False) -> Comparison:
+    """Run every arm on every seed (``arms[name](seed)``) and compare the arms seed by seed.
 
-    ``run`` returns the run's metrics (a mapping such as ``{"val_acc": 0.74, "seconds": 3.1}``, or a tlkit
-    ``RunResult``); whatever it returns is kept in ``outputs[arm, seed]`` (models, histories). A seed gives every arm
-    the same data and head initialisation, so the arms are compared by their per-seed differences.
+    Each arm returns its run's metrics: a mapping such as ``{"val_acc": 0.74, "seconds": 3.1}``, or a tlkit
+    ``RunResult``; whatever it returns is kept in ``outputs[name, seed]`` (models, histories). A seed gives every arm
+    the same data and head initialisation, so the arms are compared by their per-seed differences. ``reference``
+    (default: the first arm) is the arm the others are compared with.
+
+        comparison = tlkit.compare_arms({
+            "pretrained": lambda seed: tlkit.linear_probe(config.replace(seed=seed), data(seed)),
+            "random init": lambda seed: tlkit.linear_probe(config.replace(seed=seed, weights=None), data(seed)),
+        }, seeds=[0, 1, 2])
     """
     from tqdm.auto import tqdm
 
-    arms, seeds = [str(a) for a in arms], check_seeds(list(seeds))
-    if not arms or len(set(arms)) != len(arms):
-        raise ValueError(f"arms must be distinct names, at least one, got {arms!r}.")
-    reference = arms[0] if reference is None else reference
-    if reference not in arms:
-        raise ValueError(f"reference {reference!r} is not one of the arms {arms}.")
+    if not isinstance(arms, Mapping) or not arms or not all(callable(run) for run in arms.values()):
+        raise TypeError("arms must map each arm's name to a function of the seed that runs it, e.g. "
+                        "{'head': lambda seed: tlkit.linear_probe(config.replace(seed=seed), splits)}.")
+    names, seeds = [str(a) for a in arms], check_seeds(list(seeds))
+    reference = names[0] if reference is None else reference
+    if reference not in names:
+        raise ValueError(f"reference {reference!r} is not one of the arms {names}.")
     rows, outputs = [], {}
-    with tqdm(total=len(arms) * len(seeds), desc="runs", unit="run", disable=not progress) as bar:
+    with tqdm(total=len(names) * len(seeds), desc="runs", unit="run", disable=not progress) as bar:
         for seed in seeds:  # seed by seed, so that stopping early leaves complete pairs
-            for arm in arms:
-                output = run(arm, seed)
+            for name, run in zip(names, arms.values()):
+                output = run(seed)
                 metrics = _metrics_of(output)
                 if metric not in metrics:
-                    raise KeyError(f"run({arm!r}, {seed}) returned no {metric!r}; it returned {sorted(metrics)}.")
-                rows.append({"arm": arm, "seed": seed, **metrics})
-                outputs[arm, seed] = output
+                    raise KeyError(f"Arm {name!r} on seed {seed} returned no {metric!r}; it returned {sorted(metrics)}.")
+                rows.append({"arm": name, "seed": seed, **metrics})
+                outputs[name, seed] = output
                 bar.update()
-    return Comparison(arms, seeds, rows, outputs, metric, reference, higher_is_better)
+    return Comparison(names, seeds, rows, outputs, metric, reference, higher_is_better)
+
+
+def seed_curves(comparisons: Mapping[object, Comparison], metric: str | None = None) -> dict[str, pd.DataFrame]:
+    """One comparison per point of an axis (e.g. images per class) as curves: arm -> mean, std and seeds per point,
+    the table ``tlkit.plot_seed_curves`` draws."""
+    if not comparisons:
+        raise ValueError("seed_curves needs at least one comparison.")
+    curves: dict[str, list[pd.DataFrame]] = {}
+    for x, comparison in comparisons.items():
+        chosen = metric or comparison.metric
+        for arm, row in comparison.summary([chosen]).iterrows():
+            curves.setdefault(str(arm), []).append(row.to_frame(x).T)
+    return {arm: pd.concat(rows) for arm, rows in curves.items()}

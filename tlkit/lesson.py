@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
+from .data import DatasetSplits, load_dataset
 from .notebook_params import check_notebook_parameters
 from .params import resolve_path
 from .plots import save_figure
@@ -35,12 +36,21 @@ class Lesson:
     figures: Path
     cache_dir: Path
     results_path: Path | None
+    dataset: str = "clothing"
+    data_root: Path = Path("data")
+    samples_per_class: int | None = None
 
-    def save(self, fig: Figure, name: str) -> Path:
-        """Save ``fig`` as ``name`` in this notebook's figures folder (atomically); the path."""
-        path = self.figures / name
-        save_figure(fig, path)
-        return path
+    def splits(self, seed: int | None = None, samples_per_class: int | None | str = "default") -> DatasetSplits:
+        """The notebook's dataset split by ``seed`` (default: the config's), with ``samples_per_class`` training
+        images per class (default: the notebook's parameter; None keeps them all)."""
+        per_class = self.samples_per_class if samples_per_class == "default" else samples_per_class
+        return load_dataset(self.dataset, data_root=self.data_root, seed=self.config.seed if seed is None else seed,
+                            samples_per_class=per_class)
+
+    def save(self, fig: Figure, name: str) -> None:
+        """Save ``fig`` as ``name`` in this notebook's figures folder (atomically). Returns nothing, so that a cell
+        ending with it shows only the figure."""
+        save_figure(fig, self.figures / name)
 
 
 def start_lesson(notebook: str, namespace: MutableMapping[str, Any]) -> Lesson:
@@ -57,4 +67,6 @@ def start_lesson(notebook: str, namespace: MutableMapping[str, Any]) -> Lesson:
     output_dir = Path(namespace.get("output_dir", "outputs"))
     cache_dir = output_dir / "cache"  # one folder for the feature and prefix caches of every notebook
     config = RunConfig.from_parameters(namespace, device=device, cache_dir=cache_dir)
-    return Lesson(notebook, device, config, output_dir / "figures" / notebook, cache_dir, namespace.get("results_path") or None)
+    return Lesson(notebook, device, config, output_dir / "figures" / notebook, cache_dir, namespace.get("results_path") or None,
+                  dataset=namespace.get("dataset", "clothing"), data_root=Path(namespace.get("data_root", "data")),
+                  samples_per_class=namespace.get("samples_per_class"))

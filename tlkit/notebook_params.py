@@ -59,8 +59,6 @@ def _notebook_01() -> dict[str, Check]:
     return {
         **_common(),
         "samples_per_class": _size_or_none,
-        "scratch_epochs": _size,
-        "scratch_seeds": rule(check_seed_list, allow_empty=True),
         "data_curve": rule(parse_list, item=_size_or_none, example="[5, 10, 20, null]"),
     }
 

@@ -3,7 +3,8 @@
 Every recipe takes a ``RunConfig`` first (backbone, weights, image size, batch size, epochs, LR, seed, device,
 progress bars, cache folder), then its data, then its own keywords, and returns a ``RunResult``:
 
-- ``linear_probe``, ``train_all`` (notebook 01), ``run_strategy`` (02), ``fine_tune_augmented`` (03),
+- ``linear_probe``, ``train_all``, the baselines ``nearest_class_mean`` and ``majority_class`` (notebook 01),
+  ``run_strategy`` (02), ``fine_tune_augmented`` (03),
   ``fit_head_with_remedy`` (04), ``continue_training`` (05);
 - ``evaluate_on`` scores a trained model on one more split (e.g. test) with the same configuration.
 
@@ -259,6 +260,53 @@ def linear_probe(
     history = train_head_on_features(config, model, splits, callbacks=callbacks)
     seconds = time.perf_counter() - start
     return RunResult(name or f"{config.weights or 'random'} frozen + head", model, history, seconds, _trainable(model))
+
+
+def _pretrained_features(config: RunConfig, splits: DatasetSplits) -> tuple[TransferModel, TensorDataset, TensorDataset]:
+    set_seed(config.seed)
+    model = freeze(create_model(config.backbone, len(splits.classes), config.weights))
+    transform = eval_transform(config.image_size, model.normalization)
+    features = functools.partial(cached_features, device=config.device, cache_dir=config.cache_dir, progress=config.progress)
+    train = features(model, make_loader(splits.train, transform, config.batch_size, shuffle=False))
+    val = features(model, make_loader(splits.val, transform, config.batch_size, shuffle=False))
+    return model.to(config.device), train, val
+
+
+def _baseline_result(name: str, model: TransferModel, val: TensorDataset, config: RunConfig, start: float) -> RunResult:
+    scores = evaluate(model.head, make_loader(val, None, config.batch_size, shuffle=False), config.device)
+    return RunResult(name, model, History(), time.perf_counter() - start, 0, {"val_acc": scores["acc"]})
+
+
+def nearest_class_mean(config: RunConfig, splits: DatasetSplits, *, name: str = "nearest class mean") -> RunResult:
+    """No training: each image goes to the class whose mean training feature vector is nearest (Euclidean).
+
+    That rule is a linear head, ``2 mu_c . x - |mu_c|^2`` per class ``c``, so the result is a model like any other
+    (``evaluate_on`` scores it on test). A baseline that shows how much the features alone separate the classes.
+    """
+    start = time.perf_counter()
+    model, train, val = _pretrained_features(config, splits)
+    x, y = train.tensors
+    means = torch.stack([x[y == c].mean(0) for c in range(len(splits.classes))])
+    with torch.no_grad():
+        linear = head_linear(model)
+        linear.weight.copy_(2 * means)
+        linear.bias.copy_(-(means**2).sum(1))
+    return _baseline_result(name, model, val, config, start)
+
+
+def majority_class(config: RunConfig, splits: DatasetSplits, *, name: str = "majority class") -> RunResult:
+    """No training and no image: always answer the class most common in the validation split, the best any model that
+    ignores the image can score there (a floor to clear). That class is a choice made on validation, so scoring the
+    same answer on test (``evaluate_on``) is fair. (The training split's commonest class would be arbitrary when
+    ``samples_per_class`` makes it balanced.)"""
+    start = time.perf_counter()
+    model, _, val = _pretrained_features(config, splits)
+    majority = torch.bincount(val.tensors[1], minlength=len(splits.classes)).argmax()
+    with torch.no_grad():
+        linear = head_linear(model)
+        linear.weight.zero_()
+        linear.bias.copy_(nn.functional.one_hot(majority, len(splits.classes)).float())
+    return _baseline_result(name, model, val, config, start)
 
 
 def train_all(

@@ -611,16 +611,17 @@ class SaveCheckpoint(Callback):
     """After every epoch, save the whole training state to ``path`` atomically: model, optimizer, scheduler, scaler,
     history, RNG states, the train loader's shuffling state and ``classes`` (the class names). ``fit(...,
     resume_from=path)`` continues from it exactly. A file that cannot be written raises ``CheckpointSaveError``,
-    which stops training with the complete epochs in its ``.history``."""
+    which stops training with the complete epochs in its ``.history``. ``image_size``: the size the model trains at,
+    recorded so that ``python -m tlkit.predict`` resizes new images the same way without being told."""
 
-    def __init__(self, path: str | Path, classes: Sequence[str]) -> None:
-        self.path, self.classes = path, list(classes)
+    def __init__(self, path: str | Path, classes: Sequence[str], *, image_size: int | None = None) -> None:
+        self.path, self.classes, self.image_size = path, list(classes), image_size
 
     def on_epoch_end(self, state: FitState) -> None:
         _save_epoch(
             self.path, state.model, classes=self.classes, epoch=state.epoch, history=state.history,
             optimizer=state.optimizer, scheduler=state.scheduler, scaler=state.scaler,
-            loader_rng=state.train_loader.generator,
+            loader_rng=state.train_loader.generator, image_size=self.image_size,
         )
 
 
