@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -142,7 +143,7 @@ def test_a_steady_paired_gain_is_a_win_although_the_spreads_overlap():
     diff = tlkit.compare.paired_difference(_runs(a, b), "run", "a", "b", "acc")
     assert diff.per_seed == pytest.approx({0: 0.01, 1: 0.01, 2: 0.01})
     assert diff.low == pytest.approx(0.01) and diff.high == pytest.approx(0.01)
-    assert diff.sentence().startswith("a beats b on acc: a minus b is +1.0 points")
+    assert diff.sentence().startswith("a beats b on acc by 1.0 points (95% interval")
     summary = tlkit.summarize_seeds(_runs(a, b), "run", ["acc"])
     assert "tie" in tlkit.versus_sentence(summary, "a", "b", "acc")  # the unpaired rule could not see it
 
@@ -193,7 +194,7 @@ def test_compare_arms_pairs_by_seed_where_the_spread_alone_would_call_a_tie():
     last, same = comparison.differences().values()
     assert last.per_seed == pytest.approx(dict.fromkeys(range(5), 0.02)) and last.low > 0
     sentences = comparison.sentences()
-    assert sentences[0].startswith("last block beats head on val_acc: last block minus head is +2.0 points")
+    assert sentences[0].startswith("last block beats head on val_acc by 2.0 points (95% interval 2.0 points to 2.0 points")
     assert sentences[1].startswith("same and head tie on val_acc")
     assert comparison.ranking().startswith("Highest mean val_acc over 5 seeds: last block")
     assert "it beats head (+2.0 [+" in comparison.ranking()
@@ -236,3 +237,12 @@ def test_start_lesson_checks_parameters_and_builds_what_the_cells_share(tmp_path
     assert lesson.figures == tmp_path / "out" / "figures" / "01" and lesson.cache_dir == tmp_path / "out" / "cache"
     with pytest.raises(ValueError, match="batch_size"):
         tlkit.start_lesson("01", {**namespace, "batch_size": 0})
+
+
+def test_the_winner_is_named_first_with_its_margin_as_a_positive_interval():
+    d = tlkit.compare.paired_difference(_runs([0.50, 0.60, 0.55], [0.70, 0.79, 0.76]), "run", "a", "b", "acc")
+    assert d.mean < 0 and d.high < 0
+    sentence = d.sentence()
+    assert sentence.startswith("b beats a on acc by 20.0 points (95% interval ")
+    low, high = (float(x) for x in re.findall(r"interval ([\d.]+) points to ([\d.]+) points", sentence)[0])
+    assert 0 < low < 20.0 < high and (low, high) == pytest.approx((-100 * d.high, -100 * d.low), abs=0.06)

@@ -163,15 +163,19 @@ class PairedDifference:
 
     def sentence(self, *, higher_is_better: bool = True) -> str:
         """One sentence: who is ahead by how much, with the interval; "beats" only when the interval excludes 0."""
-        gap = f"{_signed_points(self.mean, self.metric)} (95% interval {_signed_points(self.low, self.metric)} to " \
-              f"{_signed_points(self.high, self.metric)}, paired over {self.seeds} seeds)"
         if self.seeds < 2:
             return f"{self.a} minus {self.b} on {self.metric}: {_signed_points(self.mean, self.metric)} on one seed, no interval: run more seeds to judge."
+        over = f"paired over {self.seeds} seeds"
         if self.low <= 0 <= self.high:
-            return f"{self.a} and {self.b} tie on {self.metric}: {self.a} minus {self.b} is {gap}, an interval that holds 0."
+            return (f"{self.a} and {self.b} tie on {self.metric}: {self.a} minus {self.b} is {_signed_points(self.mean, self.metric)} "
+                    f"(95% interval {_signed_points(self.low, self.metric)} to {_signed_points(self.high, self.metric)}, {over}), "
+                    f"an interval that holds 0.")
         a_better = (self.mean > 0) == higher_is_better
         winner, loser = (self.a, self.b) if a_better else (self.b, self.a)
-        return f"{winner} beats {loser} on {self.metric}: {self.a} minus {self.b} is {gap}."
+        sign = 1 if self.mean > 0 else -1  # the margin by which the winner is better, as a positive number
+        low, high = sorted((sign * self.low, sign * self.high))
+        return (f"{winner} beats {loser} on {self.metric} by {_points(abs(self.mean), self.metric)} (95% interval "
+                f"{_points(low, self.metric)} to {_points(high, self.metric)}, {over}).")
 
 
 def _signed_points(difference: float, metric: str) -> str:

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._extras import require
 from ._io import SaveError, check_writable_folder
 
 # run_parameters points these at --output-dir; a -p could only break where the metrics are looked for.
@@ -70,7 +71,7 @@ def parse_value(text: str) -> object:
 
 def notebook_parameter_names(notebook: Path) -> list[str]:
     """The names in ``notebook``'s ``parameters`` cell, in order (read by papermill, no kernel started)."""
-    import papermill as pm
+    pm = require("papermill", "Running the course's notebooks")
 
     return list(pm.inspect_notebook(str(notebook)))
 
@@ -110,7 +111,7 @@ def run_parameters(notebook: Path, output_dir: Path, parameters: dict | None = N
 
 def run_notebook(notebook: Path, output_dir: Path, parameters: dict | None = None, *, cwd: Path | None = None) -> NotebookRun:
     """Execute ``notebook`` with papermill into ``output_dir`` (started in ``cwd``, default its folder); it writes its metrics to ``<name>.json`` there."""
-    import papermill as pm
+    pm = require("papermill", "Running the course's notebooks")
 
     output_dir.mkdir(parents=True, exist_ok=True)
     results = output_dir / f"{notebook.stem}.json"

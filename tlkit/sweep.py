@@ -46,7 +46,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ._io import SaveError, atomic_path, check_writable_folder, user_path, write_text_atomically
+from ._extras import require
+from ._io import SaveError, atomic_path, check_writable_folder, user_path, write_bytes_atomically, write_text_atomically
+from .compare import summarize_seeds
 from .course import (  # the -p values of python -m tlkit.course and of a sweep read alike
     NotebookRun,
     did_you_mean,
@@ -156,7 +158,7 @@ def expand_grid(grid: Mapping[str, Iterable[object]]) -> list[dict[str, object]]
 
 def notebook_parameters(notebook: Path) -> list[str]:
     """The names in ``notebook``'s ``parameters`` cell, in order (read by papermill, no kernel started)."""
-    import papermill as pm
+    pm = require("papermill", "A sweep of the course's notebooks")
 
     if not notebook.is_file():
         siblings = sorted(p.name for p in notebook.parent.glob("*.ipynb")) if notebook.parent.is_dir() else []
@@ -257,7 +259,11 @@ def headline_metrics(table: pd.DataFrame, grid_keys: Sequence[str]) -> list[str]
 
 def seed_summary(table: pd.DataFrame, grid_keys: Sequence[str]) -> pd.DataFrame:
     """One row per grid point over its seeds: ``point``, grid values, ``seeds ok`` (e.g. 3/3), mean ``seconds``, then each
-    numeric metric's mean and ``<metric>_std`` (sample std over the runs that finished)."""
+    numeric metric's mean and ``<metric>_std`` (the sample std over the runs that finished; NaN with fewer than two).
+
+    The means and stds are ``tlkit.compare.summarize_seeds``'s, the one seed summary of the package; only the column
+    names follow the results files' ``<metric>_std``.
+    """
     metrics = numeric_metrics(table, [*grid_keys, "seed"])
     keys = table[list(grid_keys)].map(format_value) if grid_keys else pd.DataFrame({"point": ["default"] * len(table)}, index=table.index)
     rows = []
@@ -269,8 +275,12 @@ def seed_summary(table: pd.DataFrame, grid_keys: Sequence[str]) -> pd.DataFrame:
         row.update({"seeds ok": f"{len(ok)}/{len(runs)}", "seconds": round(float(runs["seconds"].mean()), 2)})
         for metric in metrics:
             values = pd.to_numeric(ok[metric], errors="coerce").astype(float).dropna()
-            row[metric] = values.mean() if len(values) else math.nan
-            row[f"{metric}_std"] = values.std() if len(values) > 1 else math.nan  # pandas: ddof=1, the sample std
+            if values.empty:
+                row[metric], row[f"{metric}_std"] = math.nan, math.nan
+                continue
+            summary = summarize_seeds([{"point": 0, metric: v} for v in values], "point", [metric]).iloc[0]
+            row[metric] = summary[metric]
+            row[f"{metric}_std"] = summary[f"{metric} std"] if len(values) > 1 else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -523,8 +533,7 @@ def store_outcome(run_dir: Path, outcome: RunOutcome) -> None:
         path = (root / relative).resolve()
         if not path.is_relative_to(root):
             raise SweepError(f"A worker sent back {relative!r}, which lies outside the run's folder {root}; nothing of that run was kept.")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        write_bytes_atomically(path, data)  # a full disk is a SaveError naming the file, never a truncated one
     write_status(run_dir, outcome.record)
 
 
@@ -630,7 +639,8 @@ def run_tasks(
 def sweep_lock(out_dir: Path) -> Iterator[None]:
     """Hold ``out_dir`` for this sweep, or raise :class:`SweepBusy` while a live sweep holds it; the OS drops the lock
     with its process, so a killed sweep leaves none."""
-    from filelock import FileLock, Timeout
+    filelock = require("filelock", "The lock on a sweep's folder")
+    FileLock, Timeout = filelock.FileLock, filelock.Timeout
 
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(out_dir / LOCK_FILE, timeout=0)
@@ -662,10 +672,7 @@ def lock_owner(out_dir: Path) -> str:
 @contextlib.contextmanager
 def dask_executor(address: str, timeout: str = "30s") -> Iterator[Executor]:
     """A ``concurrent.futures`` executor on the running dask.distributed scheduler at ``address`` (reached within ``timeout``); the client closes afterwards."""
-    try:
-        from distributed import Client
-    except ImportError as err:
-        raise SweepError(f"--dask needs dask.distributed ({err}): pip install 'dask[distributed]'.") from err
+    Client = require("distributed", "python -m tlkit.sweep --dask").Client
     try:
         client = Client(address, timeout=timeout)
     except (OSError, ValueError) as err:

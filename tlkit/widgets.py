@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch.utils.data import DataLoader
 
+from ._extras import require
 from .lr_finder import LRFinderResult, lr_find
 from .models import TransferModel, block_names, parameter_counts, set_trainable, trainable_blocks
 from .optim import lr_multipliers, make_optimizer, param_groups
@@ -65,7 +66,7 @@ class FreezePanel:
         save_path: str | Path | None = None,
         lr_find_steps: int = 50,
     ) -> None:
-        import ipywidgets as w
+        w = require("ipywidgets", "tlkit.FreezePanel")
 
         _check_transfer_model(model)
         self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
