@@ -25,7 +25,7 @@ build_graph, cycles, layer_order, root_importers = module_graph.build_graph, mod
 
 # The layers of issue 13, bottom to top: a module imports only modules of lower layers (lessons never each other).
 LAYERS: dict[str, int] = {
-    **dict.fromkeys(["_version", "params", "compare", "metrics", "_io", "_extras"], 0),  # basics: numbers, file writes
+    **dict.fromkeys(["_version", "params", "compare", "metrics", "_io", "_extras", "_runtime"], 0),  # basics: numbers, file writes
     **dict.fromkeys(["transforms", "results", "_cache"], 1), "models": 2,  # images, then the models that say how to normalise them
     **dict.fromkeys(["checkpoints", "data"], 3),
     **dict.fromkeys(["train", "optim"], 4),  # the training loop and its optimizers

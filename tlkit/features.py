@@ -21,7 +21,8 @@ from ._cache import (
     read_checked,
     save_or_warn,
 )
-from .train import _amp_dtype, _channels_last_batch, _channels_last_model, _with_progress, with_classes_of
+from ._runtime import amp_dtype, channels_last_batch, channels_last_model, with_progress
+from .train import with_classes_of
 from .transforms import is_deterministic
 
 # 2: (features, labels, {"format", "checksum"}): a checksum of the content, checked when read.
@@ -37,12 +38,12 @@ def extract_features(model: nn.Module, loader: DataLoader, device: torch.device 
             "view of each image. Use the eval transform for feature extraction, or train without caching."
         )
     device = torch.device(device)
-    _channels_last_model(model).to(device).eval()
-    amp_dtype = _amp_dtype(device)
+    channels_last_model(model).to(device).eval()
+    dtype = amp_dtype(device)
     feats, labels = [], []
-    for x, y in _with_progress(loader, "features", progress):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            feats.append(model.forward_features(_channels_last_batch(x.to(device, non_blocking=True))).float().cpu())
+    for x, y in with_progress(loader, "features", progress):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            feats.append(model.forward_features(channels_last_batch(x.to(device, non_blocking=True))).float().cpu())
         labels.append(y)
     return with_classes_of(loader.dataset, TensorDataset(torch.cat(feats), torch.cat(labels)))
 

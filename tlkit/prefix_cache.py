@@ -32,9 +32,10 @@ from ._cache import (
     read_checked,
     save_or_warn,
 )
+from ._runtime import amp_dtype, channels_last_batch, with_progress
 from .data import BatchesOf, make_loader
 from .models import HEAD, TransferModel
-from .train import _amp_dtype, _channels_last_batch, _with_progress, evaluate
+from .train import evaluate
 from .transforms import is_deterministic
 
 POOL = "pool"
@@ -209,8 +210,8 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def _autocast(device: torch.device):
-    amp_dtype = _amp_dtype(device)
-    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    dtype = amp_dtype(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def _resolved_boundary(model: TransferModel, boundary: str | None) -> str:
@@ -242,7 +243,7 @@ def prefix_key(model: TransferModel, loader: DataLoader, boundary: str, device: 
     if data is None:
         return None
     h = hashlib.sha256(_FORMAT)
-    h.update(f"{type(model).__name__}|{boundary}|{_amp_dtype(torch.device(device))}".encode())
+    h.update(f"{type(model).__name__}|{boundary}|{amp_dtype(torch.device(device))}".encode())
     for name, module in stages(model)[: _check_boundary(model, boundary)]:
         for key, tensor in module.state_dict().items():  # only the frozen prefix changes these activations
             h.update(f"{name}.{key}".encode())
@@ -258,9 +259,9 @@ def _compute(model: TransferModel, loader: DataLoader, boundary: str, device: to
     _prefix_in_channels_last(model, stop)
     acts, labels = [], []
     with _eval_mode(model):
-        for x, y in _with_progress(loader, f"prefix up to {boundary}", progress):
+        for x, y in with_progress(loader, f"prefix up to {boundary}", progress):
             with _autocast(device):
-                acts.append(_run_stages(model, 0, stop, _channels_last_batch(x.to(device, non_blocking=True))).contiguous().cpu())
+                acts.append(_run_stages(model, 0, stop, channels_last_batch(x.to(device, non_blocking=True))).contiguous().cpu())
             labels.append(y)
     return TensorDataset(torch.cat(acts), torch.cat(labels))
 
@@ -552,7 +553,7 @@ class PrefixBatches(BatchesOf):
             if boundary is not None:  # frozen blocks run in eval mode (eval_frozen_blocks), so this is their training output
                 _prefix_in_channels_last(model, _check_boundary(model, boundary))
                 with torch.no_grad(), _autocast(device):
-                    x = forward_prefix(model, boundary, _channels_last_batch(x.to(device, non_blocking=True))).contiguous()
+                    x = forward_prefix(model, boundary, channels_last_batch(x.to(device, non_blocking=True))).contiguous()
             yield x, y
 
 

@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,10 @@ from torch.utils.data import ConcatDataset, DataLoader, Sampler, Subset, TensorD
 from tqdm.auto import tqdm
 
 from ._io import user_path
+from ._runtime import amp_dtype as _amp_dtype
+from ._runtime import channels_last_batch as _channels_last_batch
+from ._runtime import channels_last_model as _channels_last_model
+from ._runtime import with_progress as _with_progress
 from .checkpoints import CheckpointSaveError, load_checkpoint, save_checkpoint
 from .data import make_loader
 from .models import below_head_frozen, head_linear
@@ -107,29 +111,6 @@ class History:
         return len(self.epoch)
 
 
-def _with_progress(loader: Iterable, desc: str, progress: bool) -> Iterator:
-    """Iterate ``loader`` once under a tqdm bar updated by hand.
-
-    tqdm.auto's bar calls ``iter()`` on what it wraps when it is created: for a DataLoader that is a
-    second pass, which draws from its shuffling generator (other batches than the loader gives alone)
-    and starts its workers once more.
-    """
-    try:
-        total = len(loader)
-    except TypeError:  # a DataLoader over an iterable dataset without a length
-        total = None
-    with tqdm(total=total, desc=desc, leave=False, disable=not progress) as bar:
-        for batch in loader:
-            yield batch
-            bar.update()
-
-
-def _amp_dtype(device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 class TrainingInterrupted(KeyboardInterrupt):
     """The user stopped ``fit`` (Ctrl-C, or Jupyter's interrupt); ``history`` holds the complete epochs."""
 
@@ -190,17 +171,6 @@ def _gpu_utilization(device: torch.device) -> float:
         return float(torch.cuda.utilization(device))
     except Exception:  # no NVML library, or a driver that does not report it
         return math.nan
-
-
-def _channels_last_model(model: nn.Module) -> nn.Module:
-    """``model`` with its 4-D weights in channels_last: convolutions run faster so on GPUs and on CPUs (oneDNN), as
-    ``bench/channels_last.py`` measures; ``fit``, ``evaluate``, ``predict`` and feature extraction all use it, so the
-    same weights give the same numbers on every path."""
-    return model.to(memory_format=torch.channels_last)
-
-
-def _channels_last_batch(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
 @dataclass
