@@ -1,4 +1,4 @@
-"""What the feature cache and the prefix cache share: content fingerprints for their keys, one checked file format
+"""What the feature cache and the prefix cache share: one key function over content fingerprints, one checked file format
 (tensors, labels and a checksum, checked for count, shape and content when read) and one way to save: write, or
 warn and go on without the disk cache."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -34,6 +35,24 @@ def dataset_fingerprint(dataset) -> str | None:
         parts = [dataset_fingerprint(part) for part in dataset.datasets]
         return None if None in parts else hashlib.sha256("|".join(parts).encode()).hexdigest()
     return None
+
+
+def content_key(file_format: bytes, description: str, weights: Iterable[tuple[str, torch.Tensor]], loader) -> str | None:
+    """The disk-cache key of what ``loader``'s images become through some frozen weights: the file format, a
+    ``description`` (model type, boundary, precision), the named ``weights`` that change the values, the loader's
+    transform and the data's fingerprint. None if the data has no fingerprint (then nothing is cached on disk)."""
+    base = getattr(loader.dataset, "base", loader.dataset)
+    data = dataset_fingerprint(base)
+    if data is None:
+        return None
+    h = hashlib.sha256(file_format)
+    h.update(description.encode())
+    for name, tensor in weights:
+        h.update(name.encode())
+        hash_tensor(h, tensor)
+    h.update(repr(getattr(loader.dataset, "transform", None)).encode())
+    h.update(data.encode())
+    return h.hexdigest()[:32]
 
 
 def cache_folder(cache_dir: str | os.PathLike) -> Path:

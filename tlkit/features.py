@@ -3,7 +3,6 @@ memory or on disk, keyed by backbone weights, transform and data, so a repeated 
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 
@@ -16,8 +15,7 @@ from ._cache import (
     cache_file_exists,
     cache_folder,
     checked_payload,
-    dataset_fingerprint,
-    hash_tensor,
+    content_key,
     read_checked,
     save_or_warn,
 )
@@ -51,19 +49,8 @@ def extract_features(model: nn.Module, loader: DataLoader, device: torch.device 
 
 def features_key(model: nn.Module, loader: DataLoader) -> str | None:
     """The cache key of ``model``'s features over ``loader``: backbone weights, transform, data; None if the data has no fingerprint."""
-    base = getattr(loader.dataset, "base", loader.dataset)
-    data = dataset_fingerprint(base)
-    if data is None:
-        return None
-    h = hashlib.sha256(_FORMAT)
-    h.update(type(model).__name__.encode())
-    for name, tensor in model.state_dict().items():
-        if not name.startswith("head."):  # the head does not change the features
-            h.update(name.encode())
-            hash_tensor(h, tensor)
-    h.update(repr(getattr(loader.dataset, "transform", None)).encode())
-    h.update(data.encode())
-    return h.hexdigest()[:32]
+    backbone = ((name, tensor) for name, tensor in model.state_dict().items() if not name.startswith("head."))  # the head does not change them
+    return content_key(_FORMAT, type(model).__name__, backbone, loader)
 
 
 def cached_features(

@@ -10,7 +10,6 @@ cached activations equals its full forward pass up to float noise.
 
 from __future__ import annotations
 
-import hashlib
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -27,8 +26,7 @@ from ._cache import (
     cache_file_exists,
     cache_folder,
     checked_payload,
-    dataset_fingerprint,
-    hash_tensor,
+    content_key,
     read_checked,
     save_or_warn,
 )
@@ -238,19 +236,9 @@ def check_deterministic(loader: DataLoader) -> None:
 def prefix_key(model: TransferModel, loader: DataLoader, boundary: str, device: torch.device | str = "cpu") -> str | None:
     """The disk-cache key of the activations at ``boundary`` over ``loader``: the weights below the boundary, the
     boundary, the transform, the data and the precision (autocast on a GPU); None if the data has no fingerprint."""
-    base = getattr(loader.dataset, "base", loader.dataset)
-    data = dataset_fingerprint(base)
-    if data is None:
-        return None
-    h = hashlib.sha256(_FORMAT)
-    h.update(f"{type(model).__name__}|{boundary}|{amp_dtype(torch.device(device))}".encode())
-    for name, module in stages(model)[: _check_boundary(model, boundary)]:
-        for key, tensor in module.state_dict().items():  # only the frozen prefix changes these activations
-            h.update(f"{name}.{key}".encode())
-            hash_tensor(h, tensor)
-    h.update(repr(getattr(loader.dataset, "transform", None)).encode())
-    h.update(data.encode())
-    return h.hexdigest()[:32]
+    prefix = ((f"{name}.{key}", tensor) for name, module in stages(model)[: _check_boundary(model, boundary)]
+              for key, tensor in module.state_dict().items())  # only the frozen prefix changes these activations
+    return content_key(_FORMAT, f"{type(model).__name__}|{boundary}|{amp_dtype(torch.device(device))}", prefix, loader)
 
 
 @torch.no_grad()
