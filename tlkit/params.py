@@ -218,6 +218,22 @@ def rule(check: Callable[..., Any], **options: Any) -> Check:
     return functools.partial(check, **options)
 
 
+def run_setting_checks() -> dict[str, Check]:
+    """The one check of each setting every run shares, for ``tlkit.RunConfig`` and the notebooks' parameters alike:
+    backbone, weights, image size, batch size, epochs, learning rate, seed, progress bars. (Whether ``image_size``
+    suits the backbone is checked where both are known: ``RunConfig`` and notebook 01's spec.)"""
+    return {
+        "backbone": check_str,
+        "weights": rule(check_str, allow_none=True),
+        "image_size": rule(check_int, minimum=1),
+        "batch_size": rule(check_int, minimum=1),
+        "epochs": rule(check_int, minimum=1),
+        "lr": rule(check_float, positive=True),
+        "seed": check_seed,
+        "progress": check_bool,
+    }
+
+
 def check_parameters(values: Mapping[str, Any], spec: Mapping[str, Check]) -> dict[str, Any]:
     """Run ``spec[name](name, values[name])`` for every name of ``spec``; the cleaned values, by name.
 
