@@ -262,3 +262,23 @@ def test_early_stopping_on_val_acc_ends_fit_and_restore_best_keeps_the_best_epoc
 def test_early_stopping_refuses_a_bad_patience_or_monitor(kw, message):
     with pytest.raises(ValueError, match=message):
         tlkit.EarlyStopping(**kw)
+
+
+def test_on_batch_end_runs_after_every_optimizer_step_and_can_set_the_learning_rate():
+    data = torch.utils.data.TensorDataset(torch.randn(20, 3), torch.arange(20) % 2)
+    loader = tlkit.make_loader(data, None, 8, shuffle=False)  # 3 steps per epoch
+    model = torch.nn.Linear(3, 2)
+    seen, weights = [], []
+
+    class StopAfterTwoSteps(tlkit.Callback):  # a per-step schedule: lr 0 from the third step on
+        def on_batch_end(self, state):
+            seen.append((state.epoch, state.step))
+            weights.append(state.model.weight.detach().clone())
+            if state.step == 2:
+                for group in state.optimizer.param_groups:
+                    group["lr"] = 0.0
+
+    tlkit.fit(model, loader, loader, epochs=2, lr=0.1, progress=False, callbacks=[StopAfterTwoSteps()])
+    assert seen == [(1, 1), (1, 2), (1, 3), (2, 4), (2, 5), (2, 6)]
+    assert not torch.equal(weights[0], weights[1])  # the second step moved the weights
+    assert all(torch.equal(weights[1], w) for w in weights[2:])  # lr 0 from then on: none of the later steps did

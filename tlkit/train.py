@@ -200,6 +200,7 @@ def _run_epoch(
     stop: _StopRequest | None = None,
     utilization: list[float] | None = None,
     outputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> _EpochTotals:
     """One pass over ``loader`` (batches in channels_last); trains when ``optimizer`` is given.
 
@@ -232,6 +233,8 @@ def _run_epoch(
                     else:
                         loss.backward()
                         optimizer.step()
+                    if after_step is not None:
+                        after_step()
             except torch.OutOfMemoryError as err:
                 raise torch.OutOfMemoryError(_out_of_memory_message(loader, device)) from err
             if utilization is not None and step % 10 == 0:
@@ -485,12 +488,17 @@ class FitState:
     val_logits: torch.Tensor | None = None
     val_labels: torch.Tensor | None = None
     stop: bool = False
+    step: int = 0  # optimizer steps taken in this fit() call (on_batch_end sees the count after its step)
 
 
 class Callback:
-    """Base of ``fit``'s callbacks: override ``on_epoch_end`` (after every epoch) and/or ``on_fit_end`` (once, also
-    after an interrupt). They run in the order given, after the epoch's history row is appended and the scheduler
-    stepped. A plain function ``f(state)`` passed in ``callbacks=`` runs as an ``on_epoch_end``."""
+    """Base of ``fit``'s callbacks: override ``on_batch_end`` (after every optimizer step: per-step schedules),
+    ``on_epoch_end`` (after every epoch) and/or ``on_fit_end`` (once, also after an interrupt). They run in the order
+    given; ``on_epoch_end`` after the epoch's history row is appended and the scheduler stepped. A plain function
+    ``f(state)`` passed in ``callbacks=`` runs as an ``on_epoch_end``."""
+
+    def on_batch_end(self, state: FitState) -> None:
+        """Called after every optimizer step, with ``state.step`` the steps taken so far in this ``fit``."""
 
     def on_epoch_end(self, state: FitState) -> None:
         """Called after every complete epoch."""
@@ -680,7 +688,7 @@ def fit(
         try:
             for state.epoch in tqdm(range(first, first + epochs), desc="epochs", disable=not progress):
                 _fit_one_epoch(state, val_loader, loss_fn, device, progress=progress, stop=stop, first_of_run=state.epoch == first,
-                               checkpoint=_checkpoint_of(callbacks))
+                               checkpoint=_checkpoint_of(callbacks), callbacks=callbacks)
                 for callback in callbacks:
                     callback.on_epoch_end(state)
                 if state.stop:
@@ -733,7 +741,8 @@ def _starting_history(resume_from: str | Path | History | None, state: FitState,
 
 
 def _fit_one_epoch(state: FitState, val_loader: DataLoader, loss_fn: nn.Module, device: torch.device, *,
-                   progress: bool, stop: _StopRequest, first_of_run: bool, checkpoint: SaveCheckpoint | None) -> None:
+                   progress: bool, stop: _StopRequest, first_of_run: bool, checkpoint: SaveCheckpoint | None,
+                   callbacks: Sequence[Callback] = ()) -> None:
     """Train one epoch, validate (outputs into ``state``), append the history row, step the scheduler.
 
     A non-finite loss raises ``NonFiniteLossError`` before the row is appended (so before any callback): checked
@@ -744,7 +753,7 @@ def _fit_one_epoch(state: FitState, val_loader: DataLoader, loss_fn: nn.Module, 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     utilization: list[float] = []
-    train = _train_one_epoch(state, loss_fn, device, progress=progress, stop=stop, utilization=utilization)
+    train = _train_one_epoch(state, loss_fn, device, progress=progress, stop=stop, utilization=utilization, callbacks=callbacks)
     train_time = time.perf_counter() - start
     _raise_if_not_finite(train, "training", state, device, first_of_run=first_of_run, checkpoint=checkpoint)
     val, state.val_logits, state.val_labels = _validate(
@@ -759,13 +768,21 @@ def _fit_one_epoch(state: FitState, val_loader: DataLoader, loss_fn: nn.Module, 
 
 
 def _train_one_epoch(state: FitState, loss_fn: nn.Module, device: torch.device, *, progress: bool,
-                     stop: _StopRequest, utilization: list[float]) -> _EpochTotals:
-    """One training pass over ``state.train_loader``; GPU utilization samples go to ``utilization``."""
+                     stop: _StopRequest, utilization: list[float], callbacks: Sequence[Callback] = ()) -> _EpochTotals:
+    """One training pass over ``state.train_loader``; GPU utilization samples go to ``utilization``; after every
+    optimizer step, the callbacks that define ``on_batch_end`` see ``state``."""
     on_gpu = device.type == "cuda"
+    per_step = [c for c in callbacks if type(c).on_batch_end is not Callback.on_batch_end]
+
+    def after_step() -> None:
+        state.step += 1
+        for callback in per_step:
+            callback.on_batch_end(state)
+
     result = _run_epoch(
         state.model, state.train_loader, device, optimizer=state.optimizer, scaler=state.scaler, loss_fn=loss_fn,
         desc=f"train {state.epoch}", progress=progress, name="fit: train_loader", stop=stop,
-        utilization=utilization if on_gpu else None,
+        utilization=utilization if on_gpu else None, after_step=after_step,
     )
     if on_gpu:
         torch.cuda.synchronize(device)
