@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import numpy as np
 import pytest
+import torch
 
 import tlkit
 import tlkit.compare
@@ -246,3 +248,41 @@ def test_the_winner_is_named_first_with_its_margin_as_a_positive_interval():
     assert sentence.startswith("b beats a on acc by 20.0 points (95% interval ")
     low, high = (float(x) for x in re.findall(r"interval ([\d.]+) points to ([\d.]+) points", sentence)[0])
     assert 0 < low < 20.0 < high and (low, high) == pytest.approx((-100 * d.high, -100 * d.low), abs=0.06)
+
+
+def _trained(seed: int, gain: float) -> dict[str, float]:
+    """A small real training run: a seeded linear model fitted for a few steps; its final loss as the metric."""
+    torch.manual_seed(seed)
+    x, y = torch.randn(64, 5), torch.randint(0, 2, (64,))
+    model = torch.nn.Linear(5, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1 + gain)
+    for _ in range(20):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {"val_acc": float((model(x).argmax(1) == y).float().mean()), "loss": loss.item(), "pid": os.getpid()}
+
+
+def test_workers_run_the_arms_in_other_processes_with_the_numbers_of_the_serial_run():
+    arms = {"slow": lambda s: _trained(s, 0.0), "fast": lambda s: _trained(s, 0.4)}  # lambdas: inherited, not pickled
+    serial = tlkit.compare_arms(arms, [0, 1, 2])
+    parallel = tlkit.compare_arms(arms, [0, 1, 2], workers=2)
+    def numbers(comparison):
+        return [{k: v for k, v in row.items() if k != "pid"} for row in comparison.rows]
+
+    assert len(numbers(parallel)) == 6
+    for one, other in zip(numbers(serial), numbers(parallel)):
+        assert one == pytest.approx(other, abs=1e-6)
+    assert {row["pid"] for row in serial.rows} == {os.getpid()}
+    assert os.getpid() not in {row["pid"] for row in parallel.rows}
+    assert parallel.sentences() == serial.sentences()
+
+
+def test_a_worker_that_dies_is_named_and_an_error_in_a_run_comes_back_as_itself():
+    with pytest.raises(RuntimeError, match=r"A worker process died while running arm 'dies' on seed \d"):
+        tlkit.compare_arms({"ok": lambda s: {"val_acc": 0.5}, "dies": lambda s: os._exit(3)}, [0, 1], workers=2)
+    with pytest.raises(KeyError, match="returned no 'val_acc'"):
+        tlkit.compare_arms({"a": lambda s: {"acc": 0.5}, "b": lambda s: {"acc": 0.5}}, [0, 1], workers=2)
+    with pytest.raises(ValueError, match="workers must be a whole number >= 1"):
+        tlkit.compare_arms({"a": lambda s: {"val_acc": 0.5}}, [0], workers=0)

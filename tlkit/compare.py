@@ -396,13 +396,18 @@ def _interval_text(d: PairedDifference) -> str:
 
 
 def compare_arms(arms: Mapping[str, Callable[[int], object]], seeds: Sequence[int], *, metric: str = "val_acc",
-                 reference: str | None = None, higher_is_better: bool = True, progress: bool = False) -> Comparison:
+                 reference: str | None = None, higher_is_better: bool = True, progress: bool = False,
+                 workers: int = 1) -> Comparison:
     """Run every arm on every seed (``arms[name](seed)``) and compare the arms seed by seed.
 
     Each arm returns its run's metrics: a mapping such as ``{"val_acc": 0.74, "seconds": 3.1}``, or a tlkit
     ``RunResult``; whatever it returns is kept in ``outputs[name, seed]`` (models, histories). A seed gives every arm
     the same data and head initialisation, so the arms are compared by their per-seed differences. ``reference``
     (default: the first arm) is the arm the others are compared with.
+
+    ``workers`` > 1 runs that many runs at once, each in a forked process with ``cores // workers`` threads (small
+    models on a CPU get more done so than one process with every thread); each run sets its own seed, so the numbers
+    are those of the serial run (up to float rounding where the thread count changes a sum's order).
 
         comparison = tlkit.compare_arms({
             "pretrained": lambda seed: tlkit.linear_probe(config.replace(seed=seed), data(seed)),
@@ -418,18 +423,70 @@ def compare_arms(arms: Mapping[str, Callable[[int], object]], seeds: Sequence[in
     reference = names[0] if reference is None else reference
     if reference not in names:
         raise ValueError(f"reference {reference!r} is not one of the arms {names}.")
-    rows, outputs = [], {}
-    with tqdm(total=len(names) * len(seeds), desc="runs", unit="run", disable=not progress) as bar:
-        for seed in seeds:  # seed by seed, so that stopping early leaves complete pairs
-            for name, run in zip(names, arms.values()):
-                output = run(seed)
-                metrics = _metrics_of(output)
-                if metric not in metrics:
-                    raise KeyError(f"Arm {name!r} on seed {seed} returned no {metric!r}; it returned {sorted(metrics)}.")
-                rows.append({"arm": name, "seed": seed, **metrics})
-                outputs[name, seed] = output
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a whole number >= 1 (1: every run in this process), got {workers!r}.")
+    tasks = [(name, seed) for seed in seeds for name in names]  # seed by seed: stopping early leaves complete pairs
+    runs = dict(zip(names, arms.values()))
+    with tqdm(total=len(tasks), desc="runs", unit="run", disable=not progress) as bar:
+        if workers == 1 or len(tasks) == 1:
+            done = {}
+            for name, seed in tasks:
+                done[name, seed] = _checked_run(runs, name, seed, metric)
                 bar.update()
+        else:
+            done = _run_in_workers(runs, tasks, metric, workers, bar)
+    rows = [{"arm": name, "seed": seed, **done[name, seed][0]} for name, seed in tasks]
+    outputs = {task: done[task][1] for task in tasks}
     return Comparison(names, seeds, rows, outputs, metric, reference, higher_is_better)
+
+
+def _checked_run(runs: Mapping[str, Callable[[int], object]], name: str, seed: int, metric: str) -> tuple[dict[str, float], object]:
+    output = runs[name](seed)
+    metrics = _metrics_of(output)
+    if metric not in metrics:
+        raise KeyError(f"Arm {name!r} on seed {seed} returned no {metric!r}; it returned {sorted(metrics)}.")
+    return metrics, output
+
+
+_FORKED_RUNS: Mapping[str, Callable[[int], object]] | None = None  # what forked workers run (inherited, never pickled)
+
+
+def _forked_run(name: str, seed: int, metric: str, threads: int) -> tuple[dict[str, float], object]:
+    import torch
+
+    torch.set_num_threads(threads)
+    return _checked_run(_FORKED_RUNS, name, seed, metric)
+
+
+def _run_in_workers(runs, tasks, metric: str, workers: int, bar) -> dict:
+    """The runs of ``tasks`` in ``workers`` forked processes: the arms' functions (lambdas over notebook variables)
+    are inherited by the children rather than pickled; what each run returns comes back pickled."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    global _FORKED_RUNS
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise ValueError(f"workers={workers} needs processes started by fork, which this platform lacks: use workers=1.")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // workers)
+    _FORKED_RUNS = runs
+    done = {}
+    try:
+        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = {pool.submit(_forked_run, name, seed, metric, threads): (name, seed) for name, seed in tasks}
+            for future in as_completed(futures):
+                name, seed = futures[future]
+                try:
+                    done[name, seed] = future.result()
+                except BrokenProcessPool as err:
+                    raise RuntimeError(f"A worker process died while running arm {name!r} on seed {seed} (killed, or out of "
+                                       f"memory?): run with fewer workers, or workers=1 to see the error here.") from err
+                bar.update()
+    finally:
+        _FORKED_RUNS = None
+    return done
 
 
 def seed_curves(comparisons: Mapping[object, Comparison], metric: str | None = None) -> dict[str, pd.DataFrame]:
