@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -416,9 +417,14 @@ def _weights_version(model: nn.Module) -> tuple[int, ...]:
     return tuple(p._version for p in model.parameters())
 
 
+# model -> (epochs fit trained it for, its weights' version then): for the warning on a second fit(). A weak map in
+# this module, not an attribute on the user's model: nothing hidden travels with it (copies, pickles, checkpoints).
+_FITTED: weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple[int, ...]]] = weakref.WeakKeyDictionary()
+
+
 def _epochs_fitted(model: nn.Module) -> int:
     """Epochs that fit has trained ``model`` for, if its weights are still exactly as fit left them; else 0."""
-    epochs, version = getattr(model, "_tlkit_fitted", (0, None))
+    epochs, version = _FITTED.get(model, (0, None))
     return epochs if version == _weights_version(model) else 0
 
 
@@ -697,7 +703,7 @@ def fit(
             state.history.interrupted = True
     for callback in callbacks:
         callback.on_fit_end(state)
-    model._tlkit_fitted = (fitted_before + len(state.history) - epochs_before, _weights_version(model))  # for a second fit()
+    _FITTED[model] = (fitted_before + len(state.history) - epochs_before, _weights_version(model))  # for a second fit()
     if state.history.interrupted:
         message = _interrupted_message(state.epoch, state.history, _checkpoint_of(callbacks))
         raise TrainingInterrupted(message, state.history)
