@@ -196,7 +196,7 @@ def test_compare_arms_pairs_by_seed_where_the_spread_alone_would_call_a_tie():
     last, same = comparison.differences().values()
     assert last.per_seed == pytest.approx(dict.fromkeys(range(5), 0.02)) and last.low > 0
     sentences = comparison.sentences()
-    assert sentences[0].startswith("last block beats head on val_acc by 2.0 points (95% interval 2.0 points to 2.0 points")
+    assert sentences[0].startswith("last block beats head on val_acc by 2.0 points (95% interval 2.0 to 2.0, paired over 5 seeds)")
     assert sentences[1].startswith("same and head tie on val_acc")
     assert comparison.ranking().startswith("Highest mean val_acc over 5 seeds: last block")
     assert "it beats head (+2.0 [+" in comparison.ranking()
@@ -246,7 +246,7 @@ def test_the_winner_is_named_first_with_its_margin_as_a_positive_interval():
     assert d.mean < 0 and d.high < 0
     sentence = d.sentence()
     assert sentence.startswith("b beats a on acc by 20.0 points (95% interval ")
-    low, high = (float(x) for x in re.findall(r"interval ([\d.]+) points to ([\d.]+) points", sentence)[0])
+    low, high = (float(x) for x in re.findall(r"interval ([\d.]+) to ([\d.]+), paired", sentence)[0])
     assert 0 < low < 20.0 < high and (low, high) == pytest.approx((-100 * d.high, -100 * d.low), abs=0.06)
 
 

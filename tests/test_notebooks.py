@@ -65,7 +65,7 @@ def test_a_bad_parameter_fails_in_the_first_code_cell_by_name(tmp_path, notebook
     assert message in run.error, run.error
     executed = json.loads((tmp_path / notebook).read_text())
     ran = [c for c in executed["cells"] if c["cell_type"] == "code" and c.get("execution_count")]
-    assert "check_notebook_parameters" in "".join(ran[-1]["source"])  # the failing cell is the parameter check
+    assert "start_lesson" in "".join(ran[-1]["source"])  # the failing cell is the setup, which checks the parameters
 
 
 @pytest.mark.notebook

@@ -167,15 +167,17 @@ class PairedDifference:
             return f"{self.a} minus {self.b} on {self.metric}: {_signed_points(self.mean, self.metric)} on one seed, no interval: run more seeds to judge."
         over = f"paired over {self.seeds} seeds"
         if self.low <= 0 <= self.high:
-            return (f"{self.a} and {self.b} tie on {self.metric}: {self.a} minus {self.b} is {_signed_points(self.mean, self.metric)} "
-                    f"(95% interval {_signed_points(self.low, self.metric)} to {_signed_points(self.high, self.metric)}, {over}), "
-                    f"an interval that holds 0.")
+            unit = " points" if _points(1.0, self.metric).endswith("points") else ""
+            bare = [_signed_points(v, self.metric).removesuffix(" points") for v in (self.mean, self.low, self.high)]
+            return (f"{self.a} and {self.b} tie on {self.metric}: {self.a} minus {self.b} is {bare[0]}{unit} "
+                    f"(95% interval {bare[1]} to {bare[2]}, {over}), an interval that holds 0.")
         a_better = (self.mean > 0) == higher_is_better
         winner, loser = (self.a, self.b) if a_better else (self.b, self.a)
         sign = 1 if self.mean > 0 else -1  # the margin by which the winner is better, as a positive number
         low, high = sorted((sign * self.low, sign * self.high))
-        return (f"{winner} beats {loser} on {self.metric} by {_points(abs(self.mean), self.metric)} (95% interval "
-                f"{_points(low, self.metric)} to {_points(high, self.metric)}, {over}).")
+        unit = " points" if _points(1.0, self.metric).endswith("points") else ""
+        bare = [_points(v, self.metric).removesuffix(" points") for v in (abs(self.mean), low, high)]
+        return f"{winner} beats {loser} on {self.metric} by {bare[0]}{unit} (95% interval {bare[1]} to {bare[2]}, {over})."
 
 
 def _signed_points(difference: float, metric: str) -> str:
