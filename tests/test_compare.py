@@ -286,3 +286,12 @@ def test_a_worker_that_dies_is_named_and_an_error_in_a_run_comes_back_as_itself(
         tlkit.compare_arms({"a": lambda s: {"acc": 0.5}, "b": lambda s: {"acc": 0.5}}, [0, 1], workers=2)
     with pytest.raises(ValueError, match="workers must be a whole number >= 1"):
         tlkit.compare_arms({"a": lambda s: {"val_acc": 0.5}}, [0], workers=0)
+
+
+def test_results_take_paired_differences_of_accuracies_and_refuse_impossible_ones(tmp_path):
+    written = tlkit.write_results(tmp_path / "r.json", {"val_acc": 0.7, "val_acc_b_minus_a": -0.05, "val_acc_b_minus_a_low": -0.09})
+    assert written["val_acc_b_minus_a"] == -0.05
+    with pytest.raises(ValueError, match=r"differences of accuracies are in \[-1, 1\]"):
+        tlkit.write_results(None, {"val_acc_b_minus_a": -1.5})
+    with pytest.raises(ValueError, match=r"accuracies are fractions in \[0, 1\]"):
+        tlkit.write_results(None, {"val_acc": -0.05})

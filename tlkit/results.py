@@ -20,8 +20,11 @@ def write_results(path: str | Path | None, metrics: Mapping[str, object]) -> dic
             raise TypeError(f"results[{key!r}] = {value!r}: only numbers and strings go into the results file.")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"results[{key!r}] is {value}: not a finite number.")
-        if "acc" in key and isinstance(value, (int, float)) and not 0.0 <= value <= 1.0:
-            raise ValueError(f"results[{key!r}] = {value}: accuracies are fractions in [0, 1].")
+        if "acc" in key and isinstance(value, (int, float)):
+            low = -1.0 if "_minus_" in key else 0.0  # a paired difference of two accuracies lies in [-1, 1]
+            if not low <= value <= 1.0:
+                what = "differences of accuracies are in [-1, 1]" if low < 0 else "accuracies are fractions in [0, 1]"
+                raise ValueError(f"results[{key!r}] = {value}: {what}.")
         flat[key] = value
     if path:
         write_text_atomically(path, json.dumps(flat, indent=2, sort_keys=True) + "\n")  # never a 0-byte file on a full disk
