@@ -226,6 +226,107 @@ def test_every_remedy_trains_a_head_on_cached_features_from_the_same_start():
     assert torch.equal(again.probs, runs["oversample"].probs)
 
 
+def _tiny_head_problem(seed=0):
+    """Three separable classes of 8-d features, 30 / 8 / 3 training items; a frozen model whose head fits them."""
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.eye(3, 8) * 4
+    train_y, val_y = torch.tensor([0] * 30 + [1] * 8 + [2] * 3), torch.tensor([0, 1, 2] * 5)
+    train = TensorDataset(centers[train_y] + torch.randn(len(train_y), 8, generator=generator), train_y)
+    val = TensorDataset(centers[val_y] + 2 * torch.randn(len(val_y), 8, generator=generator), val_y)
+    model = tlkit.freeze(tlkit.create_model("efficientnet_lite0", 3, weights=None))
+    model.head = nn.Linear(8, 3)
+    return model, train, val, tlkit.RunConfig(epochs=6, batch_size=8, seed=0, lr=0.1, progress=False)
+
+
+def test_long_tail_scores_name_every_score_of_the_decisions():
+    y = torch.tensor([0, 0, 0, 1, 2, 2])
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.5, 0.1, 0.4], [0.1, 0.1, 0.8]])
+    scores = tlkit.imbalance.long_tail_scores(probs, y, [10, 5, 1])
+    assert list(scores) == list(tlkit.imbalance.SCORES)
+    # predicted 0, 0, 1, 1, 0, 2: recalls [2/3, 1, 1/2]
+    assert scores["accuracy"] == pytest.approx(4 / 6) and scores["balanced_acc"] == pytest.approx((2 / 3 + 1 + 0.5) / 3)
+    assert scores["worst_class_recall"] == pytest.approx(0.5) and scores["rarest_class_recall"] == pytest.approx(0.5)
+    assert tlkit.imbalance.balanced_accuracy(probs, y) == pytest.approx(scores["balanced_acc"])
+    with pytest.raises(ValueError, match="probs has 6 rows but labels has 2"):
+        tlkit.imbalance.long_tail_scores(probs, y[:2], [10, 5, 1])
+
+
+def test_tau_curve_averages_the_sweep_over_runs_and_mean_recall_per_class_over_seeds():
+    # prior [0.75, 0.25]; run 1 as in the tau_sweep test (0.5 at tau 0, 1.0 at tau 1), run 2 right at both taus
+    runs = [(torch.tensor([[0.9, 0.1], [0.6, 0.4]]), torch.tensor([0, 1])), (torch.tensor([[0.9, 0.1], [0.1, 0.9]]), torch.tensor([0, 1]))]
+    curve = tlkit.imbalance.tau_curve(runs, [3, 1], [0, 1])
+    assert curve["balanced_acc"].tolist() == pytest.approx([0.75, 1.0]) and curve["seeds"].tolist() == [2, 2]
+    assert curve["balanced_acc std"].iloc[0] == pytest.approx(np.std([0.5, 1.0], ddof=1)) and curve["balanced_acc"].idxmax() == 1.0
+    with pytest.raises(ValueError, match="at least one run"):
+        tlkit.imbalance.tau_curve([], [3, 1], [0, 1])
+    recalls = tlkit.imbalance.mean_recall_per_class({("none", 0): runs[0], ("none", 1): runs[1], ("other", 0): runs[1]}, 2)
+    assert recalls["none"].tolist() == pytest.approx([1.0, 0.5]) and recalls["other"].tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_fit_head_with_remedy_scores_its_decisions_and_keeps_the_final_training_loss():
+    model, train, val, config = _tiny_head_problem()
+    run = tlkit.fit_head_with_remedy(config, model, train, val, "threshold")
+    assert run.metrics["train_loss"] == run.history.train_loss[-1] and run.metrics["train_acc"] == run.history.train_acc[-1]
+    # the scores are those of the adjusted predictions, against the training counts [30, 8, 3]
+    assert {k: run.metrics[k] for k in tlkit.imbalance.SCORES} == tlkit.imbalance.long_tail_scores(run.probs, run.labels, [30, 8, 3])
+    assert run.metrics["balanced_acc"] == tlkit.imbalance.balanced_accuracy(run.probs, run.labels)
+
+
+def test_posthoc_threshold_is_the_threshold_remedy_without_retraining():
+    model, train, val, config = _tiny_head_problem()
+    plain = tlkit.fit_head_with_remedy(config, model, train, val, "none", test_features=val)
+    trained = tlkit.fit_head_with_remedy(config, model, train, val, "threshold", tau=1.5, test_features=val)
+    adjusted = tlkit.recipes.posthoc_threshold(plain, [30, 8, 3], 1.5)
+    assert adjusted.name == "threshold (tau=1.5)" and adjusted.model is plain.model
+    for split in ("val", "test"):
+        assert torch.allclose(adjusted.predictions[split][0], trained.predictions[split][0], atol=1e-6)
+    assert adjusted.metrics["balanced_acc"] == pytest.approx(trained.metrics["balanced_acc"])
+    assert adjusted.metrics["test_acc"] == pytest.approx(trained.metrics["test_acc"])
+    assert adjusted.metrics["train_loss"] == plain.metrics["train_loss"] and adjusted.val_acc == plain.val_acc
+    assert torch.equal(plain.probs, plain.predictions["val"][0])  # the plain run is left as it was
+    bare = tlkit.RunResult("bare", model, plain.history, 1.0, 27)
+    with pytest.raises(ValueError, match="Run 'bare' kept no validation predictions"):
+        tlkit.recipes.posthoc_threshold(bare, [30, 8, 3], 1.0)
+
+
+def test_remedy_arm_runs_the_remedy_on_the_seed_s_training_set_from_that_seed():
+    model, train, val, config = _tiny_head_problem()
+    asked = []
+    arm = tlkit.recipes.remedy_arm(config, model, lambda s: asked.append(s) or train, val, "class_weights")
+    run = arm(3)
+    assert asked == [3] and run.name == "class_weights"
+    again = tlkit.fit_head_with_remedy(config.replace(seed=3), model, train, val, "class_weights")
+    assert torch.equal(run.probs, again.probs)
+    assert not torch.equal(run.probs, tlkit.fit_head_with_remedy(config, model, train, val, "class_weights").probs)
+    comparison = tlkit.compare_arms({"none": tlkit.recipes.remedy_arm(config, model, lambda s: train, val, "none"), "class_weights": arm},
+                                    [0, 1], metric="balanced_acc")
+    assert comparison.summary().loc["class_weights", "seeds"] == 2
+
+
+def test_the_pytorch_loop_with_class_weights_or_a_weighted_sampler_is_fit_head_with_remedy():
+    """What notebook 04 shows: nn.CrossEntropyLoss(weight=...) and a WeightedRandomSampler by hand give tlkit's head."""
+    model, train, val, config = _tiny_head_problem()
+    x, y = train.tensors
+    n_c = torch.bincount(y, minlength=3).double()
+    sampler = torch.utils.data.WeightedRandomSampler((1 / n_c)[y], len(y), replacement=True, generator=torch.Generator().manual_seed(0))
+    shuffled = torch.utils.data.DataLoader(train, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    cases = {"class_weights": (nn.CrossEntropyLoss(weight=(len(y) / (3 * n_c)).float()), shuffled),
+             "oversample": (nn.CrossEntropyLoss(), torch.utils.data.DataLoader(train, batch_size=8, sampler=sampler))}
+    for name, (loss_fn, loader) in cases.items():
+        torch.manual_seed(0)
+        head = nn.Linear(8, 3)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=0.1, weight_decay=0.0)
+        for _ in range(config.epochs):
+            for xb, yb in loader:
+                loss = loss_fn(head(xb), yb)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        with torch.no_grad():
+            probs = head(val.tensors[0]).softmax(1)
+        assert torch.allclose(probs, tlkit.fit_head_with_remedy(config, model, train, val, name).probs, atol=1e-5), name
+
+
 def test_plot_class_counts_draws_one_bar_per_class_and_split():
     fig = tlkit.plots.plot_class_counts({"train": {"a": 9, "b": 3}, "val": {"a": 4, "b": 4}}, log=True)
     bars = [p for p in fig.axes[0].patches]
@@ -237,34 +338,34 @@ def test_notebook_04_remedies_help_the_rare_classes(tmp_path):
     run = run_notebook(
         NOTEBOOKS / "04_class_imbalance.ipynb", tmp_path,
         {"dataset": "digits", "imbalance_ratio": 20, "epochs": 10, "batch_size": 64, "lr": 0.01, "image_size": 32,
-         "remedy": "logit_adjustment", "seeds": [0]},
+         "remedy": "logit_adjustment", "seeds": [0, 1]},
     )
     assert run.error == "", run.error
     m = run.metrics
-    assert m["dataset"] == "digits" and m["remedy"] == "logit_adjustment" and m["imbalance_ratio"] == 20
+    assert m["dataset"] == "digits" and m["remedy"] == "logit_adjustment" and m["imbalance_ratio"] == 20 and m["seeds"] == 2
     assert m["train_images"] == 474 and m["val_images"] == 360 and m["train_imbalance_ratio"] == pytest.approx(139 / 7)
     for name in [*tlkit.REMEDIES, "threshold_tuned"]:
-        for key in ("val_acc", "balanced_acc", "macro_f1", "worst_class_recall", "rarest_class_recall", "pr_auc", "long_tailed_acc"):
-            assert 0.0 <= m[f"{key}_{name}"] <= 1.0
-    assert m["balanced_acc"] == m["balanced_acc_logit_adjustment"] and m["balanced_acc_logit_adjustment_std"] == 0.0
-    assert "chosen_remedy" not in m  # digits has no test split: nothing is reported on test
+        for key in ("val_acc", *tlkit.imbalance.SCORES):
+            assert 0.0 <= m[f"{key}_{name}"] <= 1.0 and 0.0 <= m[f"{key}_steep_{name}"] <= 1.0
+        if name != "none":  # paired over the seeds: the difference of the means, with its interval around it
+            assert m[f"val_{name}_minus_none"] == pytest.approx(m[f"balanced_acc_{name}"] - m["balanced_acc_none"])
+            assert m[f"val_{name}_minus_none_low"] <= m[f"val_{name}_minus_none"] <= m[f"val_{name}_minus_none_high"]
+    assert "chosen_remedy" not in m and not any(k.startswith("test_") for k in m)  # digits has no test split
     assert m["balanced_acc"] > 0.5
     assert m["balanced_acc_logit_adjustment"] > m["balanced_acc_none"] + 0.02
-    # the post-hoc correction raises the rare classes' recall over plain training, on the same trained head
+    # the post-hoc correction raises the rare classes' recall over plain training, on the same trained heads
     assert m["rarest_class_recall_threshold"] >= m["rarest_class_recall_none"]
-    assert m["long_tailed_acc_none"] > m["val_acc_none"]
+    assert m["long_tailed_acc_none"] > m["accuracy_none"]
+    assert 0.0 <= m["train_loss_none"] < 1.0
     # the second setting: a steeper tail cut from the first, every remedy on it too, with the same epochs
     assert m["steep_ratio"] == 50 and m["train_images_steep"] < m["train_images"]
     assert m["train_imbalance_ratio_steep"] > 2 * m["train_imbalance_ratio"]
     assert m["optimizer_steps"] == 10 * 8 and m["optimizer_steps_steep"] == 10 * -(-m["train_images_steep"] // 64)
-    for name in [*tlkit.REMEDIES, "threshold_tuned"]:
-        for key in ("val_acc", "balanced_acc", "worst_class_recall"):
-            assert 0.0 <= m[f"{key}_{name}_steep"] <= 1.0 and m[f"{key}_{name}_steep_std"] == 0.0
-    assert m["balanced_acc_none_steep"] < m["balanced_acc_none"]
-    # the threshold's strength is chosen on validation from the grid, per setting; the chosen one is best there
+    assert m["balanced_acc_steep_none"] < m["balanced_acc_none"]
+    # the threshold's strength is chosen on validation from the grid, per setting (tau = 0 is the plain head)
     for suffix in ("", "_steep"):
         assert m[f"threshold_tau{suffix}"] in (0, 0.5, 1, 1.5, 2, 2.5, 3, 4)
-        assert m[f"balanced_acc_threshold_tuned{suffix}"] >= m[f"balanced_acc_none{suffix}"]
-    for name in ("class_counts", "comparison", "per_class_recall", "comparison_steep", "per_class_recall_steep",
+        assert m[f"balanced_acc{suffix}_threshold_tuned"] >= m[f"balanced_acc{suffix}_none"]
+    for name in ("class_counts", "curves", "comparison", "per_class_recall", "comparison_steep", "per_class_recall_steep",
                  "threshold_tau", "confusion_matrix", "pr_curves"):
         assert (tmp_path / "figures" / "04" / f"{name}.png").stat().st_size > 0

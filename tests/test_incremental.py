@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -96,17 +98,19 @@ def test_notebook_05_reports_forgetting_for_every_run_and_the_joint_upper_bound(
     assert m["old_classes"] == 7 and m["new_classes"] == 3 and m["seeds"] == 2 and m["max_steps"] == 4
     for key in ("naive_fine_tuning", "replay", "head_only_replay", "lwf_distillation", "joint_retraining_upper_bound"):
         assert 0.0 <= m[f"old_acc_{key}"] <= 1.0 and 0.0 <= m[f"new_acc_{key}"] <= 1.0 and m[f"overall_acc_{key}_std"] >= 0
-        assert m[f"forgetting_{key}"] == pytest.approx(m["old_acc_before"] - m[f"old_acc_{key}"])
-        assert 2 <= m[f"steps_{key}"] <= 4  # equal budgets: at most 2 epochs of 2 steps, at least one epoch
+        assert m[f"forgetting_{key}"] == pytest.approx(m["old_acc_before"] - m[f"old_acc_{key}"])  # 7-way before, 10-way after
+        assert m[f"forgetting_vs_joint_{key}"] == pytest.approx(m["old_acc_joint_retraining_upper_bound"] - m[f"old_acc_{key}"])  # both 10-way
+        assert 2 <= m[f"steps_{key}"] <= 4  # one cap: at most 2 epochs of 2 steps; early stopping may end a run after one
+    assert m["forgetting_vs_joint_joint_retraining_upper_bound"] == 0 and "stage3_overall_replay_minus_joint_retraining_upper_bound_low" in m
     assert m["head_init"] in tlkit.incremental.HEAD_INITS
     for init in tlkit.incremental.HEAD_INITS:
         assert 0.0 <= m[f"head_init_val_acc_replay_{init}"] <= 1.0
     assert {"val_acc_dropout_0_5", "val_acc_sgd_lr_0_09", "stage2_val_acc_batch_8_same_images"} <= set(m)
     for s in (0, 1):
         saved = tlkit.read_checkpoint(tmp_path / f"05_first_model_seed{s}.pt")
-        assert saved.classes == tlkit.load_dataset("clothing").classes[:7] and saved.optimizer is not None
+        assert saved.classes == tlkit.load_dataset("clothing").classes[:7] and saved.optimizer is not None and saved.image_size == 32
     updated, saved = tlkit.model_from_checkpoint(tmp_path / "05_updated_model.pt")
-    assert saved.classes == tlkit.load_dataset("clothing").classes and m["saved_model_reloads_equal"] == 1
+    assert saved.classes == tlkit.load_dataset("clothing").classes and m["saved_model_reloads_equal"] == 1 and saved.image_size == 32
     assert len(list((tmp_path / "05_new_images").glob("photo_*.jpg"))) == 20 and 0.0 <= m["folder_acc"] <= 1.0
     for figure in ("stage2_forgetting", "stage3_forgetting", "predictions"):
         assert (tmp_path / "figures" / "05" / f"{figure}.png").stat().st_size > 0
@@ -171,3 +175,109 @@ def test_continue_training_with_the_prefix_cache_matches_it_without(tmp_path, cl
         assert cached.metrics[f"test_acc/{group}"] == pytest.approx(plain.metrics[f"test_acc/{group}"], abs=1e-6)
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(cached.model.eval()(x), plain.model.eval()(x), atol=1e-4)
+
+
+def _digits_with_test():
+    import dataclasses
+
+    splits = tlkit.load_dataset("digits", seed=0)
+    return dataclasses.replace(splits, test=splits.val)  # digits has no test split: its val stands in
+
+
+def test_the_arrivals_are_disjoint_per_seed_and_labelled_in_their_stage_class_list():
+    arrivals = tlkit.incremental.split_by_arrival(_digits_with_test(), old_classes=7, samples_per_class=5, new_sample_classes=3,
+                                                  new_samples_per_class=4, replay_per_class=2)
+    assert arrivals.old_names == [str(k) for k in range(7)] and arrivals.new_names == ["7", "8", "9"]
+    first, more, new = arrivals.first(1), arrivals.more(1), arrivals.new(1)
+    assert tlkit.class_counts(first) == dict.fromkeys(arrivals.old_names, 5)
+    assert tlkit.class_counts(more) == {**dict.fromkeys(arrivals.old_names, 0), "0": 4, "1": 4, "2": 4}
+    pixels = lambda images: [images[i][0].tobytes() for i in range(len(images))]
+    assert not set(pixels(more)) & set(pixels(first))  # new samples are images stage 1 did not see
+    assert new.classes == arrivals.all_names and set(new.targets) == {7, 8, 9} and len(new) == 15
+    assert pixels(arrivals.first(1)) == pixels(first) and pixels(arrivals.first(2)) != pixels(first)  # one draw per seed
+    assert len(arrivals.stage2_sets(1)["new data + replay"]) == len(more) + 7 * 2
+    sets = arrivals.stage3_sets(1)
+    assert len(sets["replay"]) == 15 + 7 * 2 and len(sets["joint"]) == 15 + 7 * 5
+    assert arrivals.val_old.classes == arrivals.old_names and arrivals.test_all.classes == arrivals.all_names
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(old_classes=10), "old_classes=10 leaves no new classes: 'digits' has 10 classes. Set old_classes below 10."),
+    (dict(new_sample_classes=8), "new_sample_classes (8) must be at most old_classes (7)"),
+    (dict(test=None), "'digits' has no test split; notebook 05 scores its methods once on one."),
+])
+def test_an_arrival_split_that_cannot_be_made_is_refused_by_name(change, message):
+    import dataclasses
+
+    splits = _digits_with_test()
+    if "test" in change:
+        splits = dataclasses.replace(splits, test=None)
+    options = {"old_classes": 7, "samples_per_class": 5, "new_sample_classes": 3, "new_samples_per_class": 4, "replay_per_class": 2}
+    options.update({k: v for k, v in change.items() if k != "test"})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tlkit.incremental.split_by_arrival(splits, **options)
+
+
+def test_the_steps_sentence_states_the_cap_the_steps_taken_and_the_runs_stopped_early():
+    runs = {"a": {0: 40, 1: 60}, "b": {0: 150, 1: 150}, "c": {0: 600, 1: 200}}
+    comparison = tlkit.compare_arms({arm: (lambda s, arm=arm: {"val_acc": 0.5, "steps_run": runs[arm][s]}) for arm in runs}, [0, 1])
+    sentence = tlkit.incremental.steps_sentence(comparison, 150, cap_for={"c": 600})
+    assert sentence == ("Cap: 150 optimizer steps per run, 600 for c. Steps run, mean (min to max) over seeds: a 50 (40 to 60), b 150 (150 to 150), "
+                        "c 400 (200 to 600). Early stopping ended 3 of 6 runs before their cap.")
+    assert "b 150" not in tlkit.incremental.steps_sentence(comparison, 150, arms=["a"])
+    without = tlkit.compare_arms({"before": lambda s: {"val_acc": 0.5}}, [0])
+    with pytest.raises(KeyError, match="No 'steps_run' in the runs of \\['before'\\]"):
+        tlkit.incremental.steps_sentence(without, 150)
+
+
+def test_write_image_folder_replaces_the_old_photos_and_returns_each_files_class(tmp_path):
+    splits = tlkit.load_dataset("digits", seed=0)
+    (tmp_path / "photo_99.jpg").write_bytes(b"stale")
+    (tmp_path / "notes.txt").write_text("kept")
+    truth = tlkit.incremental.write_image_folder(splits.val.select_classes(["0", "1"]), tmp_path, per_class=2, seed=0)
+    assert sorted(truth) == [f"photo_{k:02d}.jpg" for k in range(4)] and sorted(truth.values()) == ["0", "0", "1", "1"]
+    assert sorted(p.name for p in tmp_path.glob("photo_*.jpg")) == sorted(truth) and (tmp_path / "notes.txt").exists()
+
+
+def test_the_first_model_saves_its_checkpoint_with_classes_optimizer_and_image_size(tmp_path, class_folder):
+    splits = tlkit.data.image_folder(class_folder, seed=0)
+    config = tlkit.RunConfig(epochs=2, lr=1e-3, batch_size=8, image_size=32, cache_dir=tmp_path / "cache")
+    transform = tlkit.eval_transform(32, tlkit.create_model("efficientnet_lite0", 2, weights=None).normalization)
+    path = tmp_path / "first.pt"
+    run = tlkit.recipes.train_first_model(config, splits.train.select_classes(splits.classes[:2]), splits.val.select_classes(splits.classes[:2]), path,
+                                          classes=splits.classes[:2], trainable=["top", "head"], transform=transform)
+    saved = tlkit.read_checkpoint(path)
+    assert saved.image_size == 32 and saved.classes == splits.classes[:2] and saved.epoch == 2 and saved.optimizer is not None
+    assert len(run.history) == 2 and run.val_acc == run.history.val_acc[-1] and run.prefix_cache is not None
+    reloaded, _ = tlkit.model_from_checkpoint(path)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(reloaded.eval()(x), run.model.eval()(x), atol=1e-5)
+
+
+def test_a_continuation_arm_is_continue_training_from_that_seeds_checkpoint_and_counts_its_steps(tmp_path, class_folder):
+    splits, _, transform, path = _first_checkpoint(tmp_path, class_folder)
+    classes, groups = splits.classes, {"old": range(2), "new": range(2, 3)}
+    train = splits.train.select_classes(classes[2:]).with_classes(classes)
+    config = tlkit.RunConfig(epochs=2, lr=1e-3, batch_size=8, seed=0)
+    options = dict(classes=classes, transform=transform, trainable=["head"], early_stopping_patience=None)
+    continuation = tlkit.recipes.Continuation(config, {3: path}, lambda s: {"new": train}, splits.val, groups, **options)
+    run = continuation.arm("new", steps_per_epoch=3)(3)
+    direct = tlkit.continue_training(config.replace(seed=3), path, train, splits.val, groups, steps_per_epoch=3, **options)
+    assert run.metrics["steps_run"] == 2 * 3 and run.history.train_loss == pytest.approx(direct.history.train_loss)
+    passes = continuation.arm("new")(3)  # an epoch is one pass: ceil(images / batch) steps
+    assert passes.metrics["steps_run"] == 2 * -(-len(train) // 8)
+    assert continuation.with_options(head_init="zero").arm("new")(3).model.head.bias[2].item() != passes.model.head.bias[2].item()
+    with pytest.raises(KeyError, match="No checkpoint for seed 0: the checkpoints are for seeds \\[3\\]"):
+        continuation.arm("new")(0)
+    with pytest.raises(KeyError, match="No training set 'old'; seed 3's sets are \\['new'\\]"):
+        continuation.arm("old")(3)
+
+
+def test_checkpoint_accuracy_scores_the_saved_model_with_or_without_the_prefix_cache(tmp_path, class_folder):
+    splits, _, transform, path = _first_checkpoint(tmp_path, class_folder)
+    val, groups = splits.val.select_classes(splits.classes[:2]), {"first": [0], "both": [0, 1]}
+    model, _ = tlkit.model_from_checkpoint(path)
+    expected = group_accuracy(model, tlkit.make_loader(val, transform, 8, shuffle=False), groups)
+    plain = tlkit.incremental.checkpoint_accuracy(path, val, groups, trainable=["top", "head"], transform=transform)
+    cached = tlkit.incremental.checkpoint_accuracy(path, val, groups, trainable=["top", "head"], transform=transform, cache_dir=tmp_path / "cache")
+    assert plain == pytest.approx(expected) and cached == pytest.approx(expected, abs=1e-6)

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Sampler, WeightedRandomSampler
 
+from .compare import summarize_seeds
 from .data import DatasetSplits, LabeledImages, repeated_passes_sampler
-from .metrics import per_class_recall
+from .metrics import long_tail_metrics, per_class_recall
 
 REMEDIES: dict[str, str] = {
     "none": "plain cross-entropy on the long-tailed data",
@@ -250,6 +252,57 @@ def tau_sweep(probs: torch.Tensor, labels: Sequence[int], counts: Sequence[int],
         float(tau): float(per_class_recall(labels, adjust_probabilities(probs, counts, tau).argmax(1).numpy(), num_classes).mean())
         for tau in taus
     }
+
+
+# --- scoring a remedy: every number is about the decisions (after any post-hoc step) --------------------
+
+
+# The scores of one run on validation, as named in RunResult.metrics and in the results file.
+SCORES: dict[str, str] = {
+    "accuracy": "accuracy",
+    "balanced_acc": "balanced_accuracy",
+    "macro_f1": "macro_f1",
+    "worst_class_recall": "worst_class_recall",
+    "rarest_class_recall": "rarest_class_recall",
+    "pr_auc": "pr_auc",
+    "long_tailed_acc": "long_tailed_acc",
+}
+
+
+def long_tail_scores(probs: torch.Tensor, labels: torch.Tensor, train_counts: Sequence[int]) -> dict[str, float]:
+    """``SCORES`` of predicted ``probs`` against ``labels``: accuracy, balanced accuracy, macro-F1, worst- and
+    rarest-class recall, macro PR-AUC and the accuracy on a test set with the training proportions (``train_counts``)."""
+    if len(probs) != len(labels):
+        raise ValueError(f"probs has {len(probs)} rows but labels has {len(labels)}: give both for the same items.")
+    measured = long_tail_metrics(np.asarray(labels, dtype=int), np.asarray(probs, dtype=np.float64), train_counts)
+    return {name: float(measured[key]) for name, key in SCORES.items()}
+
+
+def balanced_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean per-class recall of the most probable class: every class counts the same, whatever its size."""
+    return float(per_class_recall(np.asarray(labels, dtype=int), np.asarray(probs).argmax(1), probs.shape[1]).mean())
+
+
+def tau_curve(predictions: Sequence[tuple[torch.Tensor, torch.Tensor]], train_counts: Sequence[int], taus: Sequence[float]) -> pd.DataFrame:
+    """Balanced accuracy of the post-hoc correction ``prior ** tau`` for each tau, mean and std over the runs.
+
+    ``predictions`` holds one (probabilities, labels) pair per seed, e.g. the plain heads' validation predictions;
+    the table (index tau; columns ``balanced_acc``, ``balanced_acc std``, ``seeds``) is what
+    ``tlkit.plot_seed_curves`` draws, and its ``idxmax()`` the tau to keep (ties: the first in ``taus``).
+    """
+    if not predictions:
+        raise ValueError("tau_curve needs the predictions of at least one run (one (probs, labels) pair per seed).")
+    rows = [{"tau": tau, "seed": seed, "balanced_acc": score} for seed, (probs, labels) in enumerate(predictions)
+            for tau, score in tau_sweep(probs, labels, train_counts, taus).items()]
+    return summarize_seeds(rows, "tau", ["balanced_acc"])
+
+
+def mean_recall_per_class(predictions: Mapping[tuple[str, int], tuple[torch.Tensor, torch.Tensor]], num_classes: int) -> dict[str, np.ndarray]:
+    """Recall of every class, averaged over the seeds of each run name: ``{(name, seed): (probs, labels)}`` -> name -> recalls."""
+    recalls: dict[str, list[np.ndarray]] = {}
+    for (name, _seed), (probs, labels) in predictions.items():
+        recalls.setdefault(name, []).append(per_class_recall(np.asarray(labels, dtype=int), np.asarray(probs).argmax(1), num_classes))
+    return {name: np.mean(per_seed, axis=0) for name, per_seed in recalls.items()}
 
 
 @dataclass

@@ -1,8 +1,11 @@
-"""Continuing a trained model on new data: class subsets, replay, head expansion, distillation (LwF)."""
+"""Continuing a trained model on new data: class subsets, replay, head expansion, distillation (LwF), and notebook 05's
+split of one dataset by time of arrival."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -10,8 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from .data import LabeledImages
-from .models import TransferModel, head_linear
+from .checkpoints import model_from_checkpoint
+from .compare import Comparison
+from .data import DatasetSplits, LabeledImages, make_loader
+from .models import TransferModel, block_names, head_linear, set_trainable
 from .prefix_cache import prefix_activations
 from .train import Callback, FitState, predict
 
@@ -144,3 +149,144 @@ def _accuracy_by_group(correct: torch.Tensor, labels: torch.Tensor, groups: dict
     return out
 
 
+
+
+# --- notebook 05: one dataset split by time of arrival, and what each first model scores --------------------
+
+
+@dataclass(frozen=True)
+class Arrivals:
+    """One dataset's images split by when they arrive, as notebook 05 pretends.
+
+    Stage 1 trains on the first ``old_classes`` classes (``samples_per_class`` images each); in stage 2 up to
+    ``new_samples_per_class`` more images arrive for the first ``new_sample_classes`` of them; in stage 3 the other
+    classes arrive (``samples_per_class`` images each). ``replay_per_class`` old images per class are mixed into
+    the replay training sets. Validation and test images are the same for every seed; each seed draws its own
+    training images. Use ``split_by_arrival`` to build one: it checks that the split can be made.
+    """
+
+    splits: DatasetSplits
+    old_classes: int
+    samples_per_class: int
+    new_sample_classes: int
+    new_samples_per_class: int
+    replay_per_class: int
+
+    @property
+    def old_names(self) -> list[str]:
+        return self.splits.classes[: self.old_classes]
+
+    @property
+    def new_names(self) -> list[str]:
+        return self.splits.classes[self.old_classes :]
+
+    @property
+    def all_names(self) -> list[str]:
+        return self.old_names + self.new_names
+
+    @property
+    def old_ids(self) -> range:
+        return range(len(self.old_names))
+
+    @property
+    def new_ids(self) -> range:
+        return range(len(self.old_names), len(self.all_names))
+
+    @cached_property
+    def val_old(self) -> LabeledImages:
+        """The old classes' validation images, labelled in the old class list (what the first model knows)."""
+        return self.splits.val.select_classes(self.old_names)
+
+    @cached_property
+    def test_old(self) -> LabeledImages:
+        return self.splits.test.select_classes(self.old_names)
+
+    @cached_property
+    def val_all(self) -> LabeledImages:
+        return self.splits.val.with_classes(self.all_names)
+
+    @cached_property
+    def test_all(self) -> LabeledImages:
+        return self.splits.test.with_classes(self.all_names)
+
+    def first(self, seed: int) -> LabeledImages:
+        """Stage 1's training images: ``samples_per_class`` of each old class."""
+        return self.splits.train.select_classes(self.old_names).limit_per_class(self.samples_per_class, seed)
+
+    def more(self, seed: int) -> LabeledImages:
+        """Stage 2's new images of the first ``new_sample_classes`` old classes (none of them in ``first``)."""
+        unused = self.splits.train.without(self.first(seed)).select_classes(self.old_names[: self.new_sample_classes])
+        return unused.with_classes(self.old_names).limit_per_class(self.new_samples_per_class, seed)
+
+    def new(self, seed: int) -> LabeledImages:
+        """Stage 3's images of the new classes, labelled in the full class list."""
+        return self.splits.train.select_classes(self.new_names).limit_per_class(self.samples_per_class, seed).with_classes(self.all_names)
+
+    def stage2_sets(self, seed: int) -> dict[str, Dataset]:
+        """Stage 2's training sets: the new images alone, and with ``replay_per_class`` old images per class."""
+        more = self.more(seed)
+        return {"new data only": more, "new data + replay": with_replay(more, self.first(seed), self.replay_per_class, seed)}
+
+    def stage3_sets(self, seed: int) -> dict[str, Dataset]:
+        """Stage 3's training sets: the new classes alone, with replay of old images, and with every old image (joint)."""
+        new, old = self.new(seed), self.first(seed).with_classes(self.all_names)
+        return {"new classes": new, "replay": with_replay(new, old, self.replay_per_class, seed), "joint": ConcatDataset([new, old])}
+
+
+def split_by_arrival(splits: DatasetSplits, *, old_classes: int, samples_per_class: int, new_sample_classes: int,
+                     new_samples_per_class: int, replay_per_class: int) -> Arrivals:
+    """``splits`` as notebook 05's three arrivals (``Arrivals``), once it is checked that they can be made."""
+    if old_classes >= len(splits.classes):
+        raise ValueError(f"old_classes={old_classes} leaves no new classes: {splits.name!r} has {len(splits.classes)} classes. "
+                         f"Set old_classes below {len(splits.classes)}.")
+    if new_sample_classes > old_classes:
+        raise ValueError(f"new_sample_classes ({new_sample_classes}) must be at most old_classes ({old_classes}): "
+                         f"new samples arrive for some of the known classes.")
+    if splits.test is None:
+        raise ValueError(f"{splits.name!r} has no test split; notebook 05 scores its methods once on one. "
+                         f"Use a dataset with its own test split (e.g. clothing) or a folder with a test/ subfolder.")
+    return Arrivals(splits, old_classes, samples_per_class, new_sample_classes, new_samples_per_class, replay_per_class)
+
+
+def checkpoint_accuracy(checkpoint: str | Path, dataset: Dataset, groups: dict[str, Sequence[int]], *, trainable: Sequence[str],
+                        transform, batch_size: int = 32, device: torch.device | str = "cpu",
+                        cache_dir: str | Path | None = None) -> dict[str, float]:
+    """Accuracy per class group of the model saved in ``checkpoint`` on ``dataset``, predicting among the classes it
+    was saved with. ``trainable`` marks the blocks above the frozen prefix (nothing trains), so with ``cache_dir`` the
+    frozen blocks' activations come from the prefix cache the model was trained through."""
+    model, _ = model_from_checkpoint(checkpoint)
+    set_trainable(model, block_names(model), False)
+    set_trainable(model, trainable, True)
+    return group_accuracy(model, make_loader(dataset, transform, batch_size, shuffle=False), groups, device, cache_dir=cache_dir)
+
+
+def write_image_folder(dataset: LabeledImages, folder: str | Path, per_class: int, seed: int) -> dict[str, str]:
+    """``per_class`` images of each class of ``dataset`` as JPEG files ``photo_NN.jpg`` in ``folder`` (names that do
+    not give the class away), replacing the ``photo_*.jpg`` files already there; returns file name -> true class."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("photo_*.jpg"):
+        stale.unlink()
+    picked, truth = dataset.limit_per_class(per_class, seed), {}
+    for k in range(len(picked)):
+        image, label = picked[k]
+        name = f"photo_{k:02d}.jpg"
+        image.save(folder / name, quality=92)
+        truth[name] = dataset.classes[label]
+    return truth
+
+
+def steps_sentence(comparison: Comparison, cap: int, *, arms: Sequence[str] | None = None, cap_for: Mapping[str, int] | None = None,
+                   metric: str = "steps_run") -> str:
+    """The budget as it was spent: the cap of optimizer steps per run (``cap``, or ``cap_for[arm]``), the steps each
+    arm's runs took (``metric``, mean and range over seeds) and how many runs early stopping ended before their cap."""
+    chosen, caps = list(arms or comparison.arms), dict(cap_for or {})
+    steps = {arm: [float(row[metric]) for row in comparison.rows if row["arm"] == arm and metric in row] for arm in chosen}
+    missing = [arm for arm, values in steps.items() if not values]
+    if missing:
+        raise KeyError(f"No {metric!r} in the runs of {missing}; pass arms=... with the arms that trained (e.g. Continuation's arms).")
+    taken = ", ".join(f"{arm} {sum(v) / len(v):.0f} ({min(v):.0f} to {max(v):.0f})" for arm, v in steps.items())
+    stopped = sum(value < caps.get(arm, cap) for arm, values in steps.items() for value in values)
+    others = "".join(f", {caps[arm]} for {arm}" for arm in chosen if arm in caps)
+    return (f"Cap: {cap} optimizer steps per run{others}. Steps run, mean (min to max) over seeds: {taken}. "
+            f"Early stopping ended {stopped} of {sum(map(len, steps.values()))} runs before their cap.")

@@ -474,3 +474,27 @@ def plot_lr_schedules(panels: Mapping[str, Mapping[str, Sequence[float]]], *, st
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def plot_paired_gains(gains: Mapping[str, object], *, title: str = "", xlabel: str = "gain (points of accuracy)") -> Figure:
+    """One row per setting: the mean paired difference (a ``tlkit.compare.PairedDifference``: ``mean``, ``low``,
+    ``high``, ``seeds``) in points, with its 95% interval as error bar and a line at 0: a bar that crosses it is a tie."""
+    if not gains:
+        raise ValueError("plot_paired_gains needs at least one setting, e.g. {'deep, test': comparison.differences()['basic']}.")
+    names = list(gains)
+    means = [100 * gains[n].mean for n in names]
+    below = [100 * (gains[n].mean - gains[n].low) if math.isfinite(gains[n].low) else 0.0 for n in names]
+    above = [100 * (gains[n].high - gains[n].mean) if math.isfinite(gains[n].high) else 0.0 for n in names]
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(names) + 1.4))
+    ax.errorbar(means, range(len(names)), xerr=[below, above], fmt="o", capsize=4, color="tab:blue")
+    for y, (mean, up) in enumerate(zip(means, above)):
+        ax.text(mean + up + 0.3, y, f"{mean:+.1f}", va="center", fontsize=8)
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    seeds = min(gains[n].seeds for n in names)
+    ax.set_xlabel(f"{xlabel}: mean and 95% interval, paired over {seeds} seed{'s' if seeds > 1 else ''}")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

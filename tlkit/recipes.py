@@ -36,7 +36,7 @@ from .checkpoints import model_from_checkpoint
 from .data import DatasetSplits, make_loader, repeated_passes_sampler
 from .features import cached_features
 from .finetune import BN_MODES, SCHEDULES, GradualUnfreezing, apply_strategy, fastai_fine_tune, fine_tune, freeze_batchnorm
-from .imbalance import make_remedy
+from .imbalance import adjust_probabilities, label_counts, long_tail_scores, make_remedy
 from .incremental import AccuracyTracker, DistillationLoss, expand_head, group_accuracy
 from .models import (
     TransferModel,
@@ -52,9 +52,9 @@ from .models import (
     unfreeze,
 )
 from .optim import make_optimizer, one_cycle
-from .params import check_bool, check_float, check_int, check_seed, check_str
+from .params import check_int, run_setting_checks
 from .prefix_cache import PrefixBatches, PrefixCache, PrefixCacheStats, Suffix, evaluate_from_prefix, prefix_cache_allowed
-from .train import Callback, EarlyStopping, FitState, History, RestoreBest, evaluate, fit, fit_head, get_device, predict, set_seed
+from .train import Callback, EarlyStopping, FitState, History, RestoreBest, SaveCheckpoint, evaluate, fit, fit_head, get_device, predict, set_seed
 from .transforms import check_preset, eval_transform, is_deterministic, train_transform
 
 # --- configuration ------------------------------------------------------------------------------------
@@ -82,15 +82,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         checks: dict[str, Callable[[str, Any], Any]] = {
-            "backbone": check_str,
-            "weights": functools.partial(check_str, allow_none=True),
-            "image_size": lambda _, value: check_image_size(self.backbone, value),
-            "batch_size": functools.partial(check_int, minimum=1),
-            "epochs": functools.partial(check_int, minimum=1),
-            "lr": functools.partial(check_float, positive=True),
-            "seed": check_seed,
+            **run_setting_checks(),  # the same checks as the notebooks' parameters
+            "image_size": lambda _, value: check_image_size(self.backbone, value),  # also against the backbone
             "device": _check_device,
-            "progress": check_bool,
             "cache_dir": _check_cache_dir,
         }
         for name, check in checks.items():
@@ -379,8 +373,9 @@ def run_strategy(
     overrides). ``schedule`` (see ``SCHEDULES``): None keeps these LRs constant; "one_cycle" runs fastai's one-cycle
     over all ``config.epochs * len(train_loader)`` optimizer steps (``tlkit.optim.OneCycle``: warm-up over the first
     25%, cosine down to ~0), and a block that joins mid-run (gradual, two_phase) warms up from 0 on its own.
-    ``fastai_fine_tune`` is fastai's recipe with its own rates and schedules (``tlkit.finetune.fastai_fine_tune``:
-    ``head_epochs`` with the head alone, then every block with LRs from ``config.lr / 200`` to ``config.lr / 2``);
+    ``fastai_fine_tune`` is a schedule modelled on fastai's ``Learner.fine_tune``, not fastai's recipe, with its own rates
+    (``tlkit.finetune.fastai_fine_tune``: ``head_epochs`` with the head alone, then every block with LRs from
+    ``config.lr / 200`` to ``config.lr / 2``);
     ``layer_decay``, ``lr_mult`` and ``schedule`` do not apply to it.
 
     ``bn`` (see ``BN_MODES``): "default" keeps BatchNorm of fully frozen blocks in eval mode while
@@ -475,6 +470,7 @@ def fine_tune_augmented(
     hflip: bool = True,
     mix: str | None = None,
     freeze_up_to: str | None = None,
+    bn: str = "default",
     on_device: bool | str = "auto",
     cache_features: bool = False,
     prefix_cache: bool = False,
@@ -483,6 +479,10 @@ def fine_tune_augmented(
     callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
 ) -> RunResult:
     """Fine-tune the blocks above ``freeze_up_to`` (default: the backbone's last block and the head) with ``augment``.
+
+    ``bn``: "default" lets the trainable blocks' BatchNorm layers follow the batches (frozen blocks keep ImageNet's
+    statistics); "frozen" fixes every BatchNorm of the backbone (``freeze_batchnorm``): with a few images per class
+    and several blocks training, the statistics of 32-image batches would replace ImageNet's.
 
     ``on_device`` ('auto': on a GPU) decodes the images once into uint8 tensors and augments each batch on
     the device. ``cache_features`` trains the head on cached features when that is valid (head only, no
@@ -498,11 +498,16 @@ def fine_tune_augmented(
     """
     image_size, batch_size, seed, device = config.image_size, config.batch_size, config.seed, config.device
     check_preset(augment)
+    if bn not in ("default", "frozen"):
+        raise ValueError(f"fine_tune_augmented: unknown bn={bn!r}; choose 'default' (trainable blocks' BatchNorm follows the "
+                         "batches) or 'frozen' (every BatchNorm keeps ImageNet's statistics and scale).")
     if restore_best:
         callbacks = [*callbacks, RestoreBest()]  # last, so that other callbacks see the weights of every epoch
     set_seed(seed)
     model = create_model(config.backbone, len(splits.classes), config.weights)
     freeze(model, up_to=freeze_up_to or block_names(model)[-3])
+    if bn == "frozen":
+        freeze_batchnorm(model)
     val_batch = max(batch_size, 128)
     start = time.perf_counter()
     if feature_cache_allowed(model, augment, mix=mix, cache_features=cache_features):
@@ -564,6 +569,21 @@ def _through_prefix_cache(model, splits: DatasetSplits, augment: str, *, image_s
     return cache.suffix, train, cache.loader("val", val_batch, shuffle=False)
 
 
+def scored_on_tests(comparison, tests: Mapping[str, Dataset], config: RunConfig):
+    """``comparison`` (``tlkit.compare_arms`` over recipes that return a ``RunResult``) with more numbers per run: its
+    last epoch's training loss (``"train_loss"``) and, for each ``name: dataset`` of ``tests``, the accuracy of its model
+    there (``evaluate_on``: each model scored once per test set). The comparison returned is about the first test.
+
+        scored = tlkit.recipes.scored_on_tests(comparison, {"test_acc": splits.test, "test_acc_shifted": shifted}, config)
+    """
+    if not tests:
+        raise ValueError("scored_on_tests needs at least one test set, e.g. {'test_acc': splits.test}.")
+    comparison = comparison.with_metric("train_loss", lambda arm, seed, run: run.history.train_loss[-1])
+    for name, dataset in reversed(list(tests.items())):  # the first test last: the comparison is about it
+        comparison = comparison.with_metric(name, lambda arm, seed, run, dataset=dataset: evaluate_on(run.model, dataset, config)["acc"])
+    return comparison
+
+
 # --- notebook 04: class imbalance ---------------------------------------------------------------------
 
 
@@ -596,7 +616,10 @@ def fit_head_with_remedy(
     (post-hoc adjusted) validation probabilities and labels (also as ``probs``, ``labels``, ``predicted``). With
     ``test_features``, the trained head (and the remedy's post-hoc step, fitted on the training counts, never on
     test) also predicts the test split: ``predictions["test"]`` and ``metrics["test_acc"]``. ``metrics["val_acc"]`` is
-    the last epoch's validation accuracy of the head itself (before any post-hoc step). ``name`` defaults to ``remedy``.
+    the last epoch's validation accuracy of the head itself (before any post-hoc step); the validation
+    ``tlkit.imbalance.SCORES`` (``"accuracy"``, ``"balanced_acc"``, ...) score the predictions after it, against the
+    training counts. ``"train_loss"`` and ``"train_acc"`` are the last epoch's, on the (re-weighted) training loss.
+    ``name`` defaults to ``remedy``.
 
     ``equal_steps`` (default): every remedy takes ``epochs * ceil(len(train_features) / batch_size)`` optimizer
     steps: ``oversample`` draws as many items per epoch as there are, and ``undersample`` passes over its balanced
@@ -621,7 +644,9 @@ def fit_head_with_remedy(
     probs, val_labels = predict(model.head, make_loader(val_features, None, batch_size, shuffle=False), device)
     predictions = {"val": (chosen.apply(probs), val_labels)}
     drawn = len(chosen.sampler) if chosen.sampler is not None else len(train_features)  # items per epoch
-    metrics = {"val_acc": history.val_acc[-1], "optimizer_steps": float(len(history) * math.ceil(drawn / batch_size))}
+    metrics = {"val_acc": history.val_acc[-1], "optimizer_steps": float(len(history) * math.ceil(drawn / batch_size)),
+               "train_loss": history.train_loss[-1], "train_acc": history.train_acc[-1],
+               **long_tail_scores(*predictions["val"], label_counts(labels.tolist(), head_linear(model).out_features))}
     if test_features is not None:
         test_probs, test_labels = predict(model.head, make_loader(test_features, None, batch_size, shuffle=False), device)
         predictions["test"] = (chosen.apply(test_probs), test_labels)
@@ -629,6 +654,45 @@ def fit_head_with_remedy(
     seconds = time.perf_counter() - start
     trainable = sum(p.numel() for p in model.head.parameters() if p.requires_grad)
     return RunResult(name or remedy, model, history, seconds, trainable, metrics=metrics, predictions=predictions)
+
+
+def remedy_arm(config: RunConfig, model: nn.Module, train_of_seed: Callable[[int], TensorDataset], val_features: TensorDataset,
+               remedy: str, **options: Any) -> Callable[[int], RunResult]:
+    """An arm for ``tlkit.compare_arms``: seed -> ``fit_head_with_remedy`` on that seed's training features
+    (``train_of_seed(seed)``) with ``config.seed`` set to it. ``options`` go to ``fit_head_with_remedy``."""
+    def run(seed: int) -> RunResult:
+        return fit_head_with_remedy(config.replace(seed=seed), model, train_of_seed(seed), val_features, remedy, **options)
+
+    return run
+
+
+def posthoc_arm(plain_runs: Mapping[int, RunResult], train_counts: Sequence[int], tau: float, *, name: str = "") -> Callable[[int], RunResult]:
+    """An arm for ``tlkit.compare_arms``: seed -> ``posthoc_threshold`` of that seed's plain run (``plain_runs[seed]``)."""
+    def run(seed: int) -> RunResult:
+        if seed not in plain_runs:
+            raise KeyError(f"No plain run for seed {seed}: the post-hoc arm adjusts runs of the seeds {sorted(plain_runs)}; "
+                           f"train them on the same seeds as the comparison.")
+        return posthoc_threshold(plain_runs[seed], train_counts, tau, name=name)
+
+    return run
+
+
+def posthoc_threshold(run: RunResult, train_counts: Sequence[int], tau: float, *, name: str = "") -> RunResult:
+    """``run``'s head, unchanged, with each class's probability divided by ``prior ** tau`` on every split it
+    predicted (``tlkit.imbalance.adjust_probabilities``; the prior from ``train_counts``): a remedy with no training.
+
+    The scores (``tlkit.imbalance.SCORES``, ``"test_acc"``) are those of the adjusted predictions; ``"val_acc"`` and the
+    training numbers stay the head's. ``name`` defaults to ``"threshold (tau=...)"``.
+    """
+    if "val" not in run.predictions:
+        raise ValueError(f"Run {run.name!r} kept no validation predictions: post-hoc thresholds adjust the predictions of "
+                         f"tlkit.fit_head_with_remedy.")
+    adjusted = {split: (adjust_probabilities(probs, train_counts, tau), labels) for split, (probs, labels) in run.predictions.items()}
+    metrics = {**run.metrics, **long_tail_scores(*adjusted["val"], train_counts)}
+    if "test" in adjusted:
+        test_probs, test_labels = adjusted["test"]
+        metrics["test_acc"] = (test_probs.argmax(1) == test_labels).float().mean().item()
+    return dataclasses.replace(run, name=name or f"threshold (tau={tau:g})", metrics=metrics, predictions=adjusted)
 
 
 # --- notebook 05: continuing from a checkpoint --------------------------------------------------------
@@ -777,3 +841,66 @@ def _continue_train_loader(dataset: Dataset, transform: Callable | None, batch_s
     # Every epoch starts a new pass, so within an epoch the items' counts differ by at most one.
     sampler = repeated_passes_sampler(len(dataset), steps_per_epoch * batch_size, seed)
     return make_loader(dataset, transform, batch_size, shuffle=False, seed=seed, sampler=sampler)
+
+
+# --- notebook 05: the first model, and arms that continue it --------------------------------------------
+
+
+def train_first_model(config: RunConfig, train_set: Dataset, val_set: Dataset, checkpoint: str | Path, *, classes: Sequence[str],
+                      trainable: Sequence[str], transform: Callable, callbacks: Sequence[Callback] = ()) -> RunResult:
+    """A new model for ``classes`` (``config``'s backbone and weights) with only the ``trainable`` blocks trained on
+    ``train_set``, through the prefix cache (the frozen blocks run once per image set); the whole training state is
+    saved to ``checkpoint`` after every epoch (``SaveCheckpoint``, recording ``config.image_size`` as the training size)."""
+    set_seed(config.seed)
+    model = create_model(config.backbone, len(classes), config.weights)
+    set_trainable(model, block_names(model), False)
+    set_trainable(model, trainable, True)
+    start = time.perf_counter()
+    cache = PrefixCache(model, {"train": make_loader(train_set, transform, config.batch_size, shuffle=False),
+                                "val": make_loader(val_set, transform, config.batch_size, shuffle=False)},
+                        config.device, cache_dir=config.cache_dir, progress=False, report=False)
+    saver = SaveCheckpoint(checkpoint, classes, image_size=config.image_size)
+    history = fit(cache.suffix, cache.loader("train", config.batch_size, shuffle=True, seed=config.seed),
+                  cache.loader("val", config.batch_size, shuffle=False), epochs=config.epochs, lr=config.lr, device=config.device,
+                  progress=config.progress, callbacks=[saver, *callbacks])
+    return RunResult(f"first model ({Path(checkpoint).name})", model, history, time.perf_counter() - start, _trainable(model),
+                     prefix_cache=cache.stats)
+
+
+class Continuation:
+    """Arms for ``compare_arms`` that continue each seed's checkpoint on one of that seed's training sets.
+
+        new_classes = Continuation(config, checkpoints, arrivals.stage3_sets, arrivals.val_all, groups, classes=..., transform=...)
+        tlkit.compare_arms({"replay": new_classes.arm("replay", trainable=["top", "head"])}, seeds)
+
+    ``arm(data, **options)(seed)`` is ``continue_training(config.replace(seed=seed), checkpoints[seed],
+    training_sets(seed)[data], val_set, groups, **options)`` (the options given here, then the arm's). Its metrics also
+    hold ``"steps_run"``: the optimizer steps the run took before early stopping ended it, to state next to the cap
+    (``config.epochs`` epochs of ``steps_per_epoch`` steps, or of one pass over the training set).
+    """
+
+    def __init__(self, config: RunConfig, checkpoints: Mapping[int, str | Path], training_sets: Callable[[int], Mapping[str, Dataset]],
+                 val_set: Dataset, groups: dict[str, Sequence[int]], **options: Any) -> None:
+        self.config, self.checkpoints, self.training_sets = config, checkpoints, training_sets
+        self.val_set, self.groups, self.options = val_set, groups, options
+
+    def with_options(self, **options: Any) -> Continuation:
+        """The same arms with ``options`` added to (or replacing) every run's."""
+        return Continuation(self.config, self.checkpoints, self.training_sets, self.val_set, self.groups, **{**self.options, **options})
+
+    def arm(self, data: str, *, config: RunConfig | None = None, **options: Any) -> Callable[[int], RunResult]:
+        """The function of the seed that continues that seed's checkpoint on its training set ``data``."""
+        run_config, merged = config or self.config, {**self.options, **options}
+
+        def run(seed: int) -> RunResult:
+            if seed not in self.checkpoints:
+                raise KeyError(f"No checkpoint for seed {seed}: the checkpoints are for seeds {sorted(self.checkpoints)}.")
+            sets = self.training_sets(seed)
+            if data not in sets:
+                raise KeyError(f"No training set {data!r}; seed {seed}'s sets are {list(sets)}.")
+            result = continue_training(run_config.replace(seed=seed), self.checkpoints[seed], sets[data], self.val_set, self.groups, **merged)
+            per_epoch = merged.get("steps_per_epoch") or math.ceil(len(sets[data]) / run_config.batch_size)
+            result.metrics["steps_run"] = len(result.history) * per_epoch
+            return result
+
+        return run
