@@ -245,15 +245,20 @@ def fastai_fine_tune(
     callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
     progress: bool = True,
 ) -> History:
-    """fastai's ``Learner.fine_tune(epochs, base_lr, freeze_epochs)``: the head alone, then every block, one History.
+    """A two-phase schedule modelled on fastai's ``Learner.fine_tune(epochs, base_lr, freeze_epochs)``: the head alone,
+    then every block, one History. It copies fastai's schedule, not fastai's recipe.
 
     Phase 1: the head alone for ``freeze_epochs``, one cycle at ``base_lr`` (``pct_start`` 0.99: a warm-up).
     Phase 2: every block for ``epochs``, a new cycle (``pct_start``, ``div``) at ``base_lr / 2`` for the head, the
-    LRs spread geometrically down to ``base_lr / 2 / lr_mult`` for the first block (fastai's ``slice``; here one
-    group per block, ``layer_decay_for_ratio``). One AdamW throughout (the head keeps its moments), Adam's beta1
-    cycled as fastai does. ``train_bn`` (fastai's default): the frozen blocks' BatchNorm layers update their
-    statistics in phase 1 already, so unfreezing does not change how the features are normalised under the head
-    (their scale and shift train from phase 2 on here; fastai trains them in phase 1 too). No weight decay.
+    LRs spread geometrically down to ``base_lr / 2 / lr_mult`` for the first block, one group per block
+    (``layer_decay_for_ratio``). One AdamW throughout (the head keeps its moments), Adam's beta1 cycled as fastai does.
+    ``train_bn`` (fastai's default): the frozen blocks' BatchNorm layers update their statistics in phase 1 already.
+
+    Where fastai differs: it spreads ``slice(base_lr / 2 / lr_mult, base_lr / 2)`` over its two or three parameter
+    groups (not one per block), uses weight decay 0.01, its own head (concat pooling, BatchNorm, dropout, a hidden
+    layer) and ``aug_transforms``, and trains the BatchNorm scale and shift of frozen blocks in phase 1. Here: the
+    model's own head (a linear layer), no weight decay, no augmentation (the loaders' transforms), and the frozen
+    blocks' BatchNorm scale and shift train from phase 2 on.
     """
     freeze(model)
     optimizer = make_optimizer(model, base_lr)
