@@ -3,6 +3,7 @@
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -183,19 +184,23 @@ def test_soft_label_titles():
 def test_notebook_03_measures_augmentation(tmp_path):
     run = run_notebook(
         NOTEBOOKS / "03_augmentation.ipynb", tmp_path,
-        {"samples_per_class": 3, "curve": [3], "epochs": 2, "image_size": 32, "augment": "strong", "seeds": [0, 1]},
+        {"samples_per_class": 3, "epochs": 2, "image_size": 32, "augment": "strong", "seeds": [0, 1]},
     )
     assert run.error == "", run.error
     m = run.metrics
     assert m["dataset"] == "clothing" and m["augment"] == "strong" and m["hflip"] == "yes" and m["seeds"] == 2
-    for key in ("noaug_3", "aug_3"):
-        assert 0.0 <= m[f"val_acc_{key}"] <= 1.0 and 0.0 <= m[f"test_acc_{key}"] <= 1.0 and m[f"test_acc_{key}_std"] >= 0
-    assert m["test_acc_aug_3"] != m["test_acc_noaug_3"] or m["train_loss_aug_3"] != m["train_loss_noaug_3"]
-    # the same stated budget for both arms (30 images, batch 32: one step an epoch); each run keeps its best-val epoch
-    assert m["epochs"] == 2 and m["steps_3"] == 2 and m["kept_epoch"] == "best val acc" and m["n_blocks"] == 1
-    for key in ("noaug_3", "aug_3"):
-        assert 1 <= m[f"best_epoch_{key}"] <= 2 and -1.0 <= m[f"late_gain_{key}"] <= 1.0
-    for name in ("presets.png", "batch.png", "augmentation_vs_data.png"):
+    assert m["epochs"] == 2 and m["kept_epoch"] == "best val acc" and m["deep_up_to"] == "stage5"
+    arms = [f"{setting}_{arm}" for setting in ("shallow", "deep") for arm in ("none", "aug")]
+    for arm in arms:  # every arm scored on the plain and the shifted test
+        for key in (f"test_acc_{arm}", f"test_acc_{arm}_shifted"):
+            assert 0.0 <= m[key] <= 1.0 and m[f"{key}_std"] >= 0.0
+        assert 1 <= m[f"best_epoch_{arm}"] <= 2 and m[f"train_loss_{arm}"] > 0
+    assert any(m[f"test_acc_{arm}"] != m[f"test_acc_{arm}_shifted"] for arm in arms)  # two different test sets
+    for setting in ("shallow_3", "deep_3", "shallow_3_shifted", "deep_3_shifted"):  # augmented minus plain, paired by seed
+        gain, low, high = (m[f"paired_gain_augment_{setting}{end}"] for end in ("", "_lo", "_hi"))
+        assert low <= gain <= high
+    assert m["paired_gain_augment_deep_3"] == pytest.approx(m["test_acc_deep_aug"] - m["test_acc_deep_none"])  # same seeds
+    for name in ("presets.png", "batch.png", "shifted_test.png", "curves.png", "augmentation_gains.png"):
         assert (tmp_path / "figures" / "03" / name).stat().st_size > 0
 
 
@@ -234,3 +239,91 @@ def test_fine_tune_augmented_restore_best_keeps_the_epoch_with_the_best_val_acc(
     assert any(not torch.equal(weights[k], v) for k, v in snapshots[2].items())  # not the last epoch's weights
     last = tlkit.fine_tune_augmented(config, splits, augment="basic", on_device=False)
     assert "best_epoch" not in last.metrics and last.val_acc == last.history.val_acc[-1]
+
+
+# --- the shifted test set ---------------------------------------------------------------------------------
+
+
+def test_the_shifted_test_set_is_the_same_on_every_run_and_keeps_the_labels(color_splits):
+    first = tlkit.augment.shifted_test_set(color_splits.val, 20, seed=0)
+    again = tlkit.augment.shifted_test_set(color_splits.val, 20, seed=0)
+    other = tlkit.augment.shifted_test_set(color_splits.val, 20, seed=1)
+    assert first.targets == color_splits.val.targets and first.classes == color_splits.val.classes
+    pixels = [np.asarray(first[i][0]) for i in range(len(first))]
+    assert all(p.shape == (20, 20, 3) and p.dtype == np.uint8 for p in pixels)
+    assert all(np.array_equal(p, np.asarray(again[i][0])) for i, p in enumerate(pixels))
+    assert first.fingerprint() == again.fingerprint() != other.fingerprint()  # the prefix cache tells them apart
+    plain = [np.asarray(color_splits.val[i][0].resize((20, 20))) for i in range(len(first))]
+    assert all(not np.array_equal(p, q) for p, q in zip(pixels, plain))
+
+
+def test_each_image_keeps_its_reframing_whatever_the_order_and_within_the_stated_ranges():
+    drawn = [tlkit.transforms.reframing(0, i) for i in range(200)]
+    assert tlkit.transforms.reframing(0, 7) == drawn[7] and tlkit.transforms.reframing(1, 7) != drawn[7]
+    ranges = tlkit.transforms.REFRAMING
+    assert all(ranges["zoom"][0] <= d["zoom"] <= ranges["zoom"][1] and abs(d["angle"]) <= ranges["angle"] for d in drawn)
+    assert min(d["zoom"] for d in drawn) < 1 < max(d["zoom"] for d in drawn)  # zoomed out and in
+    assert 0.3 < sum(d["mirror"] for d in drawn) / len(drawn) < 0.7
+
+
+def test_reframe_with_no_change_is_the_square_centre_of_the_photo():
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 40)  # dark on the left, bright on the right: a mirror image is easy to tell apart
+    photo = Image.fromarray(np.stack([np.tile(ramp, (30, 1)), np.full((30, 40), 90.0), np.tile(ramp[::-1], (30, 1))], -1).astype(np.uint8))
+    same = {"zoom": 1.0, "shift_x": 0.0, "shift_y": 0.0, "angle": 0.0, "mirror": False, "brightness": 1.0, "contrast": 1.0,
+            "saturation": 1.0, "hue": 0.0}
+    centre = np.asarray(photo.crop((5, 0, 35, 30)), dtype=np.int16)
+    assert np.abs(np.asarray(tlkit.transforms.reframe(photo, same, 30), dtype=np.int16) - centre).max() <= 3  # up to resampling
+    mirrored = np.asarray(tlkit.transforms.reframe(photo, {**same, "mirror": True}, 30), dtype=np.int16)
+    assert np.abs(mirrored - centre[:, ::-1]).max() <= 3 and np.abs(mirrored - centre).max() > 100
+
+
+def test_an_empty_split_is_refused_by_name(color_splits):
+    with pytest.raises(ValueError, match="shifted_test_set: the dataset is empty"):
+        tlkit.augment.shifted_test_set(color_splits.val.subset([]), 20)
+
+
+def test_fine_tune_augmented_with_frozen_batchnorm_keeps_the_statistics(split_folder):
+    splits = tlkit.data.image_folder(split_folder, seed=0)
+    config = tlkit.RunConfig(image_size=32, batch_size=4, epochs=1, lr=1e-2, seed=0)
+    result = tlkit.fine_tune_augmented(config, splits, augment="basic", on_device=False, freeze_up_to="stage5", bn="frozen")
+    norms = [m for m in result.model.features.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert not norms  # every BatchNorm replaced by a fixed one
+    pretrained = tlkit.create_model("efficientnet_lite0", 2, "imagenet").state_dict()
+    trained = result.model.state_dict()
+    stats = [k for k in trained if k.startswith("features.stage6") and k.endswith("running_mean")]
+    assert stats and all(torch.equal(trained[k], pretrained[k]) for k in stats)
+    convs = [k for k in trained if k.startswith("features.stage6") and k.endswith("conv_pw.weight")]
+    assert convs and any(not torch.equal(trained[k], pretrained[k]) for k in convs)  # the convolutions did train
+    with pytest.raises(ValueError, match="unknown bn='train'"):
+        tlkit.fine_tune_augmented(config, splits, bn="train")
+
+
+def test_the_paired_gains_figure_has_one_row_per_setting_and_refuses_none():
+    from tlkit.compare import PairedDifference
+
+    gains = {"deep, test": PairedDifference("basic", "none", "test_acc", {0: 0.02, 1: 0.04}, 0.03, 0.01, 0.05),
+             "deep, shifted": PairedDifference("basic", "none", "test_acc", {0: 0.0}, 0.0, float("nan"), float("nan"))}
+    fig = tlkit.plots.plot_paired_gains(gains, title="gains")
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == list(gains)
+    assert "paired over 1 seed" in fig.axes[0].get_xlabel()
+    with pytest.raises(ValueError, match="at least one setting"):
+        tlkit.plots.plot_paired_gains({})
+
+
+def test_scored_on_tests_adds_the_training_loss_and_one_accuracy_per_test_set(split_folder):
+    splits = tlkit.data.image_folder(split_folder, seed=0)
+    config = tlkit.RunConfig(image_size=32, batch_size=4, epochs=1, lr=1e-2, seed=0)
+    comparison = tlkit.compare_arms({"none": lambda s: tlkit.fine_tune_augmented(config.replace(seed=s), splits, augment="none", on_device=False)},
+                                    [0, 1])
+    tests = {"test_acc": splits.val, "test_acc_two": splits.val.subset([0, 1])}
+    scored = tlkit.recipes.scored_on_tests(comparison, tests, config)
+    assert scored.metric == "test_acc" and {"train_loss", "test_acc", "test_acc_two"} <= set(scored.metrics)
+    for row in scored.rows:
+        run = comparison.outputs["none", row["seed"]]
+        assert row["train_loss"] == run.history.train_loss[-1]
+        assert row["test_acc"] == tlkit.evaluate_on(run.model, splits.val, config)["acc"]
+        assert row["test_acc_two"] == tlkit.evaluate_on(run.model, tests["test_acc_two"], config)["acc"]
+    with pytest.raises(ValueError, match="at least one test set"):
+        tlkit.recipes.scored_on_tests(comparison, {}, config)

@@ -36,8 +36,8 @@ def test_notebook_01_pretrained_beats_random_init(tmp_path):
     assert 0.0 <= m["val_acc"] <= 1.0 and m["val_acc_std"] >= 0.0
     assert m["val_acc"] == m["val_pretrained_head"]
     # the lesson's claim on photos, paired over the seeds: pretrained features far above random ones and the floor
-    assert m["val_random_init_head_minus_pretrained_head_high"] < -0.15
-    assert m["val_majority_class_minus_pretrained_head_high"] < -0.15
+    for baseline in ("random_init_head", "majority_class"):  # far below, and below on every reading of the interval
+        assert m[f"val_{baseline}_minus_pretrained_head"] < -0.15 and m[f"val_{baseline}_minus_pretrained_head_high"] < 0
     assert m["val_majority_class"] < m["val_nearest_class_mean"]
     assert 0.0 <= m["test_acc"] <= 1.0 and "test_acc_std" in m and "test_random_init_head_minus_pretrained_head" in m
     assert m["val_5_per_class_pretrained_head"] == m["val_acc"]  # same seeds, same data, same runs
@@ -74,4 +74,5 @@ def test_a_list_given_as_text_is_parsed(tmp_path):
     run = run_notebook(NOTEBOOKS / "01_feature_extraction.ipynb", tmp_path,
                        {"data_curve": "[]", "seeds": "[0]", "samples_per_class": 2, "epochs": 1, "image_size": 32})
     assert run.error == "", run.error
-    assert run.metrics["seeds"] == 1 and not any("per_class" in k for k in run.metrics)
+    assert run.metrics["seeds"] == 1 and not any(k.startswith(("val_all_photos", "val_2_per_class")) for k in run.metrics)
+    assert "val_pretrained_head" in run.metrics

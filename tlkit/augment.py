@@ -13,15 +13,16 @@ import functools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
-from .data import BatchesOf, LabeledImages, TransformedDataset, make_loader
+from .data import BatchesOf, LabeledImages, TransformedDataset, _array_to_rgb, make_loader
 from .models import below_head_frozen
 from .prefix_cache import AugmentationDisablesCacheWarning
-from .transforms import Normalization, check_preset, normalize_steps, random_steps, resize_steps
+from .transforms import Normalization, check_preset, normalize_steps, random_steps, reframe, reframing, resize_steps
 
 MIXES = ("mixup", "cutmix", "mixup_or_cutmix")
 
@@ -195,3 +196,20 @@ def feature_cache_allowed(model: nn.Module, augment: str, *, mix: str | None = N
         )
         return False
     return True
+
+
+# --- a test set framed differently -----------------------------------------------------------------
+
+
+def shifted_test_set(dataset: LabeledImages, size: int, *, seed: int = 0) -> LabeledImages:
+    """``dataset``'s images re-framed once each (``tlkit.transforms.reframing(seed, i)``: zoom, shift, a small turn,
+    a mirror half the time, colour changes), as ``size`` x ``size`` images with the same labels.
+
+    The same ``dataset`` and ``seed`` give the same pixels on every run (a test checks it), so every arm is scored on
+    the same shifted photos; the result is held in memory (3 bytes a pixel) and has a fingerprint, so scores over it
+    can use the prefix cache like any dataset.
+    """
+    if len(dataset) == 0:
+        raise ValueError("shifted_test_set: the dataset is empty; give it the test split (splits.test) or another split with images.")
+    pixels = np.stack([np.asarray(reframe(dataset[i][0], reframing(seed, i), size)) for i in range(len(dataset))])
+    return LabeledImages(functools.partial(_array_to_rgb, pixels), dataset.targets, dataset.classes)

@@ -18,12 +18,12 @@ from .params import (
     check_float,
     check_int,
     check_parameters,
-    check_seed,
     check_seed_list,
     check_str,
     parse_dict,
     parse_list,
     rule,
+    run_setting_checks,
 )
 from .transforms import PRESETS
 
@@ -39,19 +39,12 @@ def _common() -> dict[str, Check]:
     """Parameters every notebook has (tests/test_notebooks.py checks that they do)."""
     return {
         "dataset": lambda name, value: check_dataset(value, name),
-        "backbone": _text,
-        "weights": _text_or_none,
-        "image_size": _size,
-        "batch_size": _size,
-        "epochs": _size,
-        "lr": _positive,
-        "seed": check_seed,
+        **run_setting_checks(),  # the same checks as tlkit.RunConfig's
         "seeds": check_seed_list,
         "device": _text,
         "results_path": _text_or_none,
         "data_root": _text,
         "output_dir": _text,
-        "progress": check_bool,
     }
 
 
@@ -89,13 +82,14 @@ def _notebook_02() -> dict[str, Check]:
 def _notebook_03() -> dict[str, Check]:
     return {
         **_common(),
-        "epochs": rule(check_int, minimum=2),  # each run keeps its best-val epoch, and the curves are checked for a plateau
-        "n_blocks": _size,
+        "epochs": rule(check_int, minimum=2),  # each run keeps its best-val epoch
         "augment": rule(check_str, choices=PRESETS),
         "hflip": rule(check_bool, allow_none=True),
         "mix": rule(check_str, choices=MIXES, allow_none=True),
         "samples_per_class": _size_or_none,
-        "curve": rule(parse_list, item=_size_or_none, example="[5, 10, 25]"),
+        "deep_up_to": _text,
+        "deep_lr": _positive,
+        "shift_seed": _count,
         "on_device": _on_device,
     }
 

@@ -245,3 +245,60 @@ def is_deterministic(transform: Callable | None) -> bool:
         return True
     steps = transform.transforms if isinstance(transform, v2.Compose) else [transform]
     return all(isinstance(step, _DETERMINISTIC_TRANSFORMS) for step in steps)
+
+
+# --- a test set framed differently: one fixed, seeded re-framing per image ----------------------------
+
+# The ranges a re-framed test photo is drawn from (``reframing``): zoom in and out, shifted, turned a little,
+# mirrored half the time, its colours changed. Crops stay moderate for the same reason as in the presets: a
+# crop that cuts the sleeves off a long-sleeve shows a t-shirt.
+REFRAMING = {"zoom": (0.8, 1.4), "shift": 0.1, "angle": 12.0, "brightness": (0.75, 1.25), "contrast": (0.75, 1.25),
+             "saturation": (0.6, 1.4), "hue": 0.04}
+
+
+def reframing(seed: int, index: int) -> dict[str, float | bool]:
+    """The re-framing of test image ``index`` under ``seed``: zoom, shift (fractions of the side), angle (degrees),
+    mirror, colour factors. The same (seed, index) always gives the same values, whatever the order of the images."""
+    rng = np.random.default_rng([seed, index])
+    zoom_low, zoom_high = REFRAMING["zoom"]
+    shift, hue = REFRAMING["shift"], REFRAMING["hue"]
+    return {
+        "zoom": float(np.exp(rng.uniform(np.log(zoom_low), np.log(zoom_high)))),  # >1 zooms in (a crop), <1 out
+        "shift_x": float(rng.uniform(-shift, shift)), "shift_y": float(rng.uniform(-shift, shift)),
+        "angle": float(rng.uniform(-REFRAMING["angle"], REFRAMING["angle"])),
+        "mirror": bool(rng.random() < 0.5),
+        "brightness": float(rng.uniform(*REFRAMING["brightness"])), "contrast": float(rng.uniform(*REFRAMING["contrast"])),
+        "saturation": float(rng.uniform(*REFRAMING["saturation"])), "hue": float(rng.uniform(-hue, hue)),
+    }
+
+
+def _border_colour(square: Image.Image) -> list[int]:
+    """The median colour of the image's outermost pixels: what a zoomed-out or turned photo is filled with
+    (product photos stand on a plain background, so the fill continues it)."""
+    pixels = np.asarray(square)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    return [int(v) for v in np.median(border, axis=0)]
+
+
+def reframe(image: Image.Image, params: dict[str, float | bool], size: int) -> Image.Image:
+    """``image`` framed as ``params`` says (from ``reframing``), as a ``size`` x ``size`` RGB image.
+
+    The square centre of the photo (what the eval transform sees) is worked on at twice ``size``, so that zooming
+    in does not blur it, then scaled down: zoom, shift and turn in one affine step (the uncovered corners take the
+    border colour), then the mirror and the colour changes.
+    """
+    from torchvision.transforms.v2 import functional as F
+
+    _check_image_size(size)
+    image = to_rgb(image)
+    side, work = min(image.size), 2 * size
+    square = F.resize(F.center_crop(image, [side, side]), [work, work], antialias=True)
+    square = F.affine(square, angle=params["angle"], translate=[round(params["shift_x"] * work), round(params["shift_y"] * work)],
+                      scale=params["zoom"], shear=[0.0, 0.0], interpolation=v2.InterpolationMode.BILINEAR, fill=_border_colour(square))
+    if params["mirror"]:
+        square = F.horizontal_flip(square)
+    square = F.adjust_brightness(square, params["brightness"])
+    square = F.adjust_contrast(square, params["contrast"])
+    square = F.adjust_saturation(square, params["saturation"])
+    square = F.adjust_hue(square, params["hue"])
+    return F.resize(square, [size, size], antialias=True)
