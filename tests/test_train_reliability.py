@@ -2,12 +2,12 @@
 freeze panel without what it needs, and fit started where SIGINT is ignored."""
 
 import math
-import os
 import signal
 
 import pytest
 import torch
 from conftest import TOY_CLASSES, toy_tensors
+from test_interruptions import InterruptAt  # the same Ctrl-C stand-in as the interruption tests
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
@@ -225,18 +225,6 @@ def test_find_lr_button_with_nothing_trainable_shows_why_in_the_panel(frozen_pan
 # --- case 15: SIGINT ignored on purpose stays ignored ----------------------------------------------
 
 
-class InterruptAt(nn.Module):
-    """Cross-entropy that sends this process a SIGINT (as Ctrl-C does) at call number ``at``."""
-
-    def __init__(self, at: int) -> None:
-        super().__init__()
-        self.at, self.calls = at, 0
-
-    def forward(self, logits, y):
-        self.calls += 1
-        if self.calls == self.at:
-            os.kill(os.getpid(), signal.SIGINT)
-        return nn.functional.cross_entropy(logits, y)
 
 
 @pytest.fixture
