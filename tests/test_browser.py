@@ -3,7 +3,7 @@ trainable count grows by that block), checks that no LR box cuts its value (also
 and presses Reset (the count goes back).
 
 The notebook is not run whole (it trains for minutes): its parameters cell, the cells that import
-tlkit, load the data and define ``new_model``, and the ``tlkit.FreezePanel(...)`` cell are copied
+tlkit and load the data (with the model whose blocks it lists), and the ``tlkit.FreezePanel(...)`` cell are copied
 from the .ipynb, so the test follows the notebook when it changes. Nothing is trained.
 Chromium is Debian's (``.ci/run`` installs it); without it, or without playwright, the test skips.
 The test saves a screenshot of the panel (cropped to it) to ``outputs/browser/freeze_panel_crop.png``; with
@@ -44,7 +44,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync",
 ]
 # What notebook 02's widget cell needs, found by content so that moved or renumbered cells still match.
-WIDGET_CELL_MARKERS = ("import tlkit", "tlkit.load_dataset(", "def new_model(", "tlkit.FreezePanel(")
+WIDGET_CELL_MARKERS = ("import tlkit", "splits = lesson.splits()", "tlkit.FreezePanel(")
 SERVER_START_S = 60
 WIDGET_RENDER_S = 120  # kernel start, torch import, data and a pretrained model on a busy 2-core machine
 CLICK_EFFECT_S = 30

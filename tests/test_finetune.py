@@ -192,6 +192,31 @@ def test_freeze_batchnorm_fixes_statistics_while_convolutions_train(model):
     assert model.features.top[0].weight.requires_grad
 
 
+def test_recompute_batchnorm_takes_exact_averages_in_the_training_blocks_only(model, loaders):
+    tlkit.apply_strategy(model, "last_n_blocks", n_blocks=1)  # top and head train
+    stem_before, was_training = model.features.stem[1].running_mean.clone(), model.training
+    seen = []  # what top's BatchNorm normalises: the output of its 1x1 conv, image by image
+    hook = model.features.top[0].register_forward_hook(lambda m, i, out: seen.append(out.detach()))
+    tlkit.finetune.recompute_batchnorm(model, loaders[0])
+    hook.remove()
+    outputs = torch.cat(seen)
+    top_bn = model.features.top[1]
+    assert not isinstance(top_bn, nn.BatchNorm2d)  # fixed afterwards, like bn="frozen"
+    assert torch.allclose(top_bn.running_mean, outputs.mean(dim=(0, 2, 3)), atol=1e-5)  # every image weighted alike
+    assert torch.allclose(model.features.stem[1].running_mean, stem_before)  # a frozen block keeps ImageNet's
+    assert model.training == was_training  # the mode is put back
+
+
+def test_run_strategy_with_recomputed_batchnorm_trains_the_convolutions_only(class_folder):
+    splits = tlkit.load_dataset(str(class_folder))
+    config = tlkit.RunConfig(image_size=32, batch_size=16, epochs=2, lr=1e-3, seed=0)
+    before = tlkit.create_model(config.backbone, 3, config.weights).features.top[0].weight.clone()
+    result = tlkit.run_strategy(config, splits, "last_n_blocks", n_blocks=1, bn="recomputed", prefix_cache=True)
+    top = result.model.features.top
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in result.model.features.modules())
+    assert not torch.equal(top[0].weight.detach().cpu(), before)  # the conv trained
+    assert result.name == "last_n_blocks, BN recomputed" and result.prefix_cache.boundaries == ["top"]
+
 # --- one-cycle schedule, fastai's fine_tune -----------------------------------------------------------
 
 
@@ -348,27 +373,32 @@ def test_two_phase_with_one_cycle_warms_the_unfrozen_blocks_up(class_folder):
 
 
 @pytest.mark.notebook
-def test_notebook_02_writes_one_accuracy_per_strategy(tmp_path):
+def test_notebook_02_writes_one_accuracy_per_strategy_size_and_batchnorm_setting(tmp_path):
     from tlkit.course import run_notebook
 
-    compare = ["head", "last_block", "gradual", "conv_block"]
     run = run_notebook(
         NOTEBOOKS / "02_partial_unfreezing.ipynb", tmp_path,
-        {"samples_per_class": 3, "image_size": 32, "epochs": 2, "strategy": "gradual", "compare": compare,
-         "compare_once": ["fastai_fine_tune"], "bn_row": "head", "seeds": [0, 1]},
+        {"samples_per_class": 3, "image_size": 32, "epochs": 2, "pytorch_epochs": 1, "seeds": [0, 1], "data_sizes": [3, 2],
+         "depths": [0, 2], "bn_modes": ["frozen", "recomputed"], "strategy": "gradual", "unfreeze_every": 1},
     )
     assert run.error == "", run.error
     m = run.metrics
-    assert m["strategy"] == "gradual" and m["samples_per_class"] == 3 and m["seeds"] == 2
-    assert m["epochs"] == 2 and m["steps"] == 2 and m["schedule"] == "one_cycle"  # 30 images, batches of 32: 1 step per epoch
-    for name in compare + ["head_bn_frozen", "fastai_fine_tune"]:
-        assert 0.0 <= m[f"val_acc_{name}"] <= 1.0 and m[f"val_acc_{name}_std"] >= 0.0
-    assert m["val_acc_fastai_fine_tune_std"] == 0.0  # compare_once runs on one seed
+    assert m["strategy"] == "gradual" and m["samples_per_class"] == 3 and m["seeds"] == 2 and m["epochs"] == 2
+    assert abs(m["val_acc_pytorch_loop"] - m["val_acc_tlkit_same_run"]) < 0.01  # the PyTorch loop and run_strategy agree
     assert 1e-6 <= m["lr_suggestion_head"] <= 1.0 and m["lr"] == m["lr_suggestion_head"]  # lr None: the finder's
-    assert m["best_strategy"] in compare + ["head_bn_frozen", "fastai_fine_tune"] and 0.0 <= m["test_acc"] <= 1.0
-    assert 0.0 <= m["test_acc_head"] <= 1.0 and 0.0 <= m["val_acc_head_notebook01"] <= 1.0
-    for key in ("val_acc_after_head_phase", "val_acc_after_bn_switch", "val_acc_after_bn_switch_train_bn"):
-        assert 0.0 <= m[key] <= 1.0
-    assert m["prefix_cache_demo_epochs"] == 2
-    for figure in ("comparison.png", "lr_schedules.png"):
+    for n in (3, 2):
+        for arm in ("head", "stage7_top"):
+            for metric in ("val_acc", "test_acc"):
+                assert 0.0 <= m[f"{metric}_{arm}_at_{n}"] <= 1.0 and m[f"{metric}_{arm}_at_{n}_std"] >= 0.0
+        assert m[f"best_strategy_at_{n}"] in ("head", "stage7+top")
+        gain = [m[f"paired_gain_deepest_vs_head_at_{n}{end}"] for end in ("_lo", "", "_hi")]
+        assert gain == sorted(gain) and -1.0 <= gain[0] and gain[2] <= 1.0
+        assert gain[1] == pytest.approx(m[f"test_acc_stage7_top_at_{n}"] - m[f"test_acc_head_at_{n}"])  # paired mean = mean difference
+    assert "test_acc_top_at_3" not in m  # only the depths asked for run
+    for bn in ("frozen", "recomputed"):
+        for end in ("", "_lo", "_hi", "_test"):
+            assert -1.0 <= m[f"bn_{bn}_minus_training_stage7_top{end}"] <= 1.0
+    assert m["bn_strategy"] in ("default", "frozen", "recomputed")
+    assert m["best_strategy"] == m["best_strategy_at_3"] and 0.0 <= m["test_acc"] <= 1.0
+    for figure in ("data_size.png", "lr_find_head.png", "curves.png"):
         assert (tmp_path / "figures" / "02" / figure).stat().st_size > 0

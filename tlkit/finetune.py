@@ -20,11 +20,12 @@ from .models import (
     freeze,
     head_linear,
     set_trainable,
+    trainable_blocks,
 )
 from .optim import OneCycle, layer_decay_for_ratio, lr_multipliers, make_optimizer, unfreeze_into
 from .train import Callback, FitState, History, fit
 
-BN_MODES = ("default", "train", "frozen")
+BN_MODES = ("default", "train", "frozen", "recomputed")
 SCHEDULES = (None, "one_cycle")  # run_strategy's LR schedules: constant, or fastai's one cycle (tlkit.optim.OneCycle)
 STRATEGIES = (
     "head", "last_block", "last_n_blocks", "last_tensors", "blocks", "gradual", "two_phase", "fastai_fine_tune", "full", "conv_block",
@@ -80,6 +81,27 @@ def refresh_batchnorm(model: TransferModel, loader: DataLoader, device: torch.de
     nn.Module.train(model, True)  # every block, the frozen ones too (TransferModel.train would keep those in eval mode)
     for x, _ in loader:
         model(x.to(device))
+    return model.train(was_training)
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: TransferModel, loader: DataLoader, device: torch.device | str = "cpu") -> TransferModel:
+    """Recompute the running statistics of the BatchNorm layers in the blocks that train as exact averages over
+    ``loader`` (``momentum=None``: a cumulative mean, every image weighted alike, as after one pass over the data),
+    then fix every BatchNorm of the backbone (``freeze_batchnorm``). The frozen blocks keep ImageNet's statistics."""
+    layers = [m for name in trainable_blocks(model) if name != "head"
+              for m in model.blocks()[name].modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was_training = model.training
+    model.to(device).eval()  # every other layer as at inference
+    for bn in layers:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    for x, _ in loader:
+        model(x.to(device))
+    for bn in layers:
+        bn.momentum = 0.1  # PyTorch's default, should anything let them train again
+    freeze_batchnorm(model)
     return model.train(was_training)
 
 

@@ -66,7 +66,9 @@ def start_lesson(notebook: str, namespace: MutableMapping[str, Any]) -> Lesson:
     device = get_device(namespace.get("device", "auto"))
     output_dir = Path(namespace.get("output_dir", "outputs"))
     cache_dir = output_dir / "cache"  # one folder for the feature and prefix caches of every notebook
-    config = RunConfig.from_parameters(namespace, device=device, cache_dir=cache_dir)
+    # lr = None: the notebook measures its learning rate (the LR finder) before it trains; RunConfig's default until then
+    chosen = {k: v for k, v in namespace.items() if not (k == "lr" and v is None)}
+    config = RunConfig.from_parameters(chosen, device=device, cache_dir=cache_dir)
     return Lesson(notebook, device, config, output_dir / "figures" / notebook, cache_dir, namespace.get("results_path") or None,
                   dataset=namespace.get("dataset", "clothing"), data_root=Path(namespace.get("data_root", "data")),
                   samples_per_class=namespace.get("samples_per_class"))

@@ -9,7 +9,7 @@ from typing import Any
 
 from .augment import MIXES
 from .data import check_dataset
-from .finetune import SCHEDULES, STRATEGIES
+from .finetune import BN_MODES, SCHEDULES, STRATEGIES
 from .imbalance import REMEDIES
 from .models import check_image_size
 from .params import (
@@ -20,7 +20,6 @@ from .params import (
     check_parameters,
     check_seed_list,
     check_str,
-    parse_dict,
     parse_list,
     rule,
     run_setting_checks,
@@ -58,24 +57,23 @@ def _notebook_01() -> dict[str, Check]:
 
 def _notebook_02() -> dict[str, Check]:
     strategy = rule(check_str, choices=STRATEGIES)
-    strategies = rule(parse_list, item=strategy, example='["head", "last_block"]')
     return {
         **_common(),
         "lr": rule(check_float, positive=True, allow_none=True),
         "samples_per_class": _size_or_none,
+        "data_sizes": rule(parse_list, item=_size_or_none, example="[20, null]"),
+        "depths": rule(parse_list, item=_count, example="[0, 1, 2, 3]"),
+        "bn_modes": rule(parse_list, item=rule(check_str, choices=BN_MODES), example='["frozen", "recomputed"]'),
+        "pytorch_epochs": _size,
         "strategy": strategy,
         "schedule": rule(check_str, choices=[s for s in SCHEDULES if s is not None], allow_none=True),
         "unfreeze": rule(parse_list, item=_text, example='["stage6"]'),
         "n_blocks": _size,
         "n_tensors": _size,
         "layer_decay": rule(check_float, positive=True, maximum=1.0),
-        "lr_mult": rule(parse_dict, item=_positive),
         "unfreeze_every": _size,
         "head_epochs": _size,
         "conv_channels": _size,
-        "compare": strategies,
-        "compare_once": strategies,
-        "bn_row": rule(check_str, choices=STRATEGIES, allow_none=True),
     }
 
 

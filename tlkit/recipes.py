@@ -35,7 +35,16 @@ from .augment import BatchTransform, InMemoryImages, augment_on_device, augmente
 from .checkpoints import model_from_checkpoint
 from .data import DatasetSplits, make_loader, repeated_passes_sampler
 from .features import cached_features
-from .finetune import BN_MODES, SCHEDULES, GradualUnfreezing, apply_strategy, fastai_fine_tune, fine_tune, freeze_batchnorm
+from .finetune import (
+    BN_MODES,
+    SCHEDULES,
+    GradualUnfreezing,
+    apply_strategy,
+    fastai_fine_tune,
+    fine_tune,
+    freeze_batchnorm,
+    recompute_batchnorm,
+)
 from .imbalance import adjust_probabilities, label_counts, long_tail_scores, make_remedy
 from .incremental import AccuracyTracker, DistillationLoss, expand_head, group_accuracy
 from .models import (
@@ -380,7 +389,9 @@ def run_strategy(
 
     ``bn`` (see ``BN_MODES``): "default" keeps BatchNorm of fully frozen blocks in eval mode while
     trainable blocks update theirs; "train" lets frozen blocks' BatchNorm train too; "frozen" fixes
-    every BatchNorm of the backbone (statistics and scale/shift, ``freeze_batchnorm``). Trainable
+    every BatchNorm of the backbone (statistics and scale/shift, ``freeze_batchnorm``); "recomputed" first
+    recomputes the statistics of the trainable blocks' BatchNorm as exact averages over the training images
+    (``recompute_batchnorm``: ``momentum=None``, one pass with the eval transform), then fixes them as "frozen" does. Trainable
     parameters are counted at the end (for gradual: the blocks unfrozen by then).
     ``train_transform`` defaults to the eval transform (no augmentation).
 
@@ -407,6 +418,8 @@ def run_strategy(
     model.to(device)
     transform = eval_transform(config.image_size, model.normalization)
     train_transform = transform if train_transform is None else train_transform
+    if bn == "recomputed":  # the trainable blocks' statistics from these training images, then fixed
+        recompute_batchnorm(model, make_loader(splits.train, transform, batch_size, shuffle=False), device)
     train_loader = make_loader(splits.train, train_transform, batch_size, shuffle=True, seed=seed)
     val_loader = make_loader(splits.val, transform, batch_size, shuffle=False)
     decay = dict(layer_decay=layer_decay, lr_mult=lr_mult)
