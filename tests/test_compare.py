@@ -295,3 +295,13 @@ def test_results_take_paired_differences_of_accuracies_and_refuse_impossible_one
         tlkit.write_results(None, {"val_acc_b_minus_a": -1.5})
     with pytest.raises(ValueError, match=r"accuracies are fractions in \[0, 1\]"):
         tlkit.write_results(None, {"val_acc": -0.05})
+
+
+def test_metric_difference_pairs_two_measurements_of_the_same_runs():
+    scores = {0: (0.70, 0.72), 1: (0.60, 0.621), 2: (0.65, 0.669)}  # (plain, with TTA) per seed
+    c = tlkit.compare_arms({"head": lambda s: {"test_acc": scores[s][0], "test_acc_tta": scores[s][1]}}, [0, 1, 2], metric="test_acc")
+    d = c.metric_difference("head", "test_acc_tta", "test_acc")
+    assert d.per_seed == pytest.approx({0: 0.02, 1: 0.021, 2: 0.019}) and d.mean == pytest.approx(0.02)
+    assert d.low > 0 and d.sentence().startswith("head (test_acc_tta) beats head (test_acc) on test_acc_tta by 2.0 points")
+    with pytest.raises(KeyError, match="No arm 'tail'"):
+        c.metric_difference("tail", "test_acc_tta", "test_acc")

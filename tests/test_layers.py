@@ -30,9 +30,9 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["checkpoints", "data"], 3),
     **dict.fromkeys(["train", "optim"], 4),  # the training loop and its optimizers
     **dict.fromkeys(["prefix_cache", "lr_finder"], 5),  # blocks several lessons share
-    **dict.fromkeys(["features", "finetune", "augment", "imbalance", "incremental"], 6),  # one module per lesson
+    **dict.fromkeys(["features", "finetune", "augment", "imbalance", "incremental", "tuning"], 6),  # one module per lesson
     **dict.fromkeys(["recipes", "plots", "course", "notebook_params", "inference"], 7),  # on top: whole runs, figures, the course
-    **dict.fromkeys(["widgets", "sweep", "predict", "lesson"], 8),  # the freeze panel draws with plots; a sweep runs the course; the command line
+    **dict.fromkeys(["widgets", "sweep", "predict", "lesson", "evaluation"], 8),  # the freeze panel draws with plots; sweeps, the CLI, scoring runs
     "tlkit": 9,  # the package root, which picks the public API
 }
 LOWER = {name for name, layer in LAYERS.items() if layer < 6}

@@ -43,6 +43,8 @@ def test_notebook_01_pretrained_beats_random_init(tmp_path):
     assert m["val_5_per_class_pretrained_head"] == m["val_acc"]  # same seeds, same data, same runs
     assert (tmp_path / "figures" / "01" / "pretrained_vs_random.png").stat().st_size > 0
     assert (tmp_path / "figures" / "01" / "curves.png").stat().st_size > 0
+    assert 0.0 <= m["test_ece"] <= 1.0 and 0.0 <= m["test_ece_scaled"] <= 1.0 and m["temperature"] > 0  # calibration, section 9
+    assert (tmp_path / "figures" / "01" / "reliability.png").stat().st_size > 0
     assert "01_feature_extraction.ipynb" in summary_table([run])
 
 

@@ -376,6 +376,15 @@ class Comparison:
         rows = [{**row, name: float(measure(row["arm"], row["seed"], self.outputs[row["arm"], row["seed"]]))} for row in self.rows]
         return Comparison(self.arms, self.seeds, rows, self.outputs, name, self.reference, self.higher_is_better)
 
+    def metric_difference(self, arm: str, metric: str, baseline: str) -> PairedDifference:
+        """``metric`` minus ``baseline`` for one arm, seed by seed: two measurements of the same models (e.g. test
+        accuracy with and without test-time augmentation), paired by seed like two arms."""
+        if arm not in self.arms:
+            raise KeyError(f"No arm {arm!r}; the arms are {self.arms}.")
+        rows = [{"measure": m, "seed": row["seed"], "value": row[m]} for row in self.rows if row["arm"] == arm for m in (metric, baseline)]
+        d = paired_difference(rows, "measure", metric, baseline, "value")
+        return PairedDifference(f"{arm} ({metric})", f"{arm} ({baseline})", metric, d.per_seed, d.mean, d.low, d.high)
+
     def results(self, prefix: str, metric: str | None = None) -> dict[str, float]:
         """Flat numbers for the results file: each arm's mean and std, and its paired difference with its interval."""
         metric = metric or self.metric

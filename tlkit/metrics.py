@@ -1,4 +1,7 @@
-"""Metrics that stay honest when classes are imbalanced (scikit-learn), as numbers and tables (their figures are in ``tlkit.plots``)."""
+"""Metrics that stay honest when classes are imbalanced (scikit-learn), and calibration: the expected calibration error
+(torchmetrics), the reliability table behind a reliability diagram and temperature scaling (Guo et al. 2017: one number
+T fitted on validation; the probabilities become softmax(logits / T), the predicted class never changes). As numbers and
+tables; their figures are in ``tlkit.plots``."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -75,3 +79,65 @@ def long_tail_metrics(y_true: Sequence[int], probs: np.ndarray, train_counts: Se
         "pr_auc": float(np.mean(average_precision_per_class(y_true, probs))),
         "long_tailed_acc": reweighted_accuracy(y_true, y_pred, counts),
     }
+
+
+# --- calibration: is the confidence honest? --------------------------------------------------------------
+
+N_BINS = 15  # Guo et al.'s 15 equal-width confidence bins
+
+
+def _check(probs: torch.Tensor, labels: torch.Tensor) -> None:
+    if probs.ndim != 2 or labels.ndim != 1 or len(probs) != len(labels) or len(labels) == 0:
+        raise ValueError(f"Expected probabilities N x C and N labels (N > 0), got {tuple(probs.shape)} and {tuple(labels.shape)}.")
+
+
+def calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = N_BINS) -> float:
+    """Expected calibration error: the gap between confidence (top probability) and accuracy, averaged over
+    ``n_bins`` equal-width confidence bins weighted by how many predictions fall in each (0: honest)."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    _check(probs, labels)
+    return float(multiclass_calibration_error(probs, labels, num_classes=probs.shape[1], n_bins=n_bins, norm="l1"))
+
+
+def reliability_table(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = N_BINS) -> pd.DataFrame:
+    """Per confidence bin: its range, the mean confidence, the accuracy and the count (empty bins left out): the
+    points of a reliability diagram. A calibrated model has accuracy = confidence in every bin."""
+    _check(probs, labels)
+    confidence, predicted = probs.max(dim=1)
+    right = (predicted == labels).float()
+    edges = torch.linspace(0, 1, n_bins + 1)
+    bins = torch.bucketize(confidence, edges[1:-1], right=True)  # (lo, hi] bins, as torchmetrics counts them
+    rows = [{"low": float(edges[b]), "high": float(edges[b + 1]), "confidence": float(confidence[bins == b].mean()),
+             "accuracy": float(right[bins == b].mean()), "count": int((bins == b).sum())}
+            for b in range(n_bins) if (bins == b).any()]
+    return pd.DataFrame(rows)
+
+
+def negative_log_likelihood(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean cross-entropy of the true class (the loss temperature scaling minimises)."""
+    _check(probs, labels)
+    return float(torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels))
+
+
+def scale(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / T) from probabilities (log p is the logits up to a constant per row, which softmax ignores)."""
+    return torch.softmax(probs.clamp_min(1e-12).log() / temperature, dim=1)
+
+
+def fit_temperature(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T > 0 that minimises the negative log-likelihood of ``labels`` under softmax(logits / T)
+    (fit it on validation, never on test). T > 1 softens an over-confident model, T < 1 sharpens an under-confident one."""
+    _check(probs, labels)
+    logits = probs.double().clamp_min(1e-12).log()
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # T = exp(log_t) stays positive
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())

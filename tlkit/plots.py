@@ -498,3 +498,22 @@ def plot_paired_gains(gains: Mapping[str, object], *, title: str = "", xlabel: s
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def plot_reliability(tables: Mapping[str, pd.DataFrame], *, title: str = "") -> Figure:
+    """A reliability diagram: accuracy against mean confidence per confidence bin, one line per ``tables`` entry
+    (``tlkit.metrics.reliability_table``'s), marker area by the bin's count; the diagonal is a calibrated model."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
+    for name, table in tables.items():
+        ax.plot(table["confidence"], table["accuracy"], marker="o", label=name)
+        ax.scatter(table["confidence"], table["accuracy"], s=4 * table["count"], alpha=0.25)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (mean top probability in the bin)")
+    ax.set_ylabel("accuracy in the bin")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

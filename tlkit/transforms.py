@@ -170,6 +170,66 @@ def eval_transform(image_size: int, norm: Normalization) -> v2.Compose:
     )
 
 
+
+TTA_VIEWS = ("flip", "flip_crops")  # test-time augmentation: 2 views, or 10 (the ten-crop of the ResNet papers)
+_CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
+
+
+class CornerCrop(torch.nn.Module):
+    """Crop ``size`` x ``size`` from one corner (a deterministic view; the repr names it, so caches keyed by it stay valid)."""
+
+    def __init__(self, size: int, corner: str) -> None:
+        super().__init__()
+        if corner not in _CORNERS:
+            raise ValueError(f"Unknown corner {corner!r}; choose one of {', '.join(_CORNERS)}.")
+        self.size, self.corner = size, corner
+
+    def forward(self, image):
+        from torchvision.transforms.v2 import functional as F
+
+        height, width = F.get_size(image)
+        top = 0 if self.corner.startswith("top") else height - self.size
+        left = 0 if self.corner.endswith("left") else width - self.size
+        return F.crop(image, top, left, self.size, self.size)
+
+    def __repr__(self) -> str:
+        return f"CornerCrop(size={self.size}, corner={self.corner!r})"
+
+
+class Mirror(torch.nn.Module):
+    """Flip left-right, always (a deterministic view, unlike ``v2.RandomHorizontalFlip``)."""
+
+    def forward(self, image):
+        from torchvision.transforms.v2 import functional as F
+
+        return F.horizontal_flip(image)
+
+    def __repr__(self) -> str:
+        return "Mirror()"
+
+
+def tta_transforms(image_size: int, norm: Normalization, views: str = "flip") -> list[v2.Compose]:
+    """The deterministic views of test-time augmentation, each a full eval transform: ``"flip"`` is the eval view and
+    its mirror; ``"flip_crops"`` adds the four corner crops of the image resized 1/0.875 times larger (as the centre
+    crop of ImageNet evaluation), each also mirrored: 10 views. A prediction averages the probabilities of all views."""
+    if views not in TTA_VIEWS:
+        raise ValueError(f"Unknown test-time views {views!r}; choose one of {', '.join(TTA_VIEWS)}.")
+    base = eval_transform(image_size, norm)
+    steps = list(base.transforms)
+    crop_at = next(i for i, t in enumerate(steps) if isinstance(t, v2.CenterCrop))
+    crops = [steps[crop_at]]
+    if views == "flip_crops":
+        steps[crop_at - 1] = v2.Resize(round(image_size / 0.875), interpolation=norm.interpolation_mode, antialias=True)
+        crops = [v2.CenterCrop(image_size), *(CornerCrop(image_size, corner) for corner in _CORNERS)]
+    made = []
+    for crop in crops:
+        for mirror in (False, True):
+            view = [*steps[:crop_at], crop, *([Mirror()] if mirror else []), *steps[crop_at + 1:]]
+            made.append(v2.Compose(view))
+    if views == "flip":
+        made[0] = base  # the plain eval view itself
+    return made
+
 def check_preset(preset: str) -> str:
     """``preset`` if it is a known preset name, else a ValueError listing the valid ones."""
     if preset not in PRESETS:
@@ -227,6 +287,8 @@ def preset_table(image_size: int, *, hflip: bool = True) -> dict[str, str]:
 # Transforms that give the same output for the same input: a pipeline of only these allows caching.
 _DETERMINISTIC_TRANSFORMS = (
     Upright,
+    CornerCrop,
+    Mirror,
     v2.ToImage,
     v2.PILToTensor,
     v2.ToPureTensor,
