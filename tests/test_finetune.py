@@ -59,6 +59,22 @@ def test_make_optimizer_refuses_a_fully_frozen_model(model):
         tlkit.make_optimizer(model, 1e-3)
 
 
+def test_make_optimizer_builds_every_optimizer_with_one_weight_decay_default(model):
+    head = nn.Linear(4, 2)
+    (group,) = tlkit.make_optimizer(head, 0.1).param_groups  # any module: one group over its trainable parameters
+    assert group["params"] == list(head.parameters()) and group["weight_decay"] == 0.0 == tlkit.optim.WEIGHT_DECAY
+    tlkit.freeze(model, up_to="stage7")
+    flat = tlkit.make_optimizer(model, 1e-3, per_block=False)  # fit's default: one group, as its checkpoints hold
+    assert [len(g["params"]) for g in flat.param_groups] == [sum(p.requires_grad for p in model.parameters())]
+    assert [g["name"] for g in tlkit.make_optimizer(model, 1e-3).param_groups] == ["head", "top"]
+    sgd = tlkit.make_optimizer(model, 1e-3, kind="sgd", per_block=False)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
+    with pytest.raises(ValueError, match="make_optimizer: unknown kind 'adam'; choose one of 'adamw', 'sgd'"):
+        tlkit.make_optimizer(model, 1e-3, kind="adam")
+    with pytest.raises(ValueError, match="layer_decay and lr_mult give each block its own LR: they need a TransferModel"):
+        tlkit.make_optimizer(head, 0.1, layer_decay=0.5)
+
+
 def test_strategies_choose_the_trainable_blocks(model):
     assert tlkit.trainable_blocks(tlkit.apply_strategy(model, "head")) == ["head"]
     assert tlkit.trainable_blocks(tlkit.apply_strategy(model, "last_block")) == ["top", "head"]
@@ -192,6 +208,7 @@ def test_freeze_batchnorm_fixes_statistics_while_convolutions_train(model):
     assert model.features.top[0].weight.requires_grad
 
 
+
 def test_recompute_batchnorm_takes_exact_averages_in_the_training_blocks_only(model, loaders):
     tlkit.apply_strategy(model, "last_n_blocks", n_blocks=1)  # top and head train
     stem_before, was_training = model.features.stem[1].running_mean.clone(), model.training
@@ -225,10 +242,15 @@ def _linear_and_optimizer(lr: float = 0.1) -> tuple[nn.Linear, torch.optim.AdamW
     return layer, torch.optim.AdamW([{"params": [layer.weight], "lr": lr, "name": "w"}], lr=lr, weight_decay=0.0)
 
 
-def _step(layer: nn.Linear, optimizer: torch.optim.Optimizer) -> None:
+def _step(layer: nn.Linear, optimizer: torch.optim.Optimizer, schedule=None) -> None:
+    """One training step as fit takes it: the schedule's on_batch_start, the optimizer step, its on_batch_end."""
+    if schedule is not None:
+        schedule.on_batch_start(None)
     optimizer.zero_grad()
     layer(torch.ones(1, 2)).sum().backward()
     optimizer.step()
+    if schedule is not None:
+        schedule.on_batch_end(None)
 
 
 def test_one_cycle_factor_warms_up_then_anneals_as_fastai():
@@ -246,11 +268,11 @@ def test_one_cycle_sets_each_step_lr_and_cycles_beta1():
     optimizer.register_step_post_hook(lambda opt, *_: (seen.append(opt.param_groups[0]["lr"]),
                                                         betas.append(opt.param_groups[0]["betas"][0])))
     for _ in range(8):
-        _step(layer, optimizer)
+        _step(layer, optimizer, schedule)
     assert seen == pytest.approx([0.1 * schedule.factor(t) for t in range(8)])
     assert seen[4] == pytest.approx(0.1) and betas[4] == pytest.approx(0.85)  # peak LR, lowest beta1
     assert betas[0] == pytest.approx(0.95)
-    schedule.step()  # fit's once-per-epoch call changes nothing
+    schedule.on_epoch_end(None)  # the epoch's end changes nothing
     assert optimizer.param_groups[0]["lr"] == seen[-1]
     assert schedule.state_dict() == {"step_count": 8}
 
@@ -259,26 +281,32 @@ def test_one_cycle_warms_up_a_group_that_joins_from_zero():
     layer, optimizer = _linear_and_optimizer(0.1)
     schedule = tlkit.optim.OneCycle(optimizer, 20, pct_start=0.25, div=1, div_final=1, moms=None, join_warmup=4)
     for _ in range(6):
-        _step(layer, optimizer)
+        _step(layer, optimizer, schedule)
     optimizer.add_param_group({"params": [layer.bias], "lr": 0.05})
     lrs = []
     optimizer.register_step_post_hook(lambda opt, *_: lrs.append(opt.param_groups[1]["lr"]))
     for _ in range(5):
-        _step(layer, optimizer)
+        _step(layer, optimizer, schedule)
     assert schedule.factor(7) == 1.0  # div=1, div_final=1: a flat cycle, so only the join warm-up shows
     assert lrs == pytest.approx([0.05 / 4, 0.05 * 2 / 4, 0.05 * 3 / 4, 0.05, 0.05])
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # the first group did not warm up again
 
 
-def test_a_new_one_cycle_replaces_the_previous_one_on_the_same_optimizer():
+def test_one_cycle_leaves_the_optimizer_alone_outside_fits_hooks_and_restarts_a_new_cycle():
     layer, optimizer = _linear_and_optimizer(0.1)
-    first = tlkit.optim.OneCycle(optimizer, 10)
-    second = tlkit.optim.OneCycle(optimizer, 4, moms=None)
-    _step(layer, optimizer)
-    assert first.step_count == 0 and second.step_count == 1
+    schedule = tlkit.optim.OneCycle(optimizer, 10, moms=None)
+    assert not optimizer._optimizer_step_pre_hooks and not hasattr(optimizer, "_tlkit_schedule")  # no patched step
+    first = optimizer.param_groups[0]["lr"]
+    _step(layer, optimizer)  # a step outside fit: the schedule does not move
+    assert schedule.step_count == 0 and optimizer.param_groups[0]["lr"] == first == pytest.approx(0.1 / 25)
+    second = tlkit.optim.OneCycle(optimizer, 4, moms=None)  # the schedule a later fit gets; the first one is not called
+    _step(layer, optimizer, second)
+    assert schedule.step_count == 0 and second.step_count == 1
     restored = tlkit.optim.OneCycle(optimizer, 4, moms=None)
     restored.load_state_dict(second.state_dict())
     assert restored.step_count == 1
+    second.restart(3, div=1, div_final=1)  # a new cycle from the LRs of now
+    assert second.step_count == 0 and optimizer.param_groups[0]["peak_lr"] == optimizer.param_groups[0]["lr"]
     with pytest.raises(ValueError, match="total_steps must be a whole number"):
         tlkit.optim.OneCycle(optimizer, 0)
     with pytest.raises(ValueError, match="pct_start must be in"):
@@ -296,6 +324,44 @@ def test_fit_with_one_cycle_steps_the_lr_every_batch(model, loaders):
     assert len(seen) == 4 and len(set(seen)) == 4  # a new LR at each of the 2 x 2 steps
     assert seen == pytest.approx([0.01 * tlkit.optim.one_cycle_factor(t, 4) for t in range(4)])
     assert history.lr == pytest.approx([0.01 / 25, seen[1]])  # the LR each epoch started with
+
+
+class CountSteps(tlkit.Callback):
+    def __init__(self):
+        self.starts, self.ends, self.fit_ends = 0, 0, 0
+
+    def on_batch_start(self, state):
+        self.starts += 1
+
+    def on_batch_end(self, state):
+        self.ends += 1
+
+    def on_fit_end(self, state):
+        self.fit_ends += 1
+
+
+def test_one_cycle_runs_as_a_callback_of_fit(model, loaders):
+    tlkit.freeze(model)
+    optimizer = tlkit.make_optimizer(model, 0.01)
+    seen = []
+    optimizer.register_step_post_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
+    schedule = tlkit.optim.OneCycle(optimizer, 4)
+    history = tlkit.fit(model, *loaders, epochs=2, optimizer=optimizer, callbacks=[schedule], progress=False)
+    assert seen == pytest.approx([0.01 * tlkit.optim.one_cycle_factor(t, 4) for t in range(4)]) and schedule.step_count == 4
+    other = tlkit.make_optimizer(model, 0.01)
+    with pytest.raises(ValueError, match="This OneCycle drives another optimizer than the one fit trains with"):
+        tlkit.fit(model, *loaders, epochs=1, optimizer=other, callbacks=[schedule], progress=False, resume_from=history)
+
+
+@pytest.mark.parametrize("recipe", ["fine_tune", "fastai_fine_tune"])
+def test_both_phases_are_one_fit_whose_callbacks_see_every_batch(model, loaders, recipe):
+    count = CountSteps()
+    if recipe == "fine_tune":
+        tlkit.finetune.fine_tune(model, *loaders, head_epochs=1, epochs=1, lr=0.01, progress=False, callbacks=[count])
+    else:
+        tlkit.finetune.fastai_fine_tune(model, *loaders, freeze_epochs=1, epochs=1, base_lr=0.01, progress=False, callbacks=[count])
+    assert (count.starts, count.ends, count.fit_ends) == (4, 4, 1)  # 2 batches in each phase's epoch, one fit
+    assert tlkit.trainable_blocks(model) == LITE0_BLOCKS
 
 
 def test_layer_decay_for_ratio_gives_the_first_block_lr_over_ratio(model):

@@ -264,3 +264,22 @@ def test_nearest_class_mean_is_a_linear_head_that_picks_the_nearest_mean_and_maj
     counts = torch.bincount(vy)  # the commonest class on validation: the best constant answer there
     assert majority.val_acc == pytest.approx(counts.max().item() / len(vy))
     assert tlkit.evaluate_on(majority.model, splits.val, config)["acc"] == pytest.approx(majority.val_acc)
+
+
+def test_every_recipe_that_trains_a_head_on_cached_features_goes_through_fit_head(splits, monkeypatch):
+    calls = []
+    real = tlkit.recipes.fit_head
+
+    def recording(model, train, val, **kwargs):
+        calls.append((len(train), kwargs.get("sampler") is not None))
+        return real(model, train, val, **kwargs)
+
+    monkeypatch.setattr(tlkit.recipes, "fit_head", recording)
+    config = tlkit.RunConfig(**TINY)
+    probe = tlkit.linear_probe(config, splits)
+    tlkit.fine_tune_augmented(config, splits, augment="none", freeze_up_to="top", cache_features=True)
+    train = tlkit.extract_features(probe.model, tlkit.make_loader(splits.train, tlkit.eval_transform(32, probe.model.normalization), 8,
+                                                                  shuffle=False), progress=False)
+    tlkit.fit_head_with_remedy(config, probe.model, train, train, "oversample")
+    assert calls == [(len(splits.train), False)] * 2 + [(len(splits.train), True)]
+    assert not hasattr(tlkit.recipes, "train_head_on_features")  # one name for it: tlkit.fit_head

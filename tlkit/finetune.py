@@ -196,6 +196,20 @@ class GradualUnfreezing(Callback):
             self.unfrozen.append((state.history.epoch[-1] if state.history.epoch else self.epochs_seen, name))
 
 
+class _SecondPhase(Callback):
+    """``fit`` callback that runs ``start`` once, at the end of epoch ``after`` of the fit: the switch between the two
+    phases of ``fine_tune`` and ``fastai_fine_tune``, so that both phases are one ``fit`` (one History, one
+    ``on_fit_end``, the same data order as two fits)."""
+
+    def __init__(self, after: int, start: Callable[[], None]) -> None:
+        self.after, self.start, self.epochs_seen = after, start, 0
+
+    def on_epoch_end(self, state: FitState) -> None:
+        self.epochs_seen += 1
+        if self.epochs_seen == self.after:
+            self.start()
+
+
 def fine_tune(
     model: TransferModel,
     train_loader: DataLoader,
@@ -224,20 +238,17 @@ def fine_tune(
     rates (``lr * layer_decay ** k`` for the block k places below the head; ``lr_mult`` overrides),
     while the head keeps ``lr`` and its optimizer state. ``schedule`` (a function optimizer -> scheduler, e.g.
     ``tlkit.optim.one_cycle(total_steps)`` over both phases) is made once and spans both phases; a ``OneCycle``
-    warms the blocks that join in phase 2 up from LR 0. ``callbacks`` run after every epoch of both
-    phases; their ``on_fit_end`` once, at the end of phase 2.
+    warms the blocks that join in phase 2 up from LR 0. Both phases are one ``fit``: ``callbacks`` see every batch
+    and epoch of both (the unfreezing runs after theirs at the end of phase 1), their ``on_fit_end`` once, at the end.
     """
     freeze(model)
+    names = blocks_below_head(model) if unfreeze is None else _check_names(model, unfreeze)
+    lr_multipliers(model, layer_decay, lr_mult)  # checked now, not after phase 1
     optimizer = make_optimizer(model, lr, weight_decay=weight_decay)
-    scheduler = None if schedule is None else schedule(optimizer)
-    common = dict(device=device, progress=progress, optimizer=optimizer,
-                  scheduler=None if scheduler is None else lambda _: scheduler)  # the same schedule in both phases
-    epoch_ends = [c.on_epoch_end if isinstance(c, Callback) else c for c in callbacks]  # phase 1: no on_fit_end yet
+    phase_two = _SecondPhase(head_epochs, lambda: unfreeze_into(model, optimizer, names, lr, layer_decay=layer_decay, lr_mult=lr_mult))
     with _frozen_blocks_bn_training(model, train_bn):
-        history = fit(model, train_loader, val_loader, epochs=head_epochs, callbacks=epoch_ends, **common)
-        names = blocks_below_head(model) if unfreeze is None else list(unfreeze)
-        unfreeze_into(model, optimizer, names, lr, layer_decay=layer_decay, lr_mult=lr_mult)
-        return fit(model, train_loader, val_loader, epochs=epochs, resume_from=history, callbacks=callbacks, **common)
+        return fit(model, train_loader, val_loader, epochs=head_epochs + epochs, optimizer=optimizer, scheduler=schedule,
+                   callbacks=[*callbacks, phase_two], device=device, progress=progress)
 
 
 @contextmanager
@@ -271,6 +282,7 @@ def fastai_fine_tune(
     then every block, one History. It copies fastai's schedule, not fastai's recipe.
 
     Phase 1: the head alone for ``freeze_epochs``, one cycle at ``base_lr`` (``pct_start`` 0.99: a warm-up).
+    Both phases are one ``fit`` (``callbacks`` see both; the switch runs after theirs at the end of phase 1).
     Phase 2: every block for ``epochs``, a new cycle (``pct_start``, ``div``) at ``base_lr / 2`` for the head, the
     LRs spread geometrically down to ``base_lr / 2 / lr_mult`` for the first block, one group per block
     (``layer_decay_for_ratio``). One AdamW throughout (the head keeps its moments), Adam's beta1 cycled as fastai does.
@@ -284,17 +296,17 @@ def fastai_fine_tune(
     """
     freeze(model)
     optimizer = make_optimizer(model, base_lr)
-    common = dict(optimizer=optimizer, device=device, progress=progress)
     steps = len(train_loader)
-    epoch_ends = [c.on_epoch_end if isinstance(c, Callback) else c for c in callbacks]  # phase 1: no on_fit_end yet
+    schedule = OneCycle(optimizer, freeze_epochs * steps, pct_start=0.99)
+
+    def unfreeze_all() -> None:  # phase 2: every block, a new cycle at half the LR
+        optimizer.param_groups[0]["lr"] = base_lr / 2  # the head's group
+        unfreeze_into(model, optimizer, blocks_below_head(model), base_lr / 2, layer_decay=layer_decay_for_ratio(model, lr_mult))
+        schedule.restart(epochs * steps, pct_start=pct_start, div=div)
+
     with _frozen_blocks_bn_training(model, train_bn):
-        history = fit(model, train_loader, val_loader, epochs=freeze_epochs, callbacks=epoch_ends,
-                      scheduler=lambda opt: OneCycle(opt, freeze_epochs * steps, pct_start=0.99), **common)
-        base_lr /= 2
-        optimizer.param_groups[0]["lr"] = base_lr  # the head's group
-        unfreeze_into(model, optimizer, blocks_below_head(model), base_lr, layer_decay=layer_decay_for_ratio(model, lr_mult))
-        return fit(model, train_loader, val_loader, epochs=epochs, callbacks=callbacks, resume_from=history,
-                   scheduler=lambda opt: OneCycle(opt, epochs * steps, pct_start=pct_start, div=div), **common)
+        return fit(model, train_loader, val_loader, epochs=freeze_epochs + epochs, optimizer=optimizer, scheduler=lambda _: schedule,
+                   callbacks=[*callbacks, _SecondPhase(freeze_epochs, unfreeze_all)], device=device, progress=progress)
 
 
 # --- strategies ------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .models import TransferModel
-from .optim import param_groups
+from .optim import make_optimizer, param_groups
 from .params import check_learning_rate, check_weight_decay
 
 SUGGESTION_RULE = (
@@ -173,7 +173,7 @@ def _sweep_groups(
                 "(tlkit.unfreeze(model, ['head'])), or pass module= the part that trains on the loader's inputs."
             )
         mults = [g["lr"] for g in groups]
-        sweep = torch.optim.AdamW(groups, lr=1.0, weight_decay=weight_decay)
+        sweep = make_optimizer(groups, 1.0, weight_decay=weight_decay)
     names = {str(g.get("name", i)): m for i, (g, m) in enumerate(zip(sweep.param_groups, mults))}
     return sweep, mults, names
 

@@ -1,6 +1,7 @@
-"""Optimizers with a learning rate per block: discriminative learning rates (``layer_decay``, ``lr_mult``) and
-blocks that join a running optimizer as new parameter groups, keeping its state; fastai's one-cycle schedule, stepped
-by the optimizer itself (``OneCycle``), with a warm-up for groups that join mid-run."""
+"""Optimizers with a learning rate per block: the one optimizer builder (``make_optimizer``), discriminative learning
+rates (``layer_decay``, ``lr_mult``) and blocks that join a running optimizer as new parameter groups, keeping its state;
+fastai's one-cycle schedule as a ``fit`` callback that sets the LRs before every step (``OneCycle``), with a warm-up
+for groups that join mid-run."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Real
 
 import torch
+from torch import nn
 
 from .models import TransferModel, _check_names, block_names, set_trainable
 from .params import check_learning_rate, check_weight_decay
@@ -58,20 +60,49 @@ def param_groups(
     return groups
 
 
+OPTIMIZERS = {
+    "adamw": "AdamW (torch's betas 0.9, 0.999)",
+    "sgd": "SGD with momentum 0.9",
+}
+WEIGHT_DECAY = 0.0  # every optimizer tlkit builds starts here; a recipe that wants more passes it (continue_training: 0.01)
+
+
 def make_optimizer(
-    model: TransferModel,
+    model: nn.Module | Sequence[dict],
     lr: float,
     *,
     layer_decay: float = 1.0,
     lr_mult: Mapping[str, float] | None = None,
-    weight_decay: float = 0.0,
-) -> torch.optim.AdamW:
-    """AdamW over the trainable blocks with discriminative learning rates (``param_groups``)."""
+    weight_decay: float = WEIGHT_DECAY,
+    kind: str = "adamw",
+    per_block: bool = True,
+) -> torch.optim.Optimizer:
+    """The one optimizer builder of tlkit: AdamW (``kind="sgd"``: SGD with momentum 0.9, ``OPTIMIZERS``) at ``lr``.
+
+    ``model``: a ``TransferModel`` gets one param group per trainable block with discriminative learning rates
+    (``param_groups``: ``layer_decay``, ``lr_mult``); with ``per_block=False``, or any other module (a head alone, a
+    prefix cache's suffix), one group over its trainable parameters, in ``model.parameters()`` order (what ``fit``
+    builds by default, and what its checkpoints' optimizer state fits). A list of param groups is used as given.
+    """
     weight_decay = check_weight_decay("weight_decay", weight_decay)
-    groups = param_groups(model, lr, layer_decay=layer_decay, lr_mult=lr_mult)
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"make_optimizer: unknown kind {kind!r}; choose one of {', '.join(map(repr, OPTIMIZERS))}.")
+    groups = list(model) if not isinstance(model, nn.Module) else _groups_of(model, lr, layer_decay, lr_mult, per_block)
     if not groups:
         raise ValueError("The model has no trainable parameters: unfreeze at least the head (tlkit.unfreeze(model, ['head'])).")
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
+def _groups_of(model: nn.Module, lr: float, layer_decay: float, lr_mult: Mapping[str, float] | None, per_block: bool) -> list[dict]:
+    """``param_groups`` for a TransferModel (per block), else one group over the trainable parameters."""
+    if per_block and isinstance(model, TransferModel):
+        return param_groups(model, lr, layer_decay=layer_decay, lr_mult=lr_mult)
+    if layer_decay != 1.0 or lr_mult:
+        raise ValueError("layer_decay and lr_mult give each block its own LR: they need a TransferModel and per_block=True.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": params, "lr": check_learning_rate("lr", lr)}] if params else []
 
 
 def group_table(optimizer: torch.optim.Optimizer) -> list[dict[str, object]]:
@@ -107,7 +138,7 @@ def unfreeze_into(
 
 
 
-# --- one-cycle schedule, stepped by the optimizer ------------------------------------------------------
+# --- one-cycle schedule, a fit callback -----------------------------------------------------------------
 
 
 def one_cycle_factor(step: int, total_steps: int, *, pct_start: float = 0.25, div: float = 25.0, div_final: float = 1e5) -> float:
@@ -128,19 +159,24 @@ def _one_cycle(step: int, total_steps: int, pct_start: float, start: float, midd
 
 
 class OneCycle:
-    """fastai's ``fit_one_cycle`` schedule over ``total_steps`` optimizer steps, each group at its own peak LR.
+    """fastai's ``fit_one_cycle`` schedule over ``total_steps`` optimizer steps, each group at its own peak LR: a
+    ``fit`` callback (``on_batch_start`` sets every group's LR for the coming step, ``on_batch_end`` counts it).
 
+    Pass it as ``fit(scheduler=tlkit.optim.one_cycle(total_steps))`` (saved with ``SaveCheckpoint`` like any
+    scheduler) or in ``callbacks=[OneCycle(optimizer, total_steps)]``; ``fit`` never steps it once per epoch.
     Every param group's LR is its peak times ``one_cycle_factor(step)``; the peak is the group's LR when the
-    schedule is made (kept in the group as ``"peak_lr"``). With ``moms`` (fastai's default (0.95, 0.85, 0.95)),
-    Adam's beta1 moves the other way: down while the LR warms up, back up while it anneals. A group that joins the
-    optimizer later (``unfreeze_into``, ``GradualUnfreezing``) starts at LR 0 and warms up linearly over
-    ``join_warmup`` of its own steps (None: the schedule's warm-up, ``pct_start * total_steps``): its Adam moments are
-    fresh, so its first steps have the full size ``lr`` whatever its gradients, and a full-size step on pretrained
-    weights undoes what they learnt.
+    schedule is made (kept in the group as ``"peak_lr"``, so it is saved with the optimizer). With ``moms``
+    (fastai's default (0.95, 0.85, 0.95)), Adam's beta1 moves the other way: down while the LR warms up, back up
+    while it anneals. A group that joins the optimizer later (``unfreeze_into``, ``GradualUnfreezing``) starts at
+    LR 0 and warms up linearly over ``join_warmup`` of its own steps (None: the schedule's warm-up,
+    ``pct_start * total_steps``; its join step is kept as ``"joined_at"``): its Adam moments are fresh, so its first
+    steps have the full size ``lr`` whatever its gradients, and a full-size step on pretrained weights undoes what
+    they learnt. ``restart`` begins a new cycle on the same optimizer (``fastai_fine_tune``'s second phase).
 
-    The schedule steps with the optimizer (a step pre-hook sets every group's LR before each step), so ``fit``'s
-    once-per-epoch ``scheduler.step()`` does nothing: pass ``scheduler=tlkit.optim.one_cycle(total_steps)`` to
-    ``fit``. Only one schedule drives an optimizer: a new one detaches the previous one.
+    Not torch's ``OneCycleLR``: torch's schedulers fix their groups when made (``base_lrs``, one ``lr_lambda`` per
+    group; ``OneCycleLR`` keeps ``max_lr`` per group then), so a group that joins mid-run would get no LR of its own,
+    let alone a warm-up from its own join step; and ``OneCycleLR`` places its phase ends at ``pct_start * total - 1``
+    steps where fastai's ``combined_cos`` uses ``step / total``, which changes every LR.
     """
 
     def __init__(
@@ -154,6 +190,20 @@ class OneCycle:
         moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
         join_warmup: int | None = None,
     ) -> None:
+        self.optimizer = optimizer
+        self.restart(total_steps, pct_start=pct_start, div=div, div_final=div_final, moms=moms, join_warmup=join_warmup)
+
+    def restart(
+        self,
+        total_steps: int,
+        *,
+        pct_start: float = 0.25,
+        div: float = 25.0,
+        div_final: float = 1e5,
+        moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
+        join_warmup: int | None = None,
+    ) -> None:
+        """A new cycle from step 0 over ``total_steps``: every group's current LR becomes its peak (options as in the class)."""
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps must be a whole number of at least 1, got {total_steps!r}.")
         if not 0 < pct_start <= 1:
@@ -162,20 +212,14 @@ class OneCycle:
             raise ValueError(f"div and div_final must be at least 1 (start at lr / div, end at lr / div_final), got {div}, {div_final}.")
         if join_warmup is not None and (isinstance(join_warmup, bool) or not isinstance(join_warmup, int) or join_warmup < 0):
             raise ValueError(f"join_warmup must be a whole number of steps (0: none) or None, got {join_warmup!r}.")
-        if moms is not None and any("betas" not in g for g in optimizer.param_groups):
+        if moms is not None and any("betas" not in g for g in self.optimizer.param_groups):
             raise ValueError("moms cycles Adam's beta1: use an Adam-type optimizer, or moms=None.")
-        self.optimizer, self.total_steps = optimizer, total_steps
-        self.pct_start, self.div, self.div_final, self.moms = pct_start, div, div_final, moms
+        self.total_steps, self.pct_start, self.div, self.div_final, self.moms = total_steps, pct_start, div, div_final, moms
         self.join_warmup = round(pct_start * total_steps) if join_warmup is None else join_warmup
         self.step_count = 0
-        for group in optimizer.param_groups:
+        for group in self.optimizer.param_groups:
             group["peak_lr"], group["joined_at"] = group["lr"], None  # present from the start: the cycle's own warm-up
-        previous = getattr(optimizer, "_tlkit_schedule", None)
-        if previous is not None:
-            previous.detach()
-        optimizer._tlkit_schedule = self
-        self._hook = optimizer.register_step_pre_hook(self._before_step)
-        self._apply()
+        self._apply()  # the first step's LRs, also for the LR fit records before its first batch
 
     def factor(self, step: int) -> float:
         """The LR multiplier of the groups present from the start at optimizer step ``step`` (0-based)."""
@@ -194,18 +238,25 @@ class OneCycle:
                 high, low, end = self.moms
                 group["betas"] = (_one_cycle(t, self.total_steps, self.pct_start, high, low, end), group["betas"][1])
 
-    def _before_step(self, optimizer, args, kwargs) -> None:
+    def _check_optimizer(self, state) -> None:
+        if state is not None and state.optimizer is not self.optimizer:
+            raise ValueError("This OneCycle drives another optimizer than the one fit trains with: make it with fit's optimizer "
+                             "(fit(optimizer=opt, callbacks=[OneCycle(opt, steps)]), or pass scheduler=tlkit.optim.one_cycle(steps)).")
+
+    def on_batch_start(self, state) -> None:
+        """Before each training batch: every group's LR (and beta1) for this step; a group that joined since gets its peak."""
+        self._check_optimizer(state)
         self._apply()
+
+    def on_batch_end(self, state) -> None:
+        """After each optimizer step: one step further along the cycle."""
         self.step_count += 1
 
-    def step(self) -> None:
-        """Called by ``fit`` once per epoch: nothing to do, the optimizer steps this schedule."""
+    def on_epoch_end(self, state) -> None:
+        """Nothing: the schedule moves per step."""
 
-    def detach(self) -> None:
-        """Stop driving the optimizer (its LRs stay where they are)."""
-        self._hook.remove()
-        if getattr(self.optimizer, "_tlkit_schedule", None) is self:
-            del self.optimizer._tlkit_schedule
+    def on_fit_end(self, state) -> None:
+        """Nothing: the LRs stay where the last step left them."""
 
     def get_last_lr(self) -> list[float]:
         """Every group's current LR (as torch's schedulers report it)."""
@@ -250,15 +301,16 @@ def one_cycle_lrs(
     first = [{"params": [weights[n]], "lr": lr, "name": n} for n, lr in peaks.items() if joins[n] <= 0]
     if not first:
         raise ValueError("At least one group must train from step 0 (a join step of 0).")
-    optimizer = torch.optim.AdamW(first, lr=first[0]["lr"])
-    OneCycle(optimizer, total_steps, **options)
+    optimizer = make_optimizer(first, first[0]["lr"])
+    schedule = OneCycle(optimizer, total_steps, **options)
     lrs: dict[str, list[float]] = {name: [] for name in peaks}
     for step in range(total_steps):
         for name in peaks:
             if joins[name] == step and step > 0:
                 optimizer.add_param_group({"params": [weights[name]], "lr": peaks[name], "name": name})
-        optimizer.step()  # no gradients: nothing moves, but the schedule sets this step's LRs first
+        schedule.on_batch_start(None)  # what fit calls before each step: this step's LRs (no training needed)
         current = {g["name"]: g["lr"] for g in optimizer.param_groups}
         for name in peaks:
             lrs[name].append(current.get(name, math.nan))
+        schedule.on_batch_end(None)
     return lrs

@@ -221,32 +221,79 @@ def _trainable(model: nn.Module) -> int:
     return parameter_counts(model)["total"]["trainable"]
 
 
+# --- the runner every recipe on images shares ---------------------------------------------------------
+
+
+@dataclass
+class _Data:
+    """What a recipe trains on: the module ``fit`` steps (the model, or the prefix cache's suffix, which shares the
+    model's parameters), one loader per split ("train", "val", ...), and the prefix cache (None: the images)."""
+
+    stepper: nn.Module
+    loaders: dict[str, torch.utils.data.DataLoader]
+    cache: PrefixCache | None = None
+
+
+def _image_data(model: TransferModel, sets: Mapping[str, Dataset], config: RunConfig, *, transform: Callable,
+                train_loader: Callable[[Dataset, Callable | None], torch.utils.data.DataLoader], train_transform: Callable | None = None,
+                prefix_cache: bool = False, max_bytes: float | None = None, report: bool = False, progress: bool | None = None) -> _Data:
+    """The loaders of ``sets`` ("train" first): "train" from ``train_loader(dataset, transform)`` (its order and
+    sampling; ``train_transform``, default ``transform``), every other split in order with ``transform``. With
+    ``prefix_cache``, over the activations below the first trainable block (``PrefixCache``: on disk in
+    ``config.cache_dir``, refused over ``max_bytes``; ``report`` prints its size) with the same batches."""
+    train_transform = transform if train_transform is None else train_transform
+    if not prefix_cache:
+        loaders = {name: make_loader(dataset, transform, config.batch_size, shuffle=False) for name, dataset in sets.items() if name != "train"}
+        return _Data(model, {"train": train_loader(sets["train"], train_transform), **loaders})
+    ordered = {name: make_loader(dataset, train_transform if name == "train" else transform, config.batch_size, shuffle=False)
+               for name, dataset in sets.items()}
+    cache = PrefixCache(model, ordered, config.device, cache_dir=config.cache_dir, max_bytes=max_bytes,
+                        progress=config.progress if progress is None else progress, report=report)
+    loaders = {name: cache.loader(name, config.batch_size, shuffle=False) for name in ordered}
+    return _Data(cache.suffix, {**loaders, "train": train_loader(cache.items["train"], None)}, cache)
+
+
+def _shuffled(config: RunConfig) -> Callable[[Dataset, Callable | None], torch.utils.data.DataLoader]:
+    """The usual training loader: one seeded shuffled pass per epoch."""
+    return lambda dataset, transform: make_loader(dataset, transform, config.batch_size, shuffle=True, seed=config.seed)
+
+
+def _fit_on(data: _Data, config: RunConfig, **fit_kwargs: Any) -> History:
+    """``fit`` on ``data``'s stepper and loaders for ``config.epochs``, on ``config.device``."""
+    return fit(data.stepper, data.loaders["train"], data.loaders["val"], epochs=config.epochs, device=config.device,
+               progress=config.progress, **fit_kwargs)
+
+
+def _result(label: str, model: nn.Module, history: History, start: float, data: _Data | None = None, **fields: Any) -> RunResult:
+    """The ``RunResult`` of a run that started at ``start`` (``time.perf_counter()``), with what its prefix cache did."""
+    cache = None if data is None else data.cache
+    return RunResult(label, model, history, time.perf_counter() - start, _trainable(model),
+                     prefix_cache=None if cache is None else cache.stats, **fields)
+
+
 # --- notebook 01: frozen backbone ---------------------------------------------------------------------
 
 
-def train_head_on_features(
-    config: RunConfig,
-    model: TransferModel,
-    splits: DatasetSplits,
-    *,
-    val_batch_size: int | None = None,
-    callbacks: Sequence[Callback | Callable[[FitState], None]] = (),
-) -> History:
-    """Run ``model``'s frozen backbone once over both splits (eval transform), then train its head on those features.
+def _split_features(config: RunConfig, model: TransferModel, splits: DatasetSplits, *,
+                    val_batch_size: int | None = None) -> tuple[TensorDataset, TensorDataset]:
+    """``model``'s frozen backbone run once over the training and validation splits (eval transform): their features.
 
-    ``config.cache_dir``: keep the features on disk there (``tlkit.cached_features``), so runs that share a backbone
-    and images (e.g. the same validation split over several seeds) compute them once.
+    ``config.cache_dir``: kept on disk there (``tlkit.cached_features``), so runs that share a backbone and images
+    (e.g. the same validation split over several seeds) compute them once.
     """
     transform = eval_transform(config.image_size, model.normalization)
     features = functools.partial(cached_features, device=config.device, cache_dir=config.cache_dir, progress=config.progress)
     train = features(model, make_loader(splits.train, transform, config.batch_size, shuffle=False))
     val = features(model, make_loader(splits.val, transform, val_batch_size or config.batch_size, shuffle=False))
-    history = fit_head(
-        model, train, val, epochs=config.epochs, batch_size=config.batch_size, seed=config.seed, lr=config.lr,
-        device=config.device, progress=config.progress, callbacks=callbacks,
-    )
-    model.to(config.device)  # the backbone stayed where extraction put it; keep model and head together
-    return history
+    model.to(config.device)  # the backbone stays where extraction put it: keep model and head together
+    return train, val
+
+
+def _fit_head(config: RunConfig, model: nn.Module, train: TensorDataset, val: TensorDataset, **fit_kwargs: Any) -> History:
+    """``tlkit.fit_head`` (the one way to train a head on cached features) with ``config``'s epochs, batch size, seed,
+    LR, device and progress."""
+    return fit_head(model, train, val, epochs=config.epochs, batch_size=config.batch_size, seed=config.seed, lr=config.lr,
+                    device=config.device, progress=config.progress, **fit_kwargs)
 
 
 def linear_probe(
@@ -260,19 +307,14 @@ def linear_probe(
     set_seed(config.seed)
     model = freeze(create_model(config.backbone, len(splits.classes), config.weights))
     start = time.perf_counter()
-    history = train_head_on_features(config, model, splits, callbacks=callbacks)
-    seconds = time.perf_counter() - start
-    return RunResult(name or f"{config.weights or 'random'} frozen + head", model, history, seconds, _trainable(model))
+    history = _fit_head(config, model, *_split_features(config, model, splits), callbacks=callbacks)
+    return _result(name or f"{config.weights or 'random'} frozen + head", model, history, start)
 
 
 def _pretrained_features(config: RunConfig, splits: DatasetSplits) -> tuple[TransferModel, TensorDataset, TensorDataset]:
     set_seed(config.seed)
     model = freeze(create_model(config.backbone, len(splits.classes), config.weights))
-    transform = eval_transform(config.image_size, model.normalization)
-    features = functools.partial(cached_features, device=config.device, cache_dir=config.cache_dir, progress=config.progress)
-    train = features(model, make_loader(splits.train, transform, config.batch_size, shuffle=False))
-    val = features(model, make_loader(splits.val, transform, config.batch_size, shuffle=False))
-    return model.to(config.device), train, val
+    return model, *_split_features(config, model, splits)
 
 
 def _baseline_result(name: str, model: TransferModel, val: TensorDataset, config: RunConfig, start: float) -> RunResult:
@@ -322,16 +364,11 @@ def train_all(
     """Train every block of ``config.backbone`` (from ``config.weights``, or from random init when None) with a new head."""
     set_seed(config.seed)
     model = unfreeze(create_model(config.backbone, len(splits.classes), config.weights))
-    transform = eval_transform(config.image_size, model.normalization)
-    train_loader = make_loader(splits.train, transform, config.batch_size, shuffle=True, seed=config.seed)
-    val_loader = make_loader(splits.val, transform, config.batch_size, shuffle=False)
+    data = _image_data(model, {"train": splits.train, "val": splits.val}, config, transform=eval_transform(config.image_size, model.normalization),
+                       train_loader=_shuffled(config))
     start = time.perf_counter()
-    history = fit(
-        model, train_loader, val_loader, epochs=config.epochs, lr=config.lr, device=config.device,
-        progress=config.progress, callbacks=callbacks,
-    )
-    seconds = time.perf_counter() - start
-    return RunResult(name or f"{config.weights or 'random'} init, all blocks train", model, history, seconds, _trainable(model))
+    history = _fit_on(data, config, lr=config.lr, callbacks=callbacks)
+    return _result(name or f"{config.weights or 'random'} init, all blocks train", model, history, start)
 
 
 def evaluate_on(model: TransferModel, dataset: Dataset, config: RunConfig, *, batch_size: int | None = None) -> dict[str, float]:
@@ -420,44 +457,31 @@ def run_strategy(
     train_transform = transform if train_transform is None else train_transform
     if bn == "recomputed":  # the trainable blocks' statistics from these training images, then fixed
         recompute_batchnorm(model, make_loader(splits.train, transform, batch_size, shuffle=False), device)
-    train_loader = make_loader(splits.train, train_transform, batch_size, shuffle=True, seed=seed)
-    val_loader = make_loader(splits.val, transform, batch_size, shuffle=False)
     decay = dict(layer_decay=layer_decay, lr_mult=lr_mult)
-    common = dict(device=device, progress=config.progress)
     start = time.perf_counter()
-    cache, skipped = None, _prefix_cache_skipped(model, strategy, train_transform) if prefix_cache else None
-    if prefix_cache and skipped is None:
-        ordered = make_loader(splits.train, train_transform, batch_size, shuffle=False)
-        cache = PrefixCache(model, {"train": ordered, "val": val_loader}, device, cache_dir=config.cache_dir,
-                            max_bytes=max_bytes, progress=config.progress)
-        train_loader = cache.loader("train", batch_size, shuffle=True, seed=seed)
-        val_loader = cache.loader("val", batch_size, shuffle=False)
-    stepper = model if cache is None else cache.suffix  # the suffix shares the model's parameters
+    skipped = _prefix_cache_skipped(model, strategy, train_transform) if prefix_cache else None
+    data = _image_data(model, {"train": splits.train, "val": splits.val}, config, transform=transform, train_transform=train_transform,
+                       train_loader=_shuffled(config), prefix_cache=prefix_cache and skipped is None, max_bytes=max_bytes, report=True)
+    train_loader, val_loader = data.loaders["train"], data.loaders["val"]
     scheduler = one_cycle(epochs * len(train_loader)) if schedule == "one_cycle" else None
     if strategy == "fastai_fine_tune":
         history = fastai_fine_tune(model, train_loader, val_loader, freeze_epochs=head_epochs, epochs=epochs - head_epochs,
-                                   base_lr=lr, callbacks=callbacks, **common)
+                                   base_lr=lr, callbacks=callbacks, device=device, progress=config.progress)
     elif strategy == "two_phase":
-        history = fine_tune(
-            model, train_loader, val_loader, head_epochs=head_epochs, epochs=epochs - head_epochs, lr=lr,
-            schedule=scheduler, callbacks=callbacks, **decay, **common,
-        )
+        history = fine_tune(model, train_loader, val_loader, head_epochs=head_epochs, epochs=epochs - head_epochs, lr=lr,
+                            schedule=scheduler, callbacks=callbacks, device=device, progress=config.progress, **decay)
     else:
         optimizer = make_optimizer(model, lr, **decay)
         if strategy == "gradual":
             # unfreeze only blocks that get at least one epoch of training (none after the last epoch)
             order = blocks_below_head(model)[::-1][: (epochs - 1) // unfreeze_every]
-            unfreezing = GradualUnfreezing(model, optimizer, lr=lr, every=unfreeze_every, order=order, **decay)
-            callbacks = [unfreezing, *callbacks]
-        history = fit(stepper, train_loader, val_loader, epochs=epochs, optimizer=optimizer, scheduler=scheduler,
-                      callbacks=callbacks, **common)
-    seconds = time.perf_counter() - start
-    label = name or (strategy if bn == "default" else f"{strategy}, BN {bn}")
-    if not prefix_cache:
-        return RunResult(label, model, history, seconds, _trainable(model))
-    stats = None if cache is None else cache.stats
-    print(f"{label}: {f'no prefix cache ({skipped})' if stats is None else stats.summary()}; {seconds:.1f} s in all.", flush=True)
-    return RunResult(label, model, history, seconds, _trainable(model), prefix_cache=stats)
+            callbacks = [GradualUnfreezing(model, optimizer, lr=lr, every=unfreeze_every, order=order, **decay), *callbacks]
+        history = _fit_on(data, config, optimizer=optimizer, scheduler=scheduler, callbacks=callbacks)
+    result = _result(name or (strategy if bn == "default" else f"{strategy}, BN {bn}"), model, history, start, data)
+    if prefix_cache:
+        stats = result.prefix_cache
+        print(f"{result.name}: {f'no prefix cache ({skipped})' if stats is None else stats.summary()}; {result.seconds:.1f} s in all.", flush=True)
+    return result
 
 
 def _prefix_cache_skipped(model: TransferModel, strategy: str, train_transform: Callable) -> str | None:
@@ -524,7 +548,8 @@ def fine_tune_augmented(
     val_batch = max(batch_size, 128)
     start = time.perf_counter()
     if feature_cache_allowed(model, augment, mix=mix, cache_features=cache_features):
-        history = train_head_on_features(config.replace(cache_dir=None), model, splits, val_batch_size=val_batch, callbacks=callbacks)
+        in_memory = config.replace(cache_dir=None)
+        history = _fit_head(config, model, *_split_features(in_memory, model, splits, val_batch_size=val_batch), callbacks=callbacks)
     else:
         loaders = dict(image_size=image_size, batch_size=batch_size, seed=seed, device=device, hflip=hflip, mix=mix, on_device=on_device)
         if prefix_cache:
@@ -536,10 +561,8 @@ def fine_tune_augmented(
             val_loader = _val_loader(splits, model, image_size=image_size, val_batch=val_batch, device=device, on_device=on_device)
         history = fit(stepper, train_loader, val_loader, epochs=config.epochs, lr=config.lr, device=device,
                       progress=config.progress, callbacks=callbacks)
-    seconds = time.perf_counter() - start
-    label = name or f"{augment}{' + ' + mix if mix else ''}"
     best = {"val_acc": max(history.val_acc), "best_epoch": history.best_epoch()} if restore_best else {}
-    return RunResult(label, model, history, seconds, _trainable(model), metrics=best)
+    return _result(name or f"{augment}{' + ' + mix if mix else ''}", model, history, start, metrics=best)
 
 
 def _augmented_train_loader(splits: DatasetSplits, model, augment: str, *, image_size: int, batch_size: int, seed: int,
@@ -650,10 +673,7 @@ def fit_head_with_remedy(
         chosen.loss_fn.to(device)  # class weights and offsets live where the logits are
     start = time.perf_counter()
     _reset_head(model.head, seed)
-    history = fit_head(
-        model, train_features, val_features, epochs=config.epochs, batch_size=batch_size, seed=seed,
-        sampler=chosen.sampler, loss_fn=chosen.loss_fn, device=device, lr=config.lr, progress=config.progress,
-    )
+    history = _fit_head(config, model, train_features, val_features, sampler=chosen.sampler, loss_fn=chosen.loss_fn)
     probs, val_labels = predict(model.head, make_loader(val_features, None, batch_size, shuffle=False), device)
     predictions = {"val": (chosen.apply(probs), val_labels)}
     drawn = len(chosen.sampler) if chosen.sampler is not None else len(train_features)  # items per epoch
@@ -715,6 +735,7 @@ CONTINUE_OPTIMIZERS = {
     "adamw": "AdamW (torch's defaults: betas 0.9, 0.999; weight decay 0.01)",
     "sgd": "SGD with momentum 0.9 (no weight decay)",
 }
+_CONTINUE_WEIGHT_DECAY = {"adamw": 0.01, "sgd": 0.0}  # as CONTINUE_OPTIMIZERS says (torch's AdamW default, kept for the same numbers)
 
 
 def continue_training(
@@ -778,7 +799,8 @@ def continue_training(
     set_trainable(model, block_names(model), False)
     set_trainable(model, trainable, True)
     model.to(device)
-    optimizer = _continue_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr)
+    # one group, as fit's default optimizer that wrote the checkpoint: resume_optimizer loads its state into this one
+    optimizer = make_optimizer(model, lr, kind=optimizer, weight_decay=_CONTINUE_WEIGHT_DECAY[optimizer], per_block=False)
     if resume_optimizer:
         if ckpt.optimizer is None or len(classes) != len(ckpt.classes):
             raise ValueError("resume_optimizer needs a checkpoint with optimizer state and the same classes.")
@@ -788,45 +810,29 @@ def continue_training(
     if head_dropout > 0:
         model.head = nn.Sequential(nn.Dropout(head_dropout), model.head)  # while training only: taken out below
     start = time.perf_counter()
-    loaders = {
-        "train": _continue_train_loader(train_set, transform, batch_size, seed, steps_per_epoch),
-        "val": make_loader(val_set, transform, batch_size, shuffle=False),
-    }
-    if test_set is not None:
-        loaders["test"] = make_loader(test_set, transform, batch_size, shuffle=False)
-    stepper, cache = model, None
-    if prefix_cache:
-        ordered = {**loaders, "train": make_loader(train_set, transform, batch_size, shuffle=False)}
-        cache = PrefixCache(model, ordered, device, cache_dir=config.cache_dir, progress=config.progress, report=False)
-        stepper = cache.suffix  # the suffix shares the model's parameters
-        loaders = {split: cache.loader(split, batch_size, shuffle=False) for split in ordered}
-        loaders["train"] = _continue_train_loader(cache.items["train"], None, batch_size, seed, steps_per_epoch)
-        if teacher is not None:
-            teacher = Suffix(teacher.to(device), cache.boundary)  # the teacher's frozen blocks are the student's
+    sets = {"train": train_set, "val": val_set, **({} if test_set is None else {"test": test_set})}
+    data = _image_data(model, sets, config, transform=transform, prefix_cache=prefix_cache,
+                       train_loader=lambda dataset, tf: _continue_train_loader(dataset, tf, batch_size, seed, steps_per_epoch))
+    if data.cache is not None and teacher is not None:
+        teacher = Suffix(teacher.to(device), data.cache.boundary)  # the teacher's frozen blocks are the student's
     tracker = AccuracyTracker(groups)  # scores each epoch's validation pass: the tracker runs before early stopping
     callbacks: list[Callback] = [tracker]
     if early_stopping_patience is not None:
         callbacks.append(EarlyStopping(early_stopping_patience, monitor=monitor))
     if restore_best:
         callbacks.append(RestoreBest())
-    loss_fn = DistillationLoss(stepper, teacher.to(device)) if teacher is not None else None
+    loss_fn = DistillationLoss(data.stepper, teacher.to(device)) if teacher is not None else None
     try:
-        history = fit(
-            stepper, loaders["train"], loaders["val"],
-            epochs=config.epochs, optimizer=optimizer, scheduler="plateau", device=device, loss_fn=loss_fn,
-            callbacks=callbacks, progress=config.progress,
-        )
+        history = _fit_on(data, config, optimizer=optimizer, scheduler="plateau", loss_fn=loss_fn, callbacks=callbacks)
     finally:
         if loss_fn is not None:
             loss_fn.remove()
         if head_dropout > 0:
             model.head = model.head[1]
     metrics = {"val_acc": max(history.val_acc) if restore_best else history.val_acc[-1]}
-    if "test" in loaders:
-        metrics.update({f"test_acc/{group}": acc for group, acc in group_accuracy(stepper, loaders["test"], groups, device).items()})
-    seconds = time.perf_counter() - start
-    return RunResult(name or f"continued from {Path(checkpoint).name}", model, history, seconds, _trainable(model),
-                     metrics=metrics, prefix_cache=None if cache is None else cache.stats, tracked=tracker.acc)
+    if "test" in data.loaders:
+        metrics.update({f"test_acc/{group}": acc for group, acc in group_accuracy(data.stepper, data.loaders["test"], groups, device).items()})
+    return _result(name or f"continued from {Path(checkpoint).name}", model, history, start, data, metrics=metrics, tracked=tracker.acc)
 
 
 def _check_continue_options(optimizer: str, resume_optimizer: bool, steps_per_epoch: int | None, head_dropout: float) -> None:
@@ -838,12 +844,6 @@ def _check_continue_options(optimizer: str, resume_optimizer: bool, steps_per_ep
         check_int("steps_per_epoch", steps_per_epoch, minimum=1)
     if isinstance(head_dropout, bool) or not isinstance(head_dropout, (int, float)) or not 0 <= head_dropout < 1:
         raise ValueError(f"head_dropout must be a probability in [0, 1), got {head_dropout!r}.")
-
-
-def _continue_optimizer(kind: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    return torch.optim.AdamW(params, lr=lr)
 
 
 def _continue_train_loader(dataset: Dataset, transform: Callable | None, batch_size: int, seed: int,
@@ -869,15 +869,11 @@ def train_first_model(config: RunConfig, train_set: Dataset, val_set: Dataset, c
     set_trainable(model, block_names(model), False)
     set_trainable(model, trainable, True)
     start = time.perf_counter()
-    cache = PrefixCache(model, {"train": make_loader(train_set, transform, config.batch_size, shuffle=False),
-                                "val": make_loader(val_set, transform, config.batch_size, shuffle=False)},
-                        config.device, cache_dir=config.cache_dir, progress=False, report=False)
+    data = _image_data(model, {"train": train_set, "val": val_set}, config, transform=transform, train_loader=_shuffled(config),
+                       prefix_cache=True, progress=False)
     saver = SaveCheckpoint(checkpoint, classes, image_size=config.image_size)
-    history = fit(cache.suffix, cache.loader("train", config.batch_size, shuffle=True, seed=config.seed),
-                  cache.loader("val", config.batch_size, shuffle=False), epochs=config.epochs, lr=config.lr, device=config.device,
-                  progress=config.progress, callbacks=[saver, *callbacks])
-    return RunResult(f"first model ({Path(checkpoint).name})", model, history, time.perf_counter() - start, _trainable(model),
-                     prefix_cache=cache.stats)
+    history = _fit_on(data, config, lr=config.lr, callbacks=[saver, *callbacks])
+    return _result(f"first model ({Path(checkpoint).name})", model, history, start, data)
 
 
 class Continuation:

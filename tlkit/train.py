@@ -29,6 +29,7 @@ from ._runtime import with_progress as _with_progress
 from .checkpoints import CheckpointSaveError, load_checkpoint, save_checkpoint
 from .data import make_loader
 from .models import below_head_frozen, head_linear
+from .optim import make_optimizer
 from .params import check_learning_rate, check_seed, check_weight_decay
 from .transforms import to_rgb
 
@@ -201,6 +202,7 @@ def _run_epoch(
     stop: _StopRequest | None = None,
     utilization: list[float] | None = None,
     outputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    before_step: Callable[[], None] | None = None,
     after_step: Callable[[], None] | None = None,
 ) -> _EpochTotals:
     """One pass over ``loader`` (batches in channels_last); trains when ``optimizer`` is given.
@@ -208,6 +210,7 @@ def _run_epoch(
     Each batch's loss and number of correct predictions stay on the device and are read once, at the end: reading
     them per batch (``.item()``) would make the CPU wait for the GPU at every batch. ``outputs`` (a list) gets each
     batch's (float CPU logits, CPU labels). A loader that yields nothing is an error naming it (``name``).
+    ``before_step`` / ``after_step`` run before each training batch and after its optimizer step.
     """
     training = optimizer is not None
     model.train(training)
@@ -221,6 +224,8 @@ def _run_epoch(
                 raise _Stopped
             x = _channels_last_batch(x.to(device, non_blocking=True))
             y = y.to(device, non_blocking=True)
+            if training and before_step is not None:
+                before_step()
             try:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = model(x)
@@ -498,10 +503,15 @@ class FitState:
 
 
 class Callback:
-    """Base of ``fit``'s callbacks: override ``on_batch_end`` (after every optimizer step: per-step schedules),
-    ``on_epoch_end`` (after every epoch) and/or ``on_fit_end`` (once, also after an interrupt). They run in the order
-    given; ``on_epoch_end`` after the epoch's history row is appended and the scheduler stepped. A plain function
-    ``f(state)`` passed in ``callbacks=`` runs as an ``on_epoch_end``."""
+    """Base of ``fit``'s callbacks: override ``on_batch_start`` (before every training batch: a per-step schedule sets
+    the step's LRs, ``tlkit.optim.OneCycle``), ``on_batch_end`` (after every optimizer step), ``on_epoch_end`` (after
+    every epoch) and/or ``on_fit_end`` (once, also after an interrupt). They run in the order given; ``on_epoch_end``
+    after the epoch's history row is appended and the scheduler stepped. A plain function ``f(state)`` passed in
+    ``callbacks=`` runs as an ``on_epoch_end``; any object with the four methods is taken as a callback too (a lower
+    module's, such as ``OneCycle``, cannot subclass this one)."""
+
+    def on_batch_start(self, state: FitState) -> None:
+        """Called before every training batch, with ``state.step`` the optimizer steps taken so far in this ``fit``."""
 
     def on_batch_end(self, state: FitState) -> None:
         """Called after every optimizer step, with ``state.step`` the steps taken so far in this ``fit``."""
@@ -523,14 +533,27 @@ class _EpochEnd(Callback):
         self.function(state)
 
 
+_HOOKS = ("on_batch_start", "on_batch_end", "on_epoch_end", "on_fit_end")
+
+
+def _is_callback(obj: object) -> bool:
+    """A ``Callback``, or an object with all of its hooks (``tlkit.optim.OneCycle``, whose module sits below this one)."""
+    return isinstance(obj, Callback) or all(callable(getattr(obj, hook, None)) for hook in _HOOKS)
+
+
+def _overrides(callback: object, hook: str) -> bool:
+    """Whether ``callback`` does something in ``hook`` (Callback's own do nothing: fit skips them per batch)."""
+    return getattr(type(callback), hook, None) is not getattr(Callback, hook)
+
+
 def _as_callbacks(callbacks: Callback | Callable | Iterable[Callback | Callable]) -> list[Callback]:
-    if isinstance(callbacks, Callback) or callable(callbacks):
+    if _is_callback(callbacks) or callable(callbacks):
         callbacks = [callbacks]
     out = []
     for callback in callbacks:
-        if not isinstance(callback, Callback) and not callable(callback):
+        if not _is_callback(callback) and not callable(callback):
             raise TypeError(f"callbacks must be tlkit.Callback objects or functions f(state), got {callback!r}.")
-        out.append(callback if isinstance(callback, Callback) else _EpochEnd(callback))
+        out.append(callback if _is_callback(callback) else _EpochEnd(callback))
     return out
 
 
@@ -646,16 +669,19 @@ def fit(
 ) -> History:
     """Train ``model`` for ``epochs`` (train then validate each epoch) and return its History.
 
-    Only parameters with ``requires_grad`` are optimized (AdamW without weight decay by default; pass
-    ``optimizer`` for anything else). ``scheduler`` ('cosine', 'plateau', or a function optimizer -> scheduler)
-    is stepped once per epoch. On CUDA, autocast (bf16 where supported, else fp16 with a GradScaler) is used.
+    Only parameters with ``requires_grad`` are optimized (by default ``tlkit.optim.make_optimizer(model, lr,
+    per_block=False)``: AdamW without weight decay, one param group; pass ``optimizer`` for anything else).
+    ``scheduler`` ('cosine', 'plateau', or a function optimizer -> scheduler) is stepped once per epoch, except a
+    per-step schedule that is a callback (``tlkit.optim.one_cycle``), which runs as the first callback.
+    On CUDA, autocast (bf16 where supported, else fp16 with a GradScaler) is used.
     Weights and image batches are in channels_last memory format (faster convolutions on GPUs and CPUs:
     bench/channels_last.py); to compile, pass ``torch.compile(model)``. The history records images/s per epoch
     and, on a GPU, peak memory and utilization. ``loss_fn`` defaults to cross-entropy (used for training;
     validation always reports plain cross-entropy so runs stay comparable).
 
     ``callbacks`` (``Callback`` objects or functions ``f(state)``) run after every epoch, in the order given,
-    after the history row is appended and the scheduler stepped; ``EarlyStopping(patience)``,
+    after the history row is appended and the scheduler stepped (a ``Callback``'s ``on_batch_start`` and
+    ``on_batch_end`` also around every training batch); ``EarlyStopping(patience)``,
     ``RestoreBest()`` and ``SaveCheckpoint(path, classes)`` are built in. ``resume_from``: a checkpoint
     written by ``SaveCheckpoint`` (train ``epochs`` more epochs exactly as an uninterrupted run would, with
     the same data, loaders and seed), or a History (continue its epoch count and early stopping).
@@ -681,10 +707,12 @@ def fit(
         _warn_if_fitted_before(model)
     device = torch.device(device)
     _channels_last_model(model.to(device))  # faster convolutions on GPUs and CPUs alike: bench/channels_last.py
-    optimizer = _default_optimizer(model, lr) if optimizer is None else _check_optimizer_rates(optimizer)
+    optimizer = make_optimizer(model, lr, per_block=False) if optimizer is None else _check_optimizer_rates(optimizer)
     scheduler = _make_scheduler(scheduler, optimizer, epochs)
     scaler = torch.amp.GradScaler("cuda") if _amp_dtype(device) == torch.float16 else None
     callbacks = _as_callbacks(callbacks)
+    if _is_callback(scheduler) and scheduler not in callbacks:  # a per-step schedule (OneCycle): its hooks run first
+        callbacks = [scheduler, *callbacks]
     state = FitState(model, optimizer, scheduler, scaler, train_loader, epoch=0, history=History())
     state.history = _starting_history(resume_from, state, _checkpoint_of(callbacks))
     epochs_before = len(state.history)
@@ -708,13 +736,6 @@ def fit(
         message = _interrupted_message(state.epoch, state.history, _checkpoint_of(callbacks))
         raise TrainingInterrupted(message, state.history)
     return state.history
-
-
-def _default_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("The model has no trainable parameters: unfreeze at least the head before fit().")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
 def _check_optimizer_rates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -775,20 +796,25 @@ def _fit_one_epoch(state: FitState, val_loader: DataLoader, loss_fn: nn.Module, 
 
 def _train_one_epoch(state: FitState, loss_fn: nn.Module, device: torch.device, *, progress: bool,
                      stop: _StopRequest, utilization: list[float], callbacks: Sequence[Callback] = ()) -> _EpochTotals:
-    """One training pass over ``state.train_loader``; GPU utilization samples go to ``utilization``; after every
-    optimizer step, the callbacks that define ``on_batch_end`` see ``state``."""
+    """One training pass over ``state.train_loader``; GPU utilization samples go to ``utilization``; before every
+    training batch the callbacks' ``on_batch_start`` and after its optimizer step their ``on_batch_end`` see ``state``."""
     on_gpu = device.type == "cuda"
-    per_step = [c for c in callbacks if type(c).on_batch_end is not Callback.on_batch_end]
+    starts = [c for c in callbacks if _overrides(c, "on_batch_start")]
+    ends = [c for c in callbacks if _overrides(c, "on_batch_end")]
+
+    def before_step() -> None:
+        for callback in starts:
+            callback.on_batch_start(state)
 
     def after_step() -> None:
         state.step += 1
-        for callback in per_step:
+        for callback in ends:
             callback.on_batch_end(state)
 
     result = _run_epoch(
         state.model, state.train_loader, device, optimizer=state.optimizer, scaler=state.scaler, loss_fn=loss_fn,
         desc=f"train {state.epoch}", progress=progress, name="fit: train_loader", stop=stop,
-        utilization=utilization if on_gpu else None, after_step=after_step,
+        utilization=utilization if on_gpu else None, before_step=before_step if starts else None, after_step=after_step,
     )
     if on_gpu:
         torch.cuda.synchronize(device)
@@ -857,7 +883,7 @@ def _gpu_figures(device: torch.device, utilization: list[float]) -> dict[str, fl
 def _step_scheduler(scheduler, val_loss: float) -> None:
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         scheduler.step(val_loss)
-    elif scheduler is not None:
+    elif scheduler is not None and not _is_callback(scheduler):  # a callback schedule moves in its own hooks
         scheduler.step()
 
 
