@@ -184,7 +184,7 @@ def test_soft_label_titles():
 def test_notebook_03_measures_augmentation(tmp_path):
     run = run_notebook(
         NOTEBOOKS / "03_augmentation.ipynb", tmp_path,
-        {"samples_per_class": 3, "epochs": 2, "image_size": 32, "augment": "strong", "seeds": [0, 1]},
+        {"samples_per_class": 3, "epochs": 2, "deep_epochs": 2, "image_size": 32, "augment": "strong", "seeds": [0, 1]},
     )
     assert run.error == "", run.error
     m = run.metrics
@@ -200,6 +200,10 @@ def test_notebook_03_measures_augmentation(tmp_path):
         gain, low, high = (m[f"paired_gain_augment_{setting}{end}"] for end in ("", "_lo", "_hi"))
         assert low <= gain <= high
     assert m["paired_gain_augment_deep_3"] == pytest.approx(m["test_acc_deep_aug"] - m["test_acc_deep_none"])  # same seeds
+    assert m["tta"] == "flip" and m["deep_epochs"] == 2
+    for arm in arms:  # test-time augmentation on both tests
+        for key in (f"test_acc_tta_{arm}", f"test_acc_tta_{arm}_shifted"):
+            assert 0.0 <= m[key] <= 1.0 and m[f"{key}_std"] >= 0.0
     for name in ("presets.png", "batch.png", "shifted_test.png", "curves.png", "augmentation_gains.png"):
         assert (tmp_path / "figures" / "03" / name).stat().st_size > 0
 

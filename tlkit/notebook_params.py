@@ -24,7 +24,7 @@ from .params import (
     rule,
     run_setting_checks,
 )
-from .transforms import PRESETS
+from .transforms import PRESETS, TTA_VIEWS
 
 _size = rule(check_int, minimum=1)
 _size_or_none = rule(check_int, minimum=1, allow_none=True)
@@ -87,6 +87,8 @@ def _notebook_03() -> dict[str, Check]:
         "samples_per_class": _size_or_none,
         "deep_up_to": _text,
         "deep_lr": _positive,
+        "deep_epochs": rule(check_int, minimum=2),
+        "tta": rule(check_str, choices=TTA_VIEWS, allow_none=True),
         "shift_seed": _count,
         "on_device": _on_device,
     }
