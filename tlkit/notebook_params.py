@@ -25,6 +25,7 @@ from .params import (
     run_setting_checks,
 )
 from .transforms import PRESETS, TTA_VIEWS
+from .tuning import CORRUPTIONS
 
 _size = rule(check_int, minimum=1)
 _size_or_none = rule(check_int, minimum=1, allow_none=True)
@@ -134,14 +135,36 @@ def _notebook_05() -> dict[str, Check]:
     }
 
 
+def _notebook_06() -> dict[str, Check]:
+    blocks = rule(parse_list, item=_text, allow_empty=False, distinct=True, example='["stage7", "top", "head"]')
+    return {
+        **_common(),
+        "samples_per_class": _size_or_none,
+        "probe_C": _positive,
+        "ft_blocks": blocks,
+        "lpft_lr": _positive,
+        "shift_seed": _count,
+        "few_seeds": check_seed_list,
+        "peft_epochs": _size,
+        "peft_lr": _positive,
+        "corruptions": rule(parse_list, item=rule(check_str, choices=list(CORRUPTIONS)), allow_empty=False, distinct=True,
+                            example='["gaussian_noise", "contrast"]'),
+        "surgical_blocks": blocks,
+        "surgical_image_size": _size,
+        "target_per_class": _size,
+        "surgical_epochs": _size,
+        "surgical_lr": _positive,
+    }
+
+
 # Keyed by the notebook's number (its file name's prefix).
 NOTEBOOK_SPECS: dict[str, Callable[[], dict[str, Check]]] = {
-    "01": _notebook_01, "02": _notebook_02, "03": _notebook_03, "04": _notebook_04, "05": _notebook_05,
+    "01": _notebook_01, "02": _notebook_02, "03": _notebook_03, "04": _notebook_04, "05": _notebook_05, "06": _notebook_06,
 }
 
 
 def notebook_spec(notebook: str) -> dict[str, Check]:
-    """The parameter checks of course notebook ``notebook`` ('01' .. '05', or its file name)."""
+    """The parameter checks of course notebook ``notebook`` ('01' .. '06', or its file name)."""
     key = Path(str(notebook)).name[:2]
     if key not in NOTEBOOK_SPECS:
         raise ValueError(f"No parameter spec for notebook {notebook!r}; known: {', '.join(NOTEBOOK_SPECS)}.")
@@ -172,10 +195,18 @@ def _image_size_fits_backbone(p: Mapping[str, Any]) -> None:
     check_image_size(p["backbone"], p["image_size"])
 
 
+def _surgical_image_size_fits_backbone(p: Mapping[str, Any]) -> None:
+    try:
+        check_image_size(p["backbone"], p["surgical_image_size"])
+    except ValueError as err:
+        raise ValueError(f"surgical_image_size: {err}") from None
+
+
 _CROSS_CHECKS: dict[str, Sequence[Callable[[Mapping[str, Any]], None]]] = {
     "01": (_image_size_fits_backbone,),
     "02": (_image_size_fits_backbone,),
     "03": (_image_size_fits_backbone,),
     "04": (_image_size_fits_backbone,),
     "05": (_image_size_fits_backbone, _new_samples_within_old_classes),
+    "06": (_image_size_fits_backbone, _surgical_image_size_fits_backbone),
 }

@@ -26,6 +26,7 @@ from .transforms import Normalization
 if TYPE_CHECKING:
     import pandas as pd
 
+    from .compare import Comparison
     from .lr_finder import LRFinderResult
 
 
@@ -515,5 +516,46 @@ def plot_reliability(tables: Mapping[str, pd.DataFrame], *, title: str = "") -> 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_vs_parameters(summary: pd.DataFrame, metric: str, params: Mapping[str, int], *, title: str = "") -> Figure:
+    """One point per strategy (a row of ``summary``, e.g. ``comparison.summary([metric])``): ``metric``'s mean ± std
+    over seeds against the strategy's trainable parameters (``params[name]``, log scale)."""
+    missing = [n for n in summary.index if n not in params]
+    if missing:
+        raise KeyError(f"No trainable-parameter count for {missing}; give one per strategy, e.g. run.trainable_params.")
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, row in summary.iterrows():
+        ax.errorbar([params[name]], [row[metric]], yerr=[row[f"{metric} std"]], fmt="o", capsize=4)
+        ax.annotate(str(name), (params[name], row[metric]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(f"{metric} (mean ± std over {int(summary['seeds'].min())} seeds)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_block_bars(comparisons: Mapping[str, Comparison], metric: str, *, reference: str, title: str = "") -> Figure:
+    """One group of bars per comparison (e.g. per corruption), a bar per arm (mean ± std over seeds), with the
+    ``reference`` arm (e.g. the untuned source model) as a dashed line across its group."""
+    if not comparisons:
+        raise ValueError("plot_block_bars needs at least one comparison, e.g. {'gaussian_noise': comparison}.")
+    fig, axes = plt.subplots(1, len(comparisons), figsize=(3.2 * len(comparisons) + 0.8, 3.6), sharey=True, squeeze=False)
+    for ax, (group, comparison) in zip(axes[0], comparisons.items()):
+        summary = comparison.summary([metric])
+        arms = [a for a in summary.index if a != reference]
+        ax.bar(arms, summary.loc[arms, metric], yerr=summary.loc[arms, f"{metric} std"], capsize=3, color="tab:blue", alpha=0.8)
+        if reference in summary.index:
+            ax.axhline(summary.loc[reference, metric], color="grey", ls="--", lw=1, label=reference)
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set_title(group, fontsize=10)
+        ax.tick_params(axis="x", rotation=60, labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel(f"{metric} (mean ± std over seeds)")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
