@@ -28,7 +28,7 @@ def test_every_notebook_is_numbered_and_has_a_parameters_cell():
 def test_notebook_01_pretrained_beats_random_init(tmp_path):
     run = run_notebook(
         NOTEBOOKS / "01_feature_extraction.ipynb", tmp_path,
-        {"samples_per_class": 5, "epochs": 15, "data_curve": [5], "image_size": 64, "seeds": [0, 1, 2]},
+        {"samples_per_class": 5, "epochs": 15, "data_curve": [5], "image_size": 64, "larger_image_size": 96, "seeds": [0, 1, 2]},
     )
     assert run.error == "", run.error
     m = run.metrics
@@ -41,9 +41,15 @@ def test_notebook_01_pretrained_beats_random_init(tmp_path):
     assert m["val_majority_class"] < m["val_nearest_class_mean"]
     assert 0.0 <= m["test_acc"] <= 1.0 and "test_acc_std" in m and "test_random_init_head_minus_pretrained_head" in m
     assert m["val_5_per_class_pretrained_head"] == m["val_acc"]  # same seeds, same data, same runs
-    assert (tmp_path / "figures" / "01" / "pretrained_vs_random.png").stat().st_size > 0
+    assert (tmp_path / "figures" / "01" / "baselines.png").stat().st_size > 0
     assert (tmp_path / "figures" / "01" / "curves.png").stat().st_size > 0
-    assert 0.0 <= m["test_ece"] <= 1.0 and 0.0 <= m["test_ece_scaled"] <= 1.0 and m["temperature"] > 0  # calibration, section 9
+    assert 0.0 <= m["ece_head"] <= 1.0 and 0.0 <= m["ece_head_temperature"] <= 1.0 and m["temperature"] > 0  # calibration, section 10
+    # the baselines by their short names, each one of section 6's arms, and the image sizes of section 8
+    assert m["val_acc_majority"] == m["val_majority_class"] and m["val_acc_ncm"] == m["val_nearest_class_mean"]
+    assert m["val_acc_knn"] == m["val_k_nearest_neighbours"] and m["val_acc_pixels"] == m["val_raw_pixels_head"]
+    assert m["val_acc_pixels"] < m["val_acc"] and m["val_acc_knn"] < m["val_acc"] + 0.1
+    assert m["val_size_64_px"] == m["val_acc"] and 0.0 <= m["val_size_96_px"] <= 1.0
+    assert m["backbone_ms_per_photo_96px"] > 0 and (tmp_path / "figures" / "01" / "grad_cam.png").stat().st_size > 0
     assert (tmp_path / "figures" / "01" / "reliability.png").stat().st_size > 0
     assert "01_feature_extraction.ipynb" in summary_table([run])
 

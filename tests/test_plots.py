@@ -135,3 +135,21 @@ def test_the_schedule_figure_marks_lr_cuts_early_stops_and_kept_epochs():
     assert marked(old, "*") == [(2.0, 0.7), (6.0, 0.72)] and marked(new, "*") == [(2.0, 1 - 0.7), (6.0, 1 - 0.72)]
     legend = [t.get_text() for t in lr.get_legend().get_texts()]
     assert legend == ["stopped", "full", "before", "LR cut (plateau)", "early stop", "weights kept (best val acc)"]
+
+
+def test_show_heatmaps_lays_each_map_over_its_input_and_confusion_labels_are_slanted():
+    import torch
+
+    norm = tlkit.transforms.IMAGENET_NORM
+    inputs = torch.zeros(3, 3, 16, 16)
+    maps = torch.zeros(3, 1, 16, 16)
+    maps[1, 0, :8] = 5.0  # the top half of the second image
+    fig = tlkit.plots.show_heatmaps(inputs, maps, norm, ["a", "b", "c"], ncols=2)
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == 3 and all(len(ax.images) == 2 for ax in shown)  # the photo, then its map
+    overlay = shown[1].images[1].get_array()
+    assert overlay.max() == pytest.approx(1.0) and overlay[12].max() == 0.0  # scaled to its own maximum, zero where the map is
+    assert shown[1].get_title() == "b"
+    classes = ["long sleeve shirt", "t-shirt", "outwear"]
+    cm = tlkit.plot_confusion_matrix([0, 1, 2], [0, 2, 2], classes)
+    assert {label.get_rotation() for label in cm.axes[0].get_xticklabels()} == {45.0}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import TensorDataset
 
@@ -264,6 +265,45 @@ def test_nearest_class_mean_is_a_linear_head_that_picks_the_nearest_mean_and_maj
     counts = torch.bincount(vy)  # the commonest class on validation: the best constant answer there
     assert majority.val_acc == pytest.approx(counts.max().item() / len(vy))
     assert tlkit.evaluate_on(majority.model, splits.val, config)["acc"] == pytest.approx(majority.val_acc)
+
+
+def test_k_nearest_neighbours_votes_like_scikit_learn_and_scores_on_any_split(class_folder, tmp_path):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    splits = tlkit.load_dataset(str(class_folder), val_fraction=0.25)
+    config = tlkit.RunConfig(weights=None, cache_dir=tmp_path, **TINY)
+    knn = tlkit.recipes.k_nearest_neighbours(config, splits, k=3)
+    transform = tlkit.eval_transform(32, knn.model.normalization)
+    (x, y), (vx, vy) = (tlkit.cached_features(knn.model, tlkit.make_loader(part, transform, 8, shuffle=False), cache_dir=tmp_path, progress=False).tensors
+                        for part in (splits.train, splits.val))
+    reference = KNeighborsClassifier(n_neighbors=3, metric="cosine").fit(x.numpy(), y.numpy()).predict(vx.numpy())
+    assert torch.equal(knn.model.head(vx).argmax(1), torch.as_tensor(reference))
+    assert knn.val_acc == pytest.approx((torch.as_tensor(reference) == vy).float().mean().item())
+    assert tlkit.evaluate_on(knn.model, splits.val, config)["acc"] == pytest.approx(knn.val_acc)
+    with pytest.raises(ValueError, match="k"):
+        tlkit.recipes.k_nearest_neighbours(config, splits, k=0)
+
+
+def test_nearest_neighbours_breaks_a_tied_vote_by_closeness():
+    memory = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # one photo of each class: every vote with k=2 is a 1-1 tie
+    head = tlkit.features.NearestNeighbours(memory, torch.tensor([0, 1]), num_classes=2, k=2)
+    assert head(torch.tensor([[0.9, 0.1], [0.1, 0.9]])).argmax(1).tolist() == [0, 1]
+
+
+def test_raw_pixels_trains_a_linear_head_on_pooled_pixels_cached_apart_from_other_sizes(class_folder, tmp_path):
+    splits = tlkit.load_dataset(str(class_folder), val_fraction=0.25)
+    config = tlkit.RunConfig(weights=None, cache_dir=tmp_path, **TINY)
+    run = tlkit.recipes.raw_pixels(config, splits, size=4)
+    assert run.model.head.in_features == 3 * 4 * 4 and run.trainable_params == 3 * 4 * 4 * 3 + 3
+    image, _ = splits.val[0]
+    x = tlkit.eval_transform(32, run.model.normalization)(image).unsqueeze(0)
+    assert torch.allclose(run.model.forward_features(x), nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
+    assert tlkit.evaluate_on(run.model, splits.val, config)["acc"] == pytest.approx(run.val_acc)
+    # two pixel sizes share no weights, only their names: their cached features must not be mixed up
+    loader = tlkit.make_loader(splits.val, tlkit.eval_transform(32, run.model.normalization), 8, shuffle=False)
+    keys = {tlkit.features.features_key(tlkit.features.pixel_model(3, run.model.normalization, size=n), loader) for n in (2, 4)}
+    assert len(keys) == 2
+    assert tlkit.recipes.raw_pixels(config, splits, size=2).model.head.in_features == 12
 
 
 def test_every_recipe_that_trains_a_head_on_cached_features_goes_through_fit_head(splits, monkeypatch):

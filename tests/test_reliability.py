@@ -258,9 +258,11 @@ def test_a_bad_notebook_parameter_fails_with_its_name():
         ("dataset", "", "dataset must be a registered dataset name"),
         ("epochs", 0, "epochs must be a whole number of at least 1"),
         ("image_size", 16, "too small for efficientnet_lite0"),
+        ("larger_image_size", 16, "larger_image_size: image_size=16 is too small for efficientnet_lite0"),
     ]:
         with pytest.raises(ValueError, match=message):
             tlkit.check_notebook_parameters("01", {**defaults, name: bad})
+    assert tlkit.check_notebook_parameters("01", {**defaults, "larger_image_size": None})["larger_image_size"] is None
 
 
 def test_seeds_outside_numpys_range_and_an_empty_dataset_are_refused_up_front():

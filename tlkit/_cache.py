@@ -1,13 +1,14 @@
-"""What the feature cache and the prefix cache share: one key function over content fingerprints, one checked file format
-(tensors, labels and a checksum, checked for count, shape and content when read) and one way to save: write, or
-warn and go on without the disk cache."""
+"""The one disk cache behind the feature cache (features at the head's input) and the prefix cache (activations at a
+block boundary): one key function over content fingerprints, one file path rule, one checked file format (tensors,
+labels and a checksum, checked for count, shape and content when read), one way to save (write, or warn and go on
+without the disk cache) and one read-or-compute step that ties them together."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -141,3 +142,37 @@ def save_or_warn(payload: object, path: Path, what: str, *, stacklevel: int = 2)
                 stacklevel=stacklevel + 1,
             )
         return False
+
+
+# --- the one read-or-compute step ------------------------------------------------------------------------
+
+
+def cache_path(cache_dir: str | os.PathLike | None, stem: str, key: Callable[[], str | None], dataset: object, what: str,
+               *, stacklevel: int = 2) -> Path | None:
+    """``cache_dir/<stem>-<key>.pt``, or None when nothing is cached on disk: no ``cache_dir``, or data without a
+    fingerprint (said in a warning naming the dataset's type)."""
+    if cache_dir is None:
+        return None
+    found = key()
+    if found is None:
+        warnings.warn(f"{type(dataset).__name__} has no fingerprint: its {what} are not cached on disk.", stacklevel=stacklevel + 1)
+        return None
+    return cache_folder(cache_dir) / f"{stem}-{found}.pt"
+
+
+def load_or_compute(path: Path | None, file_format: bytes, compute: Callable[[], TensorDataset],
+                    expected: Callable[[], tuple[int, tuple[int | None, ...], torch.dtype | None]], *,
+                    cache_name: str, what: str, saved_as: str, stacklevel: int = 2) -> tuple[TensorDataset, bool]:
+    """The (values, labels) stored at ``path`` if they pass :func:`read_checked` against ``expected()`` (count, item
+    shape, dtype; asked only when there is a file), else ``compute()``, then saved there (:func:`save_or_warn`).
+    A damaged or altered file is recomputed, never trusted, with a warning naming it. Also says whether it was read."""
+    if path is not None and cache_file_exists(path):
+        count, item_shape, dtype = expected()
+        try:
+            return read_checked(path, file_format, count=count, item_shape=item_shape, dtype=dtype, what=what), True
+        except DamagedCache as err:
+            warnings.warn(f"Ignoring the damaged {cache_name} {path} ({err}); computing the {what} again.", stacklevel=stacklevel + 1)
+    computed = compute()
+    if path is not None:
+        save_or_warn(checked_payload(file_format, *computed.tensors), path, saved_as, stacklevel=stacklevel + 1)
+    return computed, False

@@ -53,6 +53,7 @@ def _notebook_01() -> dict[str, Check]:
         **_common(),
         "samples_per_class": _size_or_none,
         "data_curve": rule(parse_list, item=_size_or_none, example="[5, 10, 20, null]"),
+        "larger_image_size": _size_or_none,
     }
 
 
@@ -195,18 +196,22 @@ def _image_size_fits_backbone(p: Mapping[str, Any]) -> None:
     check_image_size(p["backbone"], p["image_size"])
 
 
-def _surgical_image_size_fits_backbone(p: Mapping[str, Any]) -> None:
-    try:
-        check_image_size(p["backbone"], p["surgical_image_size"])
-    except ValueError as err:
-        raise ValueError(f"surgical_image_size: {err}") from None
+def _other_image_size_fits_backbone(name: str) -> Callable[[Mapping[str, Any]], None]:
+    """The check that the image size in parameter ``name`` (None: not used) suits the backbone, naming that parameter."""
+    def check(p: Mapping[str, Any]) -> None:
+        if p[name] is not None:
+            try:
+                check_image_size(p["backbone"], p[name])
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+    return check
 
 
 _CROSS_CHECKS: dict[str, Sequence[Callable[[Mapping[str, Any]], None]]] = {
-    "01": (_image_size_fits_backbone,),
+    "01": (_image_size_fits_backbone, _other_image_size_fits_backbone("larger_image_size")),
     "02": (_image_size_fits_backbone,),
     "03": (_image_size_fits_backbone,),
     "04": (_image_size_fits_backbone,),
     "05": (_image_size_fits_backbone, _new_samples_within_old_classes),
-    "06": (_image_size_fits_backbone, _surgical_image_size_fits_backbone),
+    "06": (_image_size_fits_backbone, _other_image_size_fits_backbone("surgical_image_size")),
 }

@@ -134,8 +134,9 @@ def plot_confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], classes:
     fig, ax = plt.subplots(figsize=(size, size))
     ConfusionMatrixDisplay.from_predictions(
         y_true, y_pred, labels=list(range(len(classes))), display_labels=list(classes),
-        normalize=normalize, ax=ax, colorbar=False, values_format=".2f" if normalize else "d",
+        normalize=normalize, ax=ax, colorbar=False, values_format=".2f" if normalize else "d", xticks_rotation=45,
     )
+    plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")  # long class names stay apart
     ax.set_title(title)
     fig.tight_layout()
     return fig
@@ -175,6 +176,37 @@ def to_pil(x: torch.Tensor, norm: Normalization) -> Image.Image:
         std = torch.tensor(norm.std).view(-1, 1, 1)
         x = ((x.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
     return v2.functional.to_pil_image(x)
+
+
+def show_heatmaps(
+    inputs: torch.Tensor,
+    maps: torch.Tensor,
+    norm: Normalization,
+    titles: Sequence[str] | None = None,
+    *,
+    ncols: int = 8,
+    title_colors: Sequence[str] | None = None,
+    suptitle: str = "",
+) -> Figure:
+    """Each model input (N, C, H, W; normalised by ``norm``) as the model saw it, with its heat map (N, 1, H, W, e.g. a
+    class-activation map) laid over it; every map is scaled to its own maximum, so the colours say where, not how much."""
+    n = len(inputs)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, int(np.ceil(n / ncols)))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.6 * ncols, 1.8 * nrows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= n:
+            continue
+        heat = maps[k, 0].detach().cpu().clamp_min(0)
+        ax.imshow(to_pil(inputs[k], norm))
+        ax.imshow((heat / heat.max().clamp_min(1e-12)).numpy(), cmap="jet", alpha=0.4, vmin=0, vmax=1)
+        if titles is not None:
+            ax.set_title(titles[k], fontsize=8, color=title_colors[k] if title_colors else "black")
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
 
 
 def augmentation_grid(
@@ -360,7 +392,7 @@ def plot_seed_curves(summaries: dict[str, pd.DataFrame], metric: str, *, xlabel:
 
     The index values are placed evenly and written as labels, so "all" can stand beside numbers.
     """
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(6 + (1.8 if len(summaries) > 3 else 0), 3.6))
     for name, summary in summaries.items():
         positions = range(len(summary))
         ax.errorbar(positions, summary[metric], yerr=summary[f"{metric} std"], marker="o", capsize=4, label=name)
@@ -368,7 +400,10 @@ def plot_seed_curves(summaries: dict[str, pd.DataFrame], metric: str, *, xlabel:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{metric} (mean ± std)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if len(summaries) > 3:  # many lines: the legend goes beside the axes, off the data
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    else:
+        ax.legend()
     ax.set_title(title)
     fig.tight_layout()
     return fig

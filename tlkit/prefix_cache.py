@@ -21,15 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ._cache import (
-    DamagedCache,
-    cache_file_exists,
-    cache_folder,
-    checked_payload,
-    content_key,
-    read_checked,
-    save_or_warn,
-)
+from ._cache import cache_path, content_key, load_or_compute
 from ._runtime import amp_dtype, channels_last_batch, with_progress
 from .data import BatchesOf, make_loader
 from .models import HEAD, TransferModel
@@ -263,41 +255,17 @@ def _prefix_in_channels_last(model: TransferModel, stop: int) -> None:
 
 
 
-def _read(path: Path, expected: Callable[[], ActivationSize]) -> TensorDataset | None:
-    """The activations stored at ``path`` if they pass the integrity check against ``expected()`` (asked only when
-    there is a file); None, with a warning saying why, for a damaged or altered file, which is then recomputed."""
-    if not cache_file_exists(path):
-        return None
-    size = expected()
-    try:
-        return read_checked(path, _FORMAT, count=size.images, item_shape=size.shape, dtype=size.dtype, what="activations")
-    except DamagedCache as err:  # a damaged cache file is recomputed, never trusted
-        warnings.warn(f"Ignoring the damaged prefix cache {path} ({err}); computing the activations again.", stacklevel=3)
-        return None
-
-
-def _cache_path(model: TransferModel, loader: DataLoader, boundary: str, device: torch.device, cache_dir: str | Path | None) -> Path | None:
-    if cache_dir is None:
-        return None
-    key = prefix_key(model, loader, boundary, device)
-    if key is None:
-        warnings.warn(f"{type(loader.dataset).__name__} has no fingerprint: its prefix activations are not cached on disk.", stacklevel=3)
-        return None
-    return cache_folder(cache_dir) / f"prefix-{key}.pt"
-
-
 def _load_or_compute(model: TransferModel, loader: DataLoader, boundary: str, device: torch.device,
                      cache_dir: str | Path | None, progress: bool, size: ActivationSize | None = None) -> tuple[TensorDataset, bool]:
     """The activations at ``boundary`` and whether they came from disk (``size``: what they should be, if known)."""
-    path = _cache_path(model, loader, boundary, device, cache_dir)
-    expected = (lambda: size) if size is not None else (lambda: activation_size(model, loader.dataset, device, boundary=boundary))
-    stored = None if path is None else _read(path, expected)
-    if stored is not None:
-        return stored, True
-    computed = _compute(model, loader, boundary, device, progress)
-    if path is not None:
-        save_or_warn(checked_payload(_FORMAT, *computed.tensors), path, "prefix activations", stacklevel=3)
-    return computed, False
+    path = cache_path(cache_dir, "prefix", lambda: prefix_key(model, loader, boundary, device), loader.dataset, "prefix activations", stacklevel=3)
+
+    def expected() -> tuple[int, tuple[int, ...], torch.dtype]:
+        found = size if size is not None else activation_size(model, loader.dataset, device, boundary=boundary)
+        return found.images, found.shape, found.dtype
+
+    return load_or_compute(path, _FORMAT, lambda: _compute(model, loader, boundary, device, progress), expected,
+                           cache_name="prefix cache", what="activations", saved_as="prefix activations", stacklevel=3)
 
 
 def cached_prefix(

@@ -3,7 +3,8 @@
 Every recipe takes a ``RunConfig`` first (backbone, weights, image size, batch size, epochs, LR, seed, device,
 progress bars, cache folder), then its data, then its own keywords, and returns a ``RunResult``:
 
-- ``linear_probe``, ``train_all``, the baselines ``nearest_class_mean`` and ``majority_class`` (notebook 01),
+- ``linear_probe``, ``train_all``, the baselines ``nearest_class_mean``, ``k_nearest_neighbours``, ``raw_pixels`` and
+  ``majority_class`` (notebook 01),
   ``run_strategy`` (02), ``fine_tune_augmented`` (03),
   ``fit_head_with_remedy`` (04), ``continue_training`` (05);
 - ``evaluate_on`` scores a trained model on one more split (e.g. test) with the same configuration.
@@ -34,7 +35,7 @@ from torch.utils.data import Dataset, TensorDataset
 from .augment import BatchTransform, InMemoryImages, augment_on_device, augmented_loader, batch_mix, device_loader, feature_cache_allowed
 from .checkpoints import model_from_checkpoint
 from .data import DatasetSplits, make_loader, repeated_passes_sampler
-from .features import cached_features
+from .features import NearestNeighbours, cached_features, pixel_model
 from .finetune import (
     BN_MODES,
     SCHEDULES,
@@ -64,7 +65,7 @@ from .optim import make_optimizer, one_cycle
 from .params import check_int, run_setting_checks
 from .prefix_cache import PrefixBatches, PrefixCache, PrefixCacheStats, Suffix, evaluate_from_prefix, prefix_cache_allowed
 from .train import Callback, EarlyStopping, FitState, History, RestoreBest, SaveCheckpoint, evaluate, fit, fit_head, get_device, predict, set_seed
-from .transforms import check_preset, eval_transform, is_deterministic, train_transform
+from .transforms import IMAGENET_NORM, check_preset, eval_transform, is_deterministic, train_transform
 
 # --- configuration ------------------------------------------------------------------------------------
 
@@ -337,6 +338,26 @@ def nearest_class_mean(config: RunConfig, splits: DatasetSplits, *, name: str = 
         linear.weight.copy_(2 * means)
         linear.bias.copy_(-(means**2).sum(1))
     return _baseline_result(name, model, val, config, start)
+
+
+def k_nearest_neighbours(config: RunConfig, splits: DatasetSplits, *, k: int = 5, name: str = "k nearest neighbours") -> RunResult:
+    """No training: each image gets the class most common among its ``k`` nearest training photos in the pretrained
+    feature space (cosine similarity; ``features.NearestNeighbours``). A head like any other (``evaluate_on`` works)."""
+    k = check_int("k", k, minimum=1)
+    start = time.perf_counter()
+    model, train, val = _pretrained_features(config, splits)
+    model.head = NearestNeighbours(*train.tensors, len(splits.classes), k).to(config.device)
+    return _baseline_result(name, model, val, config, start)
+
+
+def raw_pixels(config: RunConfig, splits: DatasetSplits, *, size: int = 32, name: str = "raw pixels + head") -> RunResult:
+    """``linear_probe`` with no backbone: a linear head on each photo average-pooled to ``size`` x ``size`` pixels
+    (``features.pixel_model``), trained with ``config``'s epochs, LR and seed. What the pixels alone give a linear classifier."""
+    set_seed(config.seed)
+    model = pixel_model(len(splits.classes), IMAGENET_NORM, size=check_int("size", size, minimum=1))
+    start = time.perf_counter()
+    history = _fit_head(config, model, *_split_features(config, model, splits))
+    return _result(name, model, history, start)
 
 
 def majority_class(config: RunConfig, splits: DatasetSplits, *, name: str = "majority class") -> RunResult:
