@@ -1,5 +1,6 @@
 """Class-imbalance remedies against hand-computed small cases, and the long-tail subsampler."""
 
+import copy
 from collections import Counter
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import f1_score as sklearn_f1
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -327,6 +329,111 @@ def test_the_pytorch_loop_with_class_weights_or_a_weighted_sampler_is_fit_head_w
         assert torch.allclose(probs, tlkit.fit_head_with_remedy(config, model, train, val, name).probs, atol=1e-5), name
 
 
+def test_calibrated_threshold_is_the_prior_correction_after_temperature_scaling():
+    model, train, val, config = _tiny_head_problem()
+    test = TensorDataset(val.tensors[0].flip(0), val.tensors[1].flip(0))
+    plain = tlkit.fit_head_with_remedy(config, model, train, val, "none", test_features=test)
+    counts = [30, 8, 3]
+    calibrated = tlkit.imbalance.calibrated_threshold(plain, counts)
+    temperature = tlkit.metrics.fit_temperature(*plain.predictions["val"])  # fitted on validation, never on test
+    assert calibrated.name == "threshold_calibrated" and calibrated.metrics["temperature"] == pytest.approx(temperature)
+    prior = torch.tensor(counts, dtype=torch.float32) / sum(counts)
+    for split in ("val", "test"):
+        probs, labels = plain.predictions[split]
+        by_hand = (probs.log() / temperature - prior.log()).argmax(1)  # logits / T - log prior, tau = 1
+        assert torch.equal(calibrated.predictions[split][0].argmax(1), by_hand)
+        # the same decisions as tau = T on the unscaled head
+        assert torch.equal(by_hand, tlkit.imbalance.adjust_probabilities(probs, counts, temperature).argmax(1))
+        ece = tlkit.metrics.calibration_error
+        assert calibrated.metrics[f"{split}_ece"] == pytest.approx(ece(probs, labels))
+        assert calibrated.metrics[f"{split}_ece_scaled"] == pytest.approx(ece(tlkit.metrics.scale(probs, temperature), labels))
+    # on validation, where T was fitted, scaling can only lower the log-loss (T = 1 was a candidate)
+    nll = tlkit.metrics.negative_log_likelihood
+    val_probs, val_labels = plain.predictions["val"]
+    assert nll(tlkit.metrics.scale(val_probs, temperature), val_labels) <= nll(val_probs, val_labels) + 1e-9
+    assert calibrated.metrics["balanced_acc"] == tlkit.imbalance.balanced_accuracy(*calibrated.predictions["val"])
+
+
+def test_f1_thresholds_are_chosen_on_the_given_data():
+    probs = torch.tensor([[0.9, 0.1], [0.7, 0.3], [0.6, 0.4], [0.55, 0.45], [0.2, 0.8]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    thresholds = tlkit.imbalance.f1_thresholds(probs, labels)
+    for c in range(2):  # brute force: every observed score as the cut, F1 of "score >= cut"
+        cuts = probs[:, c].unique().tolist()
+        f1 = [sklearn_f1((labels == c).numpy(), (probs[:, c] >= t).numpy()) for t in cuts]
+        assert sklearn_f1((labels == c).numpy(), (probs[:, c] >= thresholds[c]).numpy()) == pytest.approx(max(f1))
+    assert thresholds[1] == pytest.approx(0.4)  # class 1's best cut: all three of its items, none of class 0's
+    other = tlkit.imbalance.f1_thresholds(probs, torch.tensor([0, 0, 0, 1, 1]))
+    assert other[1] == pytest.approx(0.45)  # other data, other thresholds
+    absent = tlkit.imbalance.f1_thresholds(torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]]), torch.tensor([0, 1]))
+    assert absent[2] == 1.0
+
+
+def test_apply_thresholds_prefers_the_class_furthest_above_its_threshold():
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.1, 0.4]])
+    adjusted = tlkit.imbalance.apply_thresholds(probs, [0.6, 0.2, 0.1])  # ratios [1, 1.5, 1] and [0.83, 0.5, 4]
+    assert adjusted.argmax(1).tolist() == [1, 2] and torch.allclose(adjusted.sum(1), torch.ones(2))
+    counts, tau = [6, 3, 1], 1.5
+    prior_thresholds = (np.array(counts) / sum(counts)) ** tau  # dividing by prior ** tau is one choice of thresholds
+    assert torch.allclose(tlkit.imbalance.apply_thresholds(probs, prior_thresholds),
+                          tlkit.imbalance.adjust_probabilities(probs, counts, tau), atol=1e-6)
+
+
+def test_per_class_threshold_uses_the_validation_thresholds_on_test():
+    model, train, val, config = _tiny_head_problem()
+    test = TensorDataset(val.tensors[0][:9] * 0.5, val.tensors[1][:9])
+    plain = tlkit.fit_head_with_remedy(config, model, train, val, "none", test_features=test)
+    arm = tlkit.imbalance.fitted_posthoc_arm({0: plain}, lambda run: tlkit.imbalance.per_class_threshold(run, [30, 8, 3]))
+    adjusted = arm(0)
+    thresholds = tlkit.imbalance.f1_thresholds(*plain.predictions["val"])
+    assert adjusted.name == "threshold_per_class"
+    assert torch.allclose(adjusted.predictions["test"][0], tlkit.imbalance.apply_thresholds(plain.predictions["test"][0], thresholds))
+    assert adjusted.metrics["test_acc"] == pytest.approx((adjusted.predictions["test"][0].argmax(1) == test.tensors[1]).float().mean().item())
+    assert adjusted.metrics["train_loss"] == plain.metrics["train_loss"]
+    with pytest.raises(KeyError, match="No plain run for seed 1"):
+        arm(1)
+
+
+def test_weight_decay_on_the_remedy_head_keeps_its_training_loss_away_from_zero():
+    model, train, val, config = _tiny_head_problem()
+    for remedy in ("none", "class_weights", "oversample"):  # 0 is the default optimizer: the same head
+        plain = tlkit.fit_head_with_remedy(config, model, train, val, remedy)
+        same = tlkit.fit_head_with_remedy(config, model, train, val, remedy, weight_decay=0.0)
+        assert torch.equal(same.probs, plain.probs), remedy
+    decayed = tlkit.fit_head_with_remedy(config, model, train, val, "none", weight_decay=5.0, test_features=val, name="none_wd")
+    decayed_norm = float(model.head.weight.detach().norm())  # the head is trained in place: measure it before the next run
+    plain = tlkit.fit_head_with_remedy(config, model, train, val, "none")
+    assert decayed.metrics["train_loss"] > plain.metrics["train_loss"] and decayed.name == "none_wd"
+    assert decayed.metrics["optimizer_steps"] == plain.metrics["optimizer_steps"]
+    assert decayed_norm < float(model.head.weight.detach().norm())
+    arm = tlkit.recipes.remedy_arm(config, model, lambda s: train, val, "none", weight_decay=5.0)
+    assert torch.allclose(arm(0).probs, decayed.probs)
+
+
+def test_decoupled_retrains_only_the_classifier_class_balanced(tmp_path, class_folder):
+    splits = tlkit.data.image_folder(class_folder, seed=0)
+    config = tlkit.RunConfig(image_size=32, batch_size=8, epochs=2, lr=1e-2, seed=0, cache_dir=tmp_path / "cache")
+    finetuned, retrained = tlkit.recipes.decoupled(config, splits)
+    assert finetuned.name == "top fine-tuned" and retrained.name == "cRT (oversample)"
+    pretrained = tlkit.create_model(config.backbone, 3, weights=config.weights)
+    state, before = finetuned.model.state_dict(), pretrained.state_dict()
+    changed = [name for name in state if not name.startswith("head.") and name in before and not torch.equal(state[name], before[name])]
+    assert changed  # the representation was fine-tuned, not only the head
+    # the re-trained classifier sits on the same backbone; only its head differs
+    after = retrained.model.state_dict()
+    assert all(torch.equal(after[name], state[name]) for name in state if not name.startswith("head."))
+    assert not torch.equal(after["head.weight"], state["head.weight"])
+    # it is fit_head_with_remedy with class-balanced sampling on the fine-tuned features, not plain re-training
+    model = tlkit.freeze(finetuned.model)
+    transform = tlkit.eval_transform(32, model.normalization)
+    features = [tlkit.cached_features(model, tlkit.make_loader(d, transform, 8, shuffle=False), cache_dir=None, progress=False)
+                for d in (splits.train, splits.val)]
+    balanced = tlkit.fit_head_with_remedy(config, copy.deepcopy(model), *features, "oversample")
+    assert torch.allclose(retrained.probs, balanced.probs, atol=1e-5)
+    assert not torch.allclose(retrained.probs, tlkit.fit_head_with_remedy(config, copy.deepcopy(model), *features, "none").probs)
+    assert set(finetuned.predictions) == {"val"} and finetuned.metrics["balanced_acc"] == tlkit.imbalance.balanced_accuracy(*finetuned.predictions["val"])
+
+
 def test_plot_class_counts_draws_one_bar_per_class_and_split():
     fig = tlkit.plots.plot_class_counts({"train": {"a": 9, "b": 3}, "val": {"a": 4, "b": 4}}, log=True)
     bars = [p for p in fig.axes[0].patches]
@@ -366,6 +473,10 @@ def test_notebook_04_remedies_help_the_rare_classes(tmp_path):
     for suffix in ("", "_steep"):
         assert m[f"threshold_tau{suffix}"] in (0, 0.5, 1, 1.5, 2, 2.5, 3, 4)
         assert m[f"balanced_acc{suffix}_threshold_tuned"] >= m[f"balanced_acc{suffix}_none"]
+    # section 7: the temperature of the plain heads and their calibration error before and after it; section 8: one decoupled run
+    for suffix in ("", "_steep"):
+        assert m[f"temperature{suffix}"] > 0 and m[f"ece{suffix}_val_scaled"] >= 0 and 0 <= m[f"balanced_acc{suffix}_crt"] <= 1
+        assert 0 <= m[f"balanced_acc{suffix}_finetuned"] <= 1 and 0 <= m[f"balanced_acc{suffix}_threshold_calibrated"] <= 1
     for name in ("class_counts", "curves", "comparison", "per_class_recall", "comparison_steep", "per_class_recall_steep",
                  "threshold_tau", "confusion_matrix", "pr_curves"):
         assert (tmp_path / "figures" / "04" / f"{name}.png").stat().st_size > 0

@@ -99,3 +99,18 @@ def pixel_model(num_classes: int, normalization: Normalization, *, size: int = 3
     numbers), with a new linear head. How far a linear classifier gets on the photos without any learned features."""
     return TransferModel(nn.Sequential(nn.AdaptiveAvgPool2d(size)), nn.Flatten(), nn.Linear(3 * size * size, num_classes),
                          backbone=f"pixels{size}", weights=None, normalization=normalization, num_features=3 * size * size)
+
+
+def nearest_mean_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> nn.Linear:
+    """The nearest-class-mean classifier as a linear layer: logit ``2 mu_c . x - |mu_c|^2`` for each class's mean
+    feature ``mu_c``, which ranks the classes as the squared Euclidean distance ``|x - mu_c|^2`` does (nearest first),
+    ``|x|^2`` being the same for every class. It needs the class means only, not the images."""
+    counts = torch.bincount(labels, minlength=num_classes)
+    if len(counts) > num_classes or not bool((counts > 0).all()):
+        raise ValueError(f"Every class 0..{num_classes - 1} needs at least one feature vector; the counts per class are {counts.tolist()}.")
+    means = torch.stack([features[labels == c].float().mean(0) for c in range(num_classes)])
+    head = nn.Linear(features.shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.copy_(2 * means)
+        head.bias.copy_(-(means**2).sum(1))
+    return head

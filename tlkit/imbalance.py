@@ -10,12 +10,13 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import precision_recall_curve
 from torch import nn
 from torch.utils.data import Sampler, WeightedRandomSampler
 
 from .compare import summarize_seeds
 from .data import DatasetSplits, LabeledImages, repeated_passes_sampler
-from .metrics import long_tail_metrics, per_class_recall
+from .metrics import calibration_error, fit_temperature, long_tail_metrics, per_class_recall, scale
 
 REMEDIES: dict[str, str] = {
     "none": "plain cross-entropy on the long-tailed data",
@@ -356,3 +357,75 @@ def make_remedy(
     if name == "threshold":
         return Remedy(name, adjust=lambda probs: adjust_probabilities(probs, counts, tau))
     return Remedy(name)
+
+
+# --- why a remedy works or not: calibration, per-class thresholds, regularised re-weighting, decoupling -------------
+
+
+def posthoc_run(run, adjust: Callable[[torch.Tensor], torch.Tensor], train_counts: Sequence[int], *, name: str,
+                metrics: Mapping[str, float] | None = None):
+    """``run`` (a ``tlkit.RunResult`` of ``tlkit.fit_head_with_remedy``) with ``adjust`` applied to its predictions on
+    every split, scored again: a post-hoc remedy, no training. ``metrics`` are added to the run's (e.g. a fitted
+    temperature); ``"val_acc"`` and the training numbers stay the head's."""
+    if "val" not in run.predictions:
+        raise ValueError(f"Run {run.name!r} kept no validation predictions: a post-hoc step adjusts the predictions of "
+                         f"tlkit.fit_head_with_remedy.")
+    adjusted = {split: (adjust(probs), labels) for split, (probs, labels) in run.predictions.items()}
+    scores = {**run.metrics, **long_tail_scores(*adjusted["val"], train_counts), **(metrics or {})}
+    if "test" in adjusted:
+        scores["test_acc"] = (adjusted["test"][0].argmax(1) == adjusted["test"][1]).float().mean().item()
+    return dataclasses.replace(run, name=name, metrics=scores, predictions=adjusted)
+
+
+def calibrated_threshold(run, train_counts: Sequence[int], *, tau: float = 1.0, name: str = "threshold_calibrated"):
+    """Temperature scaling fitted on ``run``'s validation predictions, then the post-hoc correction with ``tau``:
+    ``softmax(logits / T - tau * log prior)``. Its argmax is that of ``logits - tau * T * log prior``: on an
+    over-confident head (T > 1) the untuned ``tau = 1`` after scaling acts as ``tau = T`` on the raw head.
+
+    The metrics add ``"temperature"`` and the plain head's expected calibration error before and after scaling,
+    ``"val_ece"``, ``"val_ece_scaled"`` (in-sample: T was fitted there), ``"test_ece"``, ``"test_ece_scaled"``."""
+    temperature = fit_temperature(*run.predictions["val"])
+    calibration = {"temperature": temperature}
+    for split, (probs, labels) in run.predictions.items():
+        calibration |= {f"{split}_ece": calibration_error(probs, labels), f"{split}_ece_scaled": calibration_error(scale(probs, temperature), labels)}
+    return posthoc_run(run, lambda probs: adjust_probabilities(scale(probs, temperature), train_counts, tau), train_counts,
+                       name=name, metrics=calibration)
+
+
+def f1_thresholds(probs: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """Per class, the probability threshold that maximises that class's F1 (one vs. the rest) on these predictions:
+    the best point of its precision-recall curve (scikit-learn's ``precision_recall_curve``). Choose them on
+    validation. A class absent from ``labels`` gets 1 (it is never favoured)."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=int)
+    thresholds = np.ones(probs.shape[1])
+    for c in range(probs.shape[1]):
+        if (labels == c).any():
+            precision, recall, cuts = precision_recall_curve(labels == c, probs[:, c])
+            f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+            thresholds[c] = cuts[int(np.argmax(f1))]
+    return thresholds
+
+
+def apply_thresholds(probs: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
+    """Each class's probability divided by its own threshold, renormalised: the predicted class is the one whose
+    probability exceeds its threshold by the largest factor (``adjust_probabilities`` is the case threshold = prior ** tau)."""
+    ratio = probs.float() / torch.as_tensor(np.asarray(thresholds), dtype=torch.float32).clamp_min(1e-12)
+    return ratio / ratio.sum(dim=1, keepdim=True)
+
+
+def per_class_threshold(run, train_counts: Sequence[int], *, name: str = "threshold_per_class"):
+    """``run``'s head with one threshold per class from its validation precision-recall curves (``f1_thresholds``),
+    applied on every split (``apply_thresholds``). Its validation scores are in-sample: the thresholds were chosen there."""
+    thresholds = f1_thresholds(*run.predictions["val"])
+    return posthoc_run(run, lambda probs: apply_thresholds(probs, thresholds), train_counts, name=name)
+
+
+def fitted_posthoc_arm(plain_runs: Mapping[int, object], fit: Callable[[object], object]) -> Callable[[int], object]:
+    """An arm for ``tlkit.compare_arms``: seed -> ``fit(plain_runs[seed])``, e.g. ``lambda run: per_class_threshold(run, counts)``."""
+    def run(seed: int):
+        if seed not in plain_runs:
+            raise KeyError(f"No plain run for seed {seed}: the post-hoc arm adjusts runs of the seeds {sorted(plain_runs)}; "
+                           f"train them on the same seeds as the comparison.")
+        return fit(plain_runs[seed])
+
+    return run

@@ -3,6 +3,8 @@ split of one dataset by time of arrival."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -290,3 +292,85 @@ def steps_sentence(comparison: Comparison, cap: int, *, arms: Sequence[str] | No
     others = "".join(f", {caps[arm]} for {arm}" for arm in chosen if arm in caps)
     return (f"Cap: {cap} optimizer steps per run{others}. Steps run, mean (min to max) over seeds: {taken}. "
             f"Early stopping ended {stopped} of {sum(map(len, steps.values()))} runs before their cap.")
+
+
+# --- notebook 05: the classifier's bias toward the new classes, and three fixes ------------------------------
+
+
+def prior_corrected(model: nn.Module, counts: Sequence[int]) -> nn.Module:
+    """A copy of ``model`` that predicts each class's probability divided by its training prior (``counts``, one per
+    output): notebook 04's post-hoc correction (``tlkit.imbalance.adjust_probabilities`` with tau 1), written into the
+    head's bias as ``bias - log prior``, so the copy saves, reloads and predicts like any model."""
+    fixed = copy.deepcopy(model)
+    linear = head_linear(fixed)
+    if len(counts) != linear.out_features:
+        raise ValueError(f"counts has {len(counts)} entries but the head has {linear.out_features} outputs: give one training count per class.")
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    if not bool((counts > 0).all()):
+        raise ValueError(f"Every class needs at least one training image for its prior; the counts are {counts.long().tolist()}.")
+    with torch.no_grad():
+        linear.bias -= torch.log(counts / counts.sum()).to(linear.bias)  # log prior, as tlkit.imbalance.logit_offsets
+    return fixed
+
+
+def weight_aligned(model: nn.Module, num_old: int) -> nn.Module:
+    """A copy of ``model`` whose new classes' head rows (all but the first ``num_old``) are scaled by one factor so that
+    their mean L2 norm equals the old rows' (weight aligning, Zhao et al. 2020, who found that training on more new
+    than old images lengthens the new rows, hence their logits; the factor also lengthens rows that came out shorter).
+    The old rows and every bias stay as they are, so the old classes' logits do not change."""
+    fixed = copy.deepcopy(model)
+    linear = head_linear(fixed)
+    if not 0 < num_old < linear.out_features:
+        raise ValueError(f"num_old must be between 1 and {linear.out_features - 1} (the head has {linear.out_features} rows), got {num_old}.")
+    with torch.no_grad():
+        norms = linear.weight.norm(dim=1)
+        linear.weight[num_old:] *= norms[:num_old].mean() / norms[num_old:].mean()
+    return fixed
+
+
+def class_counts_of(dataset: Dataset, num_classes: int) -> list[int]:
+    """Images per class of a ``LabeledImages`` or a ``ConcatDataset`` of them (e.g. a replay set)."""
+    parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
+    return torch.bincount(torch.cat([torch.as_tensor(part.targets) for part in parts]), minlength=num_classes).tolist()
+
+
+@dataclass(frozen=True)
+class ClassIncrementalScorer:
+    """Notebook 05's stage-3 scores of a model over the old and new classes of ``arrivals``: ``val_acc`` (validation,
+    every class), ``test_acc/<group>`` for the old, new and all classes (argmax over every class, the 10-way score)
+    and ``old acc task-aware`` (the old classes' test images, argmax over the old classes only: the question the
+    first model answered). Models whose lower blocks are frozen are scored from the prefix cache in ``cache_dir``."""
+
+    arrivals: Arrivals
+    transform: object
+    batch_size: int = 32
+    device: torch.device | str = "cpu"
+    cache_dir: str | Path | None = None
+
+    def _probs(self, model: nn.Module, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        loader = make_loader(dataset, self.transform, self.batch_size, shuffle=False)
+        cached = prefix_activations(model, loader, self.device, cache_dir=self.cache_dir) if isinstance(model, TransferModel) else None
+        return predict(*(cached or (model, loader)), self.device)
+
+    def _task_aware(self, probs: torch.Tensor, labels: torch.Tensor) -> float:
+        old = torch.isin(labels, torch.tensor(list(self.arrivals.old_ids)))
+        return (probs[old][:, self.arrivals.old_ids].argmax(1) == labels[old]).float().mean().item()
+
+    def task_aware(self, model: nn.Module) -> float:
+        """Old-class test accuracy with the prediction restricted to the old classes."""
+        return self._task_aware(*self._probs(model, self.arrivals.test_all))
+
+    def scores(self, model: nn.Module) -> dict[str, float]:
+        a = self.arrivals
+        val_probs, val_labels = self._probs(model, a.val_all)
+        test_probs, test_labels = self._probs(model, a.test_all)
+        groups = {"old classes": a.old_ids, "new classes": a.new_ids, "all classes": range(len(a.all_names))}
+        tests = _accuracy_by_group(test_probs.argmax(1) == test_labels, test_labels, groups)
+        return {"val_acc": (val_probs.argmax(1) == val_labels).float().mean().item(), **{f"test_acc/{g}": v for g, v in tests.items()},
+                "old acc task-aware": self._task_aware(test_probs, test_labels)}
+
+    def scored(self, run, model: nn.Module | None = None):
+        """``run`` (a ``RunResult``) with these scores added, of its own model or of ``model`` put in its place (e.g. its
+        head corrected after training); the rest (history, steps run) is the run's, as a correction trains nothing."""
+        model = run.model if model is None else model
+        return dataclasses.replace(run, model=model, metrics={**run.metrics, **self.scores(model)})

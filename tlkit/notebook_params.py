@@ -118,6 +118,8 @@ def _notebook_04() -> dict[str, Check]:
         "effective_number_beta": rule(check_float, minimum=0.0, below=1.0),
         "focal_gamma": rule(check_float, minimum=0.0),
         "logit_tau": rule(check_float, minimum=0.0),
+        "weight_decay": rule(check_float, minimum=0.0),
+        "decouple_blocks": rule(parse_list, item=_text, distinct=True, example='["top"]'),
     }
 
 

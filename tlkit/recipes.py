@@ -33,9 +33,9 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from .augment import BatchTransform, InMemoryImages, augment_on_device, augmented_loader, batch_mix, device_loader, feature_cache_allowed
-from .checkpoints import model_from_checkpoint
+from .checkpoints import model_from_checkpoint, read_checkpoint
 from .data import DatasetSplits, make_loader, repeated_passes_sampler
-from .features import NearestNeighbours, cached_features, pixel_model
+from .features import NearestNeighbours, cached_features, nearest_mean_head, pixel_model
 from .finetune import (
     BN_MODES,
     SCHEDULES,
@@ -47,7 +47,7 @@ from .finetune import (
     recompute_batchnorm,
 )
 from .imbalance import adjust_probabilities, label_counts, long_tail_scores, make_remedy
-from .incremental import AccuracyTracker, DistillationLoss, expand_head, group_accuracy
+from .incremental import AccuracyTracker, ClassIncrementalScorer, DistillationLoss, expand_head, group_accuracy
 from .models import (
     TransferModel,
     below_head_frozen,
@@ -331,12 +331,7 @@ def nearest_class_mean(config: RunConfig, splits: DatasetSplits, *, name: str = 
     """
     start = time.perf_counter()
     model, train, val = _pretrained_features(config, splits)
-    x, y = train.tensors
-    means = torch.stack([x[y == c].mean(0) for c in range(len(splits.classes))])
-    with torch.no_grad():
-        linear = head_linear(model)
-        linear.weight.copy_(2 * means)
-        linear.bias.copy_(-(means**2).sum(1))
+    model.head = nearest_mean_head(*train.tensors, len(splits.classes)).to(config.device)
     return _baseline_result(name, model, val, config, start)
 
 
@@ -662,6 +657,7 @@ def fit_head_with_remedy(
     gamma: float = 2.0,
     tau: float = 1.0,
     equal_steps: bool = True,
+    weight_decay: float = 0.0,
     test_features: TensorDataset | None = None,
     name: str = "",
 ) -> RunResult:
@@ -682,6 +678,9 @@ def fit_head_with_remedy(
     steps: ``oversample`` draws as many items per epoch as there are, and ``undersample`` passes over its balanced
     subset as many times as that takes (``tlkit.imbalance.make_remedy``). False: ``undersample`` passes over its
     subset once per epoch, so it takes fewer steps. ``metrics["optimizer_steps"]`` holds the steps taken.
+
+    ``weight_decay``: AdamW's decay on the head (notebook 04 section 7: it keeps the training loss away from 0, where
+    re-weighting stops mattering); 0, the default, is tlkit's one default optimizer.
     """
     batch_size, seed, device = config.batch_size, config.seed, config.device
     features, labels = train_features.tensors
@@ -694,7 +693,8 @@ def fit_head_with_remedy(
         chosen.loss_fn.to(device)  # class weights and offsets live where the logits are
     start = time.perf_counter()
     _reset_head(model.head, seed)
-    history = _fit_head(config, model, train_features, val_features, sampler=chosen.sampler, loss_fn=chosen.loss_fn)
+    decay = {"optimizer": make_optimizer(model.head, config.lr, weight_decay=weight_decay)} if weight_decay else {}
+    history = _fit_head(config, model, train_features, val_features, sampler=chosen.sampler, loss_fn=chosen.loss_fn, **decay)
     probs, val_labels = predict(model.head, make_loader(val_features, None, batch_size, shuffle=False), device)
     predictions = {"val": (chosen.apply(probs), val_labels)}
     drawn = len(chosen.sampler) if chosen.sampler is not None else len(train_features)  # items per epoch
@@ -718,6 +718,27 @@ def remedy_arm(config: RunConfig, model: nn.Module, train_of_seed: Callable[[int
         return fit_head_with_remedy(config.replace(seed=seed), model, train_of_seed(seed), val_features, remedy, **options)
 
     return run
+
+
+def decoupled(config: RunConfig, splits: DatasetSplits, *, blocks: Sequence[str] = ("top",), remedy: str = "oversample") -> tuple[RunResult, RunResult]:
+    """Decoupling (Kang et al. 2020, classifier re-training, cRT): fine-tune ``blocks`` with the head plainly on the
+    long-tailed ``splits.train`` (``run_strategy``: BatchNorm frozen, prefix cache, ``config``'s epochs and LR), then
+    freeze that network and train only a new head on its features with ``remedy`` (default: class-balanced sampling).
+    Returns (the fine-tuned model as it is, the re-trained classifier), each with the ``tlkit.imbalance.SCORES`` of its
+    validation predictions and ``predictions`` on "val" (and "test" when the splits have one)."""
+    tuned = run_strategy(config, splits, "blocks", unfreeze=list(blocks), bn="frozen", prefix_cache=True, name=f"{'+'.join(blocks)} fine-tuned")
+    model = freeze(tuned.model)
+    transform = eval_transform(config.image_size, model.normalization)
+    features = {split: cached_features(model, make_loader(images, transform, config.batch_size, shuffle=False), config.device,
+                                       cache_dir=config.cache_dir, progress=False)
+                for split, images in {"train": splits.train, "val": splits.val, "test": splits.test}.items() if images is not None}
+    counts = label_counts(features["train"].tensors[1].tolist(), len(splits.classes))
+    predictions = {split: predict(model.head, make_loader(f, None, config.batch_size, shuffle=False), config.device)
+                   for split, f in features.items() if split != "train"}
+    finetuned = dataclasses.replace(tuned, predictions=predictions, metrics={**tuned.metrics, **long_tail_scores(*predictions["val"], counts)})
+    retrained = fit_head_with_remedy(config, copy.deepcopy(model), features["train"], features["val"], remedy,
+                                     test_features=features.get("test"), name=f"cRT ({remedy})")
+    return finetuned, retrained
 
 
 def posthoc_arm(plain_runs: Mapping[int, RunResult], train_counts: Sequence[int], tau: float, *, name: str = "") -> Callable[[int], RunResult]:
@@ -934,3 +955,19 @@ class Continuation:
             return result
 
         return run
+
+
+def nearest_mean_update(scorer: ClassIncrementalScorer, checkpoint: str | Path, seed: int, *, name: str = "nearest class mean") -> RunResult:
+    """The model in ``checkpoint`` (the first model of ``seed``), frozen, with a nearest-class-mean head over every class
+    of ``scorer.arrivals``: each old class's mean feature over the first model's own training images (means that can
+    be kept from stage 1 instead of the images), each new class's over its new images; scored by ``scorer``. Nothing
+    trains: its history is the checkpoint's, ``steps_run`` 0."""
+    a = scorer.arrivals
+    model, _ = model_from_checkpoint(checkpoint)
+    freeze(model)
+    parts = [cached_features(model, make_loader(d, scorer.transform, scorer.batch_size, shuffle=False), scorer.device, cache_dir=scorer.cache_dir,
+                             progress=False).tensors for d in (a.first(seed).with_classes(a.all_names), a.new(seed))]
+    head = nearest_mean_head(torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]), len(a.all_names))
+    model.head = head.requires_grad_(False).to(next(model.features.parameters()).device)
+    history = History(**read_checkpoint(checkpoint).history)
+    return RunResult(name, model, history, 0.0, 0, metrics={**scorer.scores(model), "steps_run": 0})
