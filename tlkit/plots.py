@@ -190,22 +190,9 @@ def show_heatmaps(
 ) -> Figure:
     """Each model input (N, C, H, W; normalised by ``norm``) as the model saw it, with its heat map (N, 1, H, W, e.g. a
     class-activation map) laid over it; every map is scaled to its own maximum, so the colours say where, not how much."""
-    n = len(inputs)
-    ncols = max(1, min(ncols, n))
-    nrows = max(1, int(np.ceil(n / ncols)))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.6 * ncols, 1.8 * nrows), squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if k >= n:
-            continue
-        heat = maps[k, 0].detach().cpu().clamp_min(0)
-        ax.imshow(to_pil(inputs[k], norm))
+    fig = show_images([to_pil(x, norm) for x in inputs], titles, ncols=ncols, title_colors=title_colors, suptitle=suptitle)
+    for ax, heat in zip(fig.axes, maps[:, 0].detach().cpu().clamp_min(0)):  # the photos' axes come first, in order
         ax.imshow((heat / heat.max().clamp_min(1e-12)).numpy(), cmap="jet", alpha=0.4, vmin=0, vmax=1)
-        if titles is not None:
-            ax.set_title(titles[k], fontsize=8, color=title_colors[k] if title_colors else "black")
-    if suptitle:
-        fig.suptitle(suptitle)
-    fig.tight_layout()
     return fig
 
 
