@@ -232,7 +232,7 @@ def test_start_lesson_checks_parameters_and_builds_what_the_cells_share(tmp_path
     namespace = {"dataset": "clothing", "backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": "96",
                  "batch_size": 16, "epochs": 3, "lr": 1e-3, "seed": 2, "seeds": "[0, 1]", "device": "cpu",
                  "results_path": str(tmp_path / "r.json"), "samples_per_class": 5,
-                 "data_curve": [], "data_root": str(tmp_path / "data"), "output_dir": str(tmp_path / "out"), "progress": False}
+                 "data_curve": [], "larger_image_size": None, "data_root": str(tmp_path / "data"), "output_dir": str(tmp_path / "out"), "progress": False}
     lesson = tlkit.start_lesson("01", namespace)
     assert namespace["seeds"] == [0, 1] and namespace["image_size"] == 96  # cleaned values written back
     assert lesson.config.image_size == 96 and lesson.config.seed == 2 and lesson.device.type == "cpu"
