@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from .augment import BatchTransform, InMemoryImages, augment_on_device, augmented_loader, batch_mix, device_loader, feature_cache_allowed
-from .checkpoints import model_from_checkpoint, read_checkpoint
+from .checkpoints import model_from_checkpoint
 from .data import DatasetSplits, make_loader, repeated_passes_sampler
 from .features import NearestNeighbours, cached_features, nearest_mean_head, pixel_model
 from .finetune import (
@@ -46,7 +46,7 @@ from .finetune import (
     freeze_batchnorm,
     recompute_batchnorm,
 )
-from .imbalance import adjust_probabilities, label_counts, long_tail_scores, make_remedy
+from .imbalance import adjust_probabilities, label_counts, long_tail_scores, make_remedy, posthoc_run
 from .incremental import AccuracyTracker, ClassIncrementalScorer, DistillationLoss, expand_head, group_accuracy
 from .models import (
     TransferModel,
@@ -759,15 +759,8 @@ def posthoc_threshold(run: RunResult, train_counts: Sequence[int], tau: float, *
     The scores (``tlkit.imbalance.SCORES``, ``"test_acc"``) are those of the adjusted predictions; ``"val_acc"`` and the
     training numbers stay the head's. ``name`` defaults to ``"threshold (tau=...)"``.
     """
-    if "val" not in run.predictions:
-        raise ValueError(f"Run {run.name!r} kept no validation predictions: post-hoc thresholds adjust the predictions of "
-                         f"tlkit.fit_head_with_remedy.")
-    adjusted = {split: (adjust_probabilities(probs, train_counts, tau), labels) for split, (probs, labels) in run.predictions.items()}
-    metrics = {**run.metrics, **long_tail_scores(*adjusted["val"], train_counts)}
-    if "test" in adjusted:
-        test_probs, test_labels = adjusted["test"]
-        metrics["test_acc"] = (test_probs.argmax(1) == test_labels).float().mean().item()
-    return dataclasses.replace(run, name=name or f"threshold (tau={tau:g})", metrics=metrics, predictions=adjusted)
+    return posthoc_run(run, lambda probs: adjust_probabilities(probs, train_counts, tau), train_counts,
+                       name=name or f"threshold (tau={tau:g})")
 
 
 # --- notebook 05: continuing from a checkpoint --------------------------------------------------------
@@ -963,11 +956,11 @@ def nearest_mean_update(scorer: ClassIncrementalScorer, checkpoint: str | Path, 
     be kept from stage 1 instead of the images), each new class's over its new images; scored by ``scorer``. Nothing
     trains: its history is the checkpoint's, ``steps_run`` 0."""
     a = scorer.arrivals
-    model, _ = model_from_checkpoint(checkpoint)
+    model, saved = model_from_checkpoint(checkpoint)
     freeze(model)
     parts = [cached_features(model, make_loader(d, scorer.transform, scorer.batch_size, shuffle=False), scorer.device, cache_dir=scorer.cache_dir,
                              progress=False).tensors for d in (a.first(seed).with_classes(a.all_names), a.new(seed))]
     head = nearest_mean_head(torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]), len(a.all_names))
     model.head = head.requires_grad_(False).to(next(model.features.parameters()).device)
-    history = History(**read_checkpoint(checkpoint).history)
+    history = History(**saved.history)
     return RunResult(name, model, history, 0.0, 0, metrics={**scorer.scores(model), "steps_run": 0})
