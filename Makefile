@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: course test test-fast lab bench clean-venv
+.PHONY: course test test-fast lab bench reference clean-venv
 
 # (Re)install when requirements or the package metadata change.
 $(STAMP): requirements.txt pyproject.toml
@@ -38,6 +38,14 @@ bench: $(STAMP)
 	$(PY) bench/feature_cache.py
 	$(PY) bench/fit_overhead.py
 	$(PY) bench/data_pipeline.py
+
+# fastai for bench/fastai_reference.py only (optional: the course and its tests never import it): the pins of
+# pyproject.toml's `reference` extra, installed with --no-deps so that pip changes nothing the course installed (torch,
+# numpy stay as requirements.txt has them) and skips fastai's spacy; the last line checks the import and torch.
+reference: $(STAMP)
+	$(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['reference']))" > $(VENV)/reference.txt
+	$(PY) -m pip install --quiet --no-deps -r $(VENV)/reference.txt
+	$(PY) -c "import fastai, fastai.vision.all, torch; print('installed: fastai', fastai.__version__, 'with torch', torch.__version__)"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -151,3 +151,48 @@ def test_clothing_full_offline_names_the_archive_and_the_bundled_set(monkeypatch
             tlkit.load_dataset("clothing_full", data_root=tmp_path / "data")
     message = str(info.value)
     assert "missing.zip" in message and str(tmp_path / "data") in message and "dataset='clothing'" in message
+
+
+def test_a_folder_without_a_test_split_gets_a_stratified_one_the_same_for_every_seed(class_folder):
+    a, b = (tlkit.load_dataset(str(class_folder), seed=s, val_fraction=0.25, test_fraction=0.25) for s in (0, 1))
+    assert a.summary()["test"] == {"blue": 3, "green": 3, "red": 3}  # stratified: a quarter of each class's 12
+    assert a.test.indices == b.test.indices and a.val.indices != b.val.indices  # the test split ignores the run seed
+    for splits in (a, b):
+        assert not set(splits.test.indices) & (set(splits.train.indices) | set(splits.val.indices))
+        assert len(splits.train) + len(splits.val) + len(splits.test) == 36
+    assert a.carved_test_fraction == 0.25 and "carved" in a.test_source and "9 images" in a.test_source
+
+
+def test_digits_get_a_carved_test_split_only_when_asked():
+    assert tlkit.load_dataset("digits", seed=0).test is None
+    splits = tlkit.load_dataset("digits", seed=3, test_fraction=0.2)
+    assert len(splits.test) == 360 and not set(splits.test.indices) & set(splits.train.indices + splits.val.indices)
+
+
+def test_folders_with_a_test_split_keep_it_and_folders_with_val_only_carve_from_train(split_folder):
+    bundled = tlkit.load_dataset("clothing", seed=1)
+    carving = tlkit.load_dataset("clothing", seed=1, test_fraction=0.2)
+    for split in ("train", "val", "test"):
+        assert getattr(carving, split).indices == getattr(bundled, split).indices
+        assert getattr(carving, split).files == getattr(bundled, split).files
+    assert carving.carved_test_fraction is None and carving.test_source == "the dataset's own test split"
+    given = tlkit.load_dataset(str(split_folder), test_fraction=0.25)
+    assert given.summary() == {"train": {"ants": 6, "bees": 6}, "val": {"ants": 4, "bees": 4}, "test": {"ants": 2, "bees": 2}}
+
+
+def test_a_class_too_small_to_carve_a_test_split_is_named(class_folder):
+    for path in sorted((class_folder / "red").iterdir())[2:]:
+        path.unlink()
+    with pytest.raises(ValueError, match=r"at least 3 images.*'red' \(2\)"):
+        tlkit.load_dataset(str(class_folder), test_fraction=0.2)
+    with pytest.raises(ValueError, match="test_fraction must be a number between 0 and 1"):
+        tlkit.load_dataset(str(class_folder), test_fraction=1.5)
+
+
+def test_a_lesson_carves_the_test_split_of_a_plain_folder(class_folder, tmp_path):
+    from tlkit.lesson import Lesson
+
+    lesson = Lesson("05", torch.device("cpu"), tlkit.recipes.RunConfig(), tmp_path, tmp_path, None, dataset=str(class_folder))
+    splits = lesson.splits(samples_per_class=None)
+    assert splits.test is not None and splits.test.indices == lesson.splits(seed=5, samples_per_class=None).test.indices
+    assert lesson.splits(samples_per_class=None).val.indices != lesson.splits(seed=5, samples_per_class=None).val.indices

@@ -77,12 +77,14 @@ def test_make_optimizer_builds_every_optimizer_with_one_weight_decay_default(mod
 
 def test_strategies_choose_the_trainable_blocks(model):
     assert tlkit.trainable_blocks(tlkit.apply_strategy(model, "head")) == ["head"]
-    assert tlkit.trainable_blocks(tlkit.apply_strategy(model, "last_block")) == ["top", "head"]
+    assert tlkit.trainable_blocks(tlkit.apply_strategy(model, "last_n_blocks", n_blocks=1)) == ["top", "head"]
     assert tlkit.trainable_blocks(tlkit.apply_strategy(model, "last_n_blocks", n_blocks=3)) == ["stage6", "stage7", "top", "head"]
     assert tlkit.trainable_blocks(tlkit.apply_strategy(model, "blocks", unfreeze=["stage2"])) == ["stage2", "head"]
     assert tlkit.trainable_blocks(tlkit.apply_strategy(model, "full")) == LITE0_BLOCKS
-    with pytest.raises(ValueError, match="Unknown strategy 'everything'.*head, last_block"):
+    with pytest.raises(ValueError, match="Unknown strategy 'everything'.*head, last_n_blocks"):
         tlkit.apply_strategy(model, "everything")
+    with pytest.raises(ValueError, match="'last_block' is now last_n_blocks with n_blocks=1 .*trains `top`"):
+        tlkit.apply_strategy(model, "last_block")
     with pytest.raises(ValueError, match=r"Unknown block name\(s\) \['layer4'\]"):
         tlkit.apply_strategy(model, "blocks", unfreeze=["layer4"])
     with pytest.raises(ValueError, match="n must be between 0 and 9"):
@@ -104,7 +106,7 @@ def test_last_tensors_trains_exactly_the_last_n_and_bn_follows(model):
 
 
 def test_frozen_blocks_keep_batchnorm_in_eval_mode_unless_asked(model):
-    tlkit.apply_strategy(model, "last_block")
+    tlkit.apply_strategy(model, "last_n_blocks", n_blocks=1)
     model.train()
     assert not model.features.stage7[0].bn1.training and model.features.top[1].training
     model.eval_frozen_blocks = False
@@ -445,7 +447,8 @@ def test_notebook_02_writes_one_accuracy_per_strategy_size_and_batchnorm_setting
     run = run_notebook(
         NOTEBOOKS / "02_partial_unfreezing.ipynb", tmp_path,
         {"samples_per_class": 3, "image_size": 32, "epochs": 2, "pytorch_epochs": 1, "seeds": [0, 1], "data_sizes": [3, 2],
-         "depths": [0, 2], "bn_modes": ["frozen", "recomputed"], "strategy": "gradual", "unfreeze_every": 1},
+         "depths": [0, 2], "bn_modes": ["frozen", "recomputed"], "strategy": "gradual", "unfreeze_every": 1,
+         "weight_decays": [0.01], "l2_sp_strengths": [10.0], "layer_decays": [0.3]},
     )
     assert run.error == "", run.error
     m = run.metrics
@@ -465,6 +468,59 @@ def test_notebook_02_writes_one_accuracy_per_strategy_size_and_batchnorm_setting
         for end in ("", "_lo", "_hi", "_test"):
             assert -1.0 <= m[f"bn_{bn}_minus_training_stage7_top{end}"] <= 1.0
     assert m["bn_strategy"] in ("default", "frozen", "recomputed")
+    regularisers = ("none", "weight decay 0.01", "L2-SP 10", "layer_decay 0.3")
+    assert m["regulariser"] in regularisers  # section 6: chosen on validation among them
+    for slug in ("weight_decay_0_01", "l2_sp_10", "layer_decay_0_3"):
+        for metric in ("val", "test"):
+            assert -1.0 <= m[f"reg_{metric}_{slug}_minus_none"] <= 1.0
+            assert m[f"reg_{metric}_{slug}_minus_none_low"] <= m[f"reg_{metric}_{slug}_minus_none_high"]
+        assert m[f"reg_train_loss_{slug}_minus_none"] == pytest.approx(m[f"reg_train_loss_{slug}"] - m["reg_train_loss_none"], abs=1e-9)
     assert m["best_strategy"] == m["best_strategy_at_3"] and 0.0 <= m["test_acc"] <= 1.0
     for figure in ("data_size.png", "lr_find_head.png", "curves.png"):
         assert (tmp_path / "figures" / "02" / figure).stat().st_size > 0
+
+
+# --- regularisers: weight decay and L2-SP --------------------------------------------------------------
+
+
+def test_decay_towards_start_pulls_each_weight_back_to_its_first_value_and_leaves_the_head_alone():
+    body, head = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([{"params": [body], "lr": 0.5, "name": "top"}, {"params": [head], "lr": 0.5, "name": "head"}])
+    handle = tlkit.optim.decay_towards_start(optimizer, 1.0)
+    optimizer.step()  # the first step records w0 = 0 (no gradients: SGD leaves the weights as they are)
+    with torch.no_grad():
+        body.fill_(2.0), head.fill_(2.0)
+    optimizer.step()
+    assert body.tolist() == [1.0, 1.0, 1.0] and head.tolist() == [2.0, 2.0]  # half-way back (lr * strength), head untouched
+    late = nn.Parameter(torch.full((2,), 5.0))
+    optimizer.add_param_group({"params": [late], "lr": 0.5, "name": "stage7"})
+    optimizer.step()  # a block that joins later: its w0 is its value at its first step
+    with torch.no_grad():
+        late.fill_(7.0)
+    optimizer.step()
+    assert late.tolist() == [6.0, 6.0] and body.tolist() == [0.25, 0.25, 0.25]
+    handle.remove()
+    optimizer.step()
+    assert late.tolist() == [6.0, 6.0]
+    with pytest.raises(ValueError, match="strength must be a finite number of at least 0"):
+        tlkit.optim.decay_towards_start(optimizer, -1.0)
+
+
+def _distance_to_imagenet(model: tlkit.TransferModel, block: str) -> float:
+    pretrained = tlkit.create_model("efficientnet_lite0", 3).features.get_submodule(block).state_dict()
+    trained = model.features.get_submodule(block).state_dict()
+    return sum((trained[k].float() - pretrained[k].float()).norm().item() for k in pretrained if k.endswith("weight"))
+
+
+def test_run_strategy_l2_sp_keeps_the_blocks_near_imagenet_and_weight_decay_shrinks_the_head(class_folder):
+    tiny_splits = tlkit.data.image_folder(class_folder, seed=0)
+    config = tlkit.RunConfig(image_size=32, batch_size=8, epochs=2, lr=3e-2, seed=0)
+    plain = tlkit.run_strategy(config, tiny_splits, "last_n_blocks", n_blocks=1, prefix_cache=True)
+    pulled = tlkit.run_strategy(config, tiny_splits, "last_n_blocks", n_blocks=1, l2_sp=20.0, prefix_cache=True)
+    decayed = tlkit.run_strategy(config, tiny_splits, "last_n_blocks", n_blocks=1, weight_decay=20.0, prefix_cache=True)
+    assert _distance_to_imagenet(pulled.model, "top") < 0.5 * _distance_to_imagenet(plain.model, "top")
+    assert decayed.model.head.weight.norm() < 0.5 * plain.model.head.weight.norm()
+    with pytest.raises(ValueError, match="weight_decay and l2_sp act on the optimizer run_strategy builds; two_phase builds its own"):
+        tlkit.run_strategy(config, tiny_splits, "two_phase", l2_sp=1.0)
+    with pytest.raises(ValueError, match="l2_sp must be a finite number of at least 0"):
+        tlkit.run_strategy(config, tiny_splits, "head", l2_sp=-1)

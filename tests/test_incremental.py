@@ -1,3 +1,4 @@
+import itertools
 import re
 
 import pytest
@@ -118,7 +119,10 @@ def test_notebook_05_reports_forgetting_for_every_run_and_the_joint_upper_bound(
     updated, saved = tlkit.model_from_checkpoint(tmp_path / "05_updated_model.pt")
     assert saved.classes == tlkit.load_dataset("clothing").classes and m["saved_model_reloads_equal"] == 1 and saved.image_size == 32
     assert len(list((tmp_path / "05_new_images").glob("photo_*.jpg"))) == 20 and 0.0 <= m["folder_acc"] <= 1.0
-    for figure in ("stage2_forgetting", "stage3_forgetting", "predictions"):
+    for group, stage, setting in itertools.product(("old", "new"), ("", "classes_"), ("fresh_lr1", "fresh_lr0.3", "resumed_lr0.3", "resumed_lr0.1")):
+        assert 0.0 <= m[f"{group}_acc_{stage}{setting}"] <= 1.0 and 0.0 <= m[f"{group}_acc_{stage}{setting}_fixed"] <= 1.0  # the trade-off
+        assert m[f"{group}_acc_{stage}{setting}_std"] >= 0 and m[f"{group}_acc_{stage}{setting}_fixed_std"] >= 0
+    for figure in ("stage2_forgetting", "stage3_forgetting", "predictions", "stability_plasticity"):
         assert (tmp_path / "figures" / "05" / f"{figure}.png").stat().st_size > 0
 
 
@@ -361,3 +365,78 @@ def test_the_scorer_reads_the_old_classes_ten_way_and_task_aware():
     assert scores["test_acc/old classes"] == 0.0 and scores["test_acc/new classes"] == pytest.approx((labels == 8).sum().item() / (labels >= 7).sum().item())
     assert scores["old acc task-aware"] == pytest.approx((labels == 1).sum().item() / (labels < 7).sum().item()) == score.task_aware(model)
     assert scores["val_acc"] == pytest.approx((torch.as_tensor(arrivals.val_all.targets) == 8).float().mean().item())
+
+
+@pytest.mark.notebook
+def test_notebook_05_runs_on_a_plain_folder_of_class_folders_with_a_carved_test_split(tmp_path):
+    from pathlib import Path
+
+    from conftest import write_images
+
+    from tlkit.course import run_notebook
+
+    colors = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200), "grey": (128, 128, 128)}
+    for k, (name, color) in enumerate(colors.items()):
+        write_images(tmp_path / "flat" / name, 16, color, seed=k)
+    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "05_adding_samples.ipynb"
+    run = run_notebook(notebook, tmp_path / "run", {"dataset": str(tmp_path / "flat"), "old_classes": 2, "new_sample_classes": 1,
+                                                    "samples_per_class": 3, "new_samples_per_class": 2, "replay_per_class": 1, "epochs": 1,
+                                                    "continue_epochs": 2, "steps_per_epoch": 1, "patience": 1, "image_size": 32, "seeds": [0, 1]})
+    assert run.error == "", run.error
+    assert run.metrics["dataset"] == "flat" and run.metrics["old_classes"] == 2 and run.metrics["new_classes"] == 2
+    assert 0.0 <= run.metrics["overall_acc_replay"] <= 1.0
+
+
+def test_a_grown_optimizer_state_resumes_the_old_rows_and_starts_the_new_ones_at_zero():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=0.1)
+    head(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    grown = torch.nn.Linear(4, 3)
+    state = tlkit.incremental.grown_optimizer_state(optimizer.state_dict(), list(grown.parameters()))
+    resumed = torch.optim.AdamW(grown.parameters(), lr=0.1)
+    resumed.load_state_dict(state)
+    for old, new in zip(optimizer.state.values(), resumed.state.values()):
+        assert torch.equal(new["exp_avg"][:2], old["exp_avg"]) and not new["exp_avg"][2:].any() and not new["exp_avg_sq"][2:].any()
+        assert new["step"] == old["step"]
+    assert optimizer.state_dict()["state"][0]["exp_avg"].shape == (2, 4)  # the saved state itself is left as it was
+    with pytest.raises(ValueError, match="holds 2 parameters but 1 are trainable"):
+        tlkit.incremental.grown_optimizer_state(optimizer.state_dict(), [grown.weight])
+
+
+def test_early_stopped_epoch_stops_and_keeps_as_early_stopping_and_restore_best_do():
+    assert tlkit.incremental.early_stopped_epoch([0.5, 0.6, 0.6, 0.55, 0.7], patience=2) == (4, 1)
+    assert tlkit.incremental.early_stopped_epoch([0.5, 0.6, 0.6, 0.55, 0.7], patience=3) == (5, 4)
+    assert tlkit.incremental.early_stopped_epoch([0.1, 0.2, 0.3], patience=1) == (3, 2)
+
+
+def test_the_tradeoff_arms_read_one_full_run_at_its_end_and_where_early_stopping_keeps(tmp_path, class_folder):
+    splits, _, transform, path = _first_checkpoint(tmp_path, class_folder)
+    classes, groups = splits.classes, {"old": range(2), "new": range(2, 3)}
+    train = with_replay(splits.train.select_classes(classes[2:]).with_classes(classes), splits.train.select_classes(classes[:2]).with_classes(classes), 2, 0)
+    config = tlkit.RunConfig(epochs=4, lr=1e-2, batch_size=8, seed=0)
+    options = dict(classes=classes, transform=transform, trainable=["top", "head"], steps_per_epoch=2, monitor="val_acc")
+    continuation = tlkit.recipes.Continuation(config, {0: path, 1: path}, lambda s: {"new": train}, splits.val, groups, **options)
+    arms = tlkit.recipes.tradeoff_arms(continuation, "new", ("old", "new"), lr=1e-2, patience=1)
+    assert list(arms) == ["fresh, lr x1", "fresh, lr x0.3", "fresh, lr x0.1", "resumed, lr x1", "resumed, lr x0.3", "resumed, lr x0.1"]
+    measured = arms["resumed, lr x0.3"](0)  # the head grew from 2 to 3 classes, and the optimizer state with it
+    stopped = tlkit.continue_training(config.replace(lr=3e-3), path, train, splits.val, groups, resume_optimizer=True, early_stopping_patience=1,
+                                      restore_best=True, **options)
+    kept = stopped.history.val_acc.index(max(stopped.history.val_acc))
+    assert measured["steps (early stopping)"] == 2 * len(stopped.history) and measured["kept epoch (early stopping)"] == kept + 1
+    assert measured["old acc (early stopping)"] == pytest.approx(stopped.tracked["old"][kept], abs=1e-6)
+    full = tlkit.continue_training(config.replace(lr=3e-3), path, train, splits.val, groups, resume_optimizer=True, early_stopping_patience=None, **options)
+    assert measured["new acc (fixed steps)"] == pytest.approx(full.tracked["new"][-1], abs=1e-6)
+    comparison = tlkit.compare_arms({a: arms[a] for a in ("fresh, lr x0.3", "resumed, lr x0.3", "resumed, lr x0.1", "resumed, lr x1")}, [0, 1])
+    with pytest.raises(KeyError):
+        tlkit.incremental.tradeoff_results(comparison)  # not every setting ran
+    results = tlkit.incremental.tradeoff_results(comparison, "classes_", factors=(0.3,))
+    keys = {f"{g}_acc_classes_{o}_lr0.3{b}{s}" for g in ("old", "new") for o in ("fresh", "resumed") for b in ("", "_fixed") for s in ("", "_std")}
+    assert set(results) == keys
+    assert results["old_acc_classes_resumed_lr0.3"] == pytest.approx(comparison.summary().loc["resumed, lr x0.3", "old acc (early stopping)"])
+    sentences = tlkit.incremental.tradeoff_sentences(comparison)
+    assert len(sentences) == 10 and "resumed, lr x0.1" in sentences[2] and "(early stopping)" in sentences[-3]
+    assert "resumed, lr x0.3, early stopping" in sentences[-1] and "resumed, lr x0.3, fixed steps" in sentences[-1]
+    figure = tlkit.plots.plot_stability_plasticity({"stage 3": comparison.summary()}, title="trade-off")
+    assert len(figure.axes) == 1 and len(figure.axes[0].get_legend().get_texts()) == 8

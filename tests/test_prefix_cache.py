@@ -166,11 +166,11 @@ def _same_training(plain: tlkit.RunResult, cached: tlkit.RunResult) -> None:
     assert cached.trainable_params == plain.trainable_params
 
 
-@pytest.mark.parametrize("strategy, boundaries", [("last_block", ["top"]), ("gradual", ["head", "top", "stage7"])])
+@pytest.mark.parametrize("strategy, boundaries", [("last_n_blocks", ["top"]), ("gradual", ["head", "top", "stage7"])])
 def test_training_with_the_cache_gives_the_same_weights_and_accuracy(splits, strategy, boundaries):
     config = tlkit.RunConfig(image_size=32, batch_size=8, epochs=3, lr=1e-2, seed=0)
-    plain = tlkit.run_strategy(config, splits, strategy)
-    cached = tlkit.run_strategy(config, splits, strategy, prefix_cache=True)
+    plain = tlkit.run_strategy(config, splits, strategy, n_blocks=1)
+    cached = tlkit.run_strategy(config, splits, strategy, n_blocks=1, prefix_cache=True)
     _same_training(plain, cached)
     assert type(plain) is tlkit.RunResult  # the option off changes nothing
     assert cached.prefix_cache.boundaries == boundaries  # gradual: the boundary moved down after each epoch
@@ -186,5 +186,5 @@ def test_random_train_transform_turns_the_cache_off_with_the_feature_cache_warni
         cached_prefix(model, tlkit.make_loader(splits.train, augment, 8, shuffle=False), progress=False)
     config = tlkit.RunConfig(image_size=32, batch_size=8, epochs=1, lr=1e-3, seed=0)
     with pytest.warns(tlkit.prefix_cache.AugmentationDisablesCacheWarning):
-        result = tlkit.run_strategy(config, splits, "last_block", train_transform=augment, prefix_cache=True)
+        result = tlkit.run_strategy(config, splits, "last_n_blocks", n_blocks=1, train_transform=augment, prefix_cache=True)
     assert result.prefix_cache is None and len(result.history) == 1

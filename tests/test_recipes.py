@@ -116,8 +116,8 @@ def test_image_recipes_return_a_run_result(tmp_path, splits):
     _is_run_result(tlkit.linear_probe(config, splits), "imagenet frozen + head")
     _is_run_result(tlkit.train_all(config.replace(weights=None), splits, name="scratch"), "scratch")
     seen = []
-    result = tlkit.run_strategy(config, splits, "last_block", prefix_cache=True, callbacks=[seen.append])
-    _is_run_result(result, "last_block")
+    result = tlkit.run_strategy(config, splits, "last_n_blocks", n_blocks=1, prefix_cache=True, callbacks=[seen.append])
+    _is_run_result(result, "last_n_blocks")
     assert result.prefix_cache is not None and len(seen) == 1
     _is_run_result(tlkit.fine_tune_augmented(config, splits, augment="basic", on_device=False), "basic")
     scores = tlkit.evaluate_on(result.model, splits.val, config)
@@ -153,7 +153,7 @@ def test_continue_training_returns_a_run_result_with_test_accuracy_per_group(tmp
 
 def test_the_same_config_and_seed_give_the_same_run_twice(splits):
     config = tlkit.RunConfig(**{**TINY, "epochs": 2})
-    first, second = (tlkit.run_strategy(config, splits, "last_block") for _ in range(2))
+    first, second = (tlkit.run_strategy(config, splits, "last_n_blocks", n_blocks=1) for _ in range(2))
     assert first.val_acc == second.val_acc
     assert first.history.train_loss == second.history.train_loss and first.history.val_loss == second.history.val_loss
     probes = [tlkit.linear_probe(config, splits) for _ in range(2)]

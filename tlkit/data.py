@@ -162,6 +162,17 @@ class DatasetSplits:
     val: LabeledImages
     classes: list[str]
     test: LabeledImages | None = None
+    carved_test_fraction: float | None = None  # set when the test split was carved out of a dataset that had none
+
+    @property
+    def test_source(self) -> str:
+        """Where the test images come from, for the data summary a notebook prints."""
+        if self.test is None:
+            return "no test split"
+        if self.carved_test_fraction is None:
+            return "the dataset's own test split"
+        return (f"{len(self.test)} images carved out of a dataset without a test split: {self.carved_test_fraction:.0%} of "
+                f"each class, stratified, fixed seed {CARVED_TEST_SEED}, the same for every run seed")
 
     def summary(self) -> dict[str, dict[str, int]]:
         """Images per class in each split."""
@@ -282,28 +293,63 @@ def _image_problem(path: Path) -> str | None:
 # --- splitting ----------------------------------------------------------------------------------
 
 
-def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic stratified (train positions, val positions) for ``targets``."""
+def stratified_split(targets: Sequence[int], val_fraction: float, seed: int, *, split: str = "val") -> tuple[list[int], list[int]]:
+    """Deterministic stratified (kept positions, ``split`` positions) for ``targets``: ``val_fraction`` of them in ``split``."""
     from sklearn.model_selection import train_test_split
 
-    _check_val_fraction(val_fraction)
+    _check_fraction(f"{split}_fraction", val_fraction)
     positions = np.arange(len(targets))
     try:
         train, val = train_test_split(positions, test_size=val_fraction, stratify=list(targets), random_state=seed)
     except ValueError as err:  # scikit-learn's reason, with what to do about it
         counts = Counter(targets)
         raise ValueError(
-            f"Cannot split {len(targets)} images of {len(counts)} classes with val_fraction={val_fraction} so that "
+            f"Cannot split {len(targets)} images of {len(counts)} classes with {split}_fraction={val_fraction} so that "
             f"every class is in both splits ({err}). Each class needs at least 2 images (the smallest has "
-            f"{min(counts.values(), default=0)}) and the val split one image per class: add images, raise "
-            f"val_fraction, or give separate train/ and val/ folders."
+            f"{min(counts.values(), default=0)}) and the {split} split one image per class: add images, raise "
+            f"{split}_fraction, or give separate train/ and {split}/ folders."
         ) from err
     return sorted(train.tolist()), sorted(val.tolist())
 
 
+# The test split carved out of a dataset that has none is drawn with this seed, whatever the run's seed: scores of
+# different seeds are then on the same images, and no seed's training or validation images are another seed's test.
+CARVED_TEST_SEED = 0
+
+
+def carve_splits(pool: LabeledImages, *, val_fraction: float, seed: int,
+                 test_fraction: float | None = None) -> tuple[LabeledImages, LabeledImages, LabeledImages | None]:
+    """(train, val, test) of ``pool``: with ``test_fraction``, a stratified test split drawn with ``CARVED_TEST_SEED``
+    (the same for every ``seed``), then validation carved from the rest with ``seed``; without it, test is None."""
+    test = None
+    if test_fraction is not None:
+        _check_fraction("test_fraction", test_fraction)
+        _check_class_sizes_for_test(pool, test_fraction)
+        rest, held_out = stratified_split(pool.targets, test_fraction, CARVED_TEST_SEED, split="test")
+        pool, test = pool.subset(rest), pool.subset(held_out)
+    train_pos, val_pos = stratified_split(pool.targets, val_fraction, seed)
+    return pool.subset(train_pos), pool.subset(val_pos), test
+
+
+def _check_class_sizes_for_test(pool: LabeledImages, test_fraction: float) -> None:
+    """Carving test, then validation, out of one folder needs at least 3 images per class (one for each split)."""
+    small = {name: n for name, n in class_counts(pool).items() if n < 3}
+    if small:
+        listed = ", ".join(f"{name!r} ({n})" for name, n in small.items())
+        raise ValueError(
+            f"Cannot carve a test split (test_fraction={test_fraction}) and a validation split out of the training images: "
+            f"every class needs at least 3 images, one for each of train, val and test, and {listed} have fewer. Add images "
+            f"to those classes, or give a test/ folder next to train/ (its images are used as the test split)."
+        )
+
+
 def _check_val_fraction(val_fraction: float) -> None:
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be a number between 0 and 1 (exclusive), e.g. 0.2; got {val_fraction!r}.")
+    _check_fraction("val_fraction", val_fraction)
+
+
+def _check_fraction(name: str, fraction: float) -> None:
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction < 1:
+        raise ValueError(f"{name} must be a number between 0 and 1 (exclusive), e.g. 0.2; got {fraction!r}.")
 
 
 def _check_samples_per_class(samples_per_class: int) -> None:
@@ -665,7 +711,7 @@ def _check_same_classes(root: Path, train: Path, classes: list[str], other: Path
         )
 
 
-def image_folder(root: str | Path, *, val_fraction: float = 0.2, seed: int = 0) -> DatasetSplits:
+def image_folder(root: str | Path, *, val_fraction: float = 0.2, seed: int = 0, test_fraction: float | None = None) -> DatasetSplits:
     """Splits from an ImageFolder root: ``train/`` + ``val/`` [+ ``test/``], or class folders split by seed.
 
     Split folders are recognised in any letter case: train/training, val/valid/validation, test/testing.
@@ -673,7 +719,8 @@ def image_folder(root: str | Path, *, val_fraction: float = 0.2, seed: int = 0) 
     files that are not images are left out, listed in a ``SkippedFilesWarning``. Images in subfolders of a
     class folder (links to folders included) belong to that class, listed once in a ``NestedFoldersWarning``.
     Class folders that look like splits (``Training_Set/``, or folders that all hold the same class folders)
-    are an error that says how to lay them out.
+    are an error that says how to lay them out. Without a test/ folder, ``test_fraction`` carves a test split out of
+    the images, stratified, with a fixed seed (``carve_splits``); the validation split is then carved from the rest.
     """
     root = user_path(root)
     _refuse_whole_tree(root)
@@ -684,8 +731,8 @@ def image_folder(root: str | Path, *, val_fraction: float = 0.2, seed: int = 0) 
     splits = _split_folders(root)
     if not splits:
         (everything,) = _read_class_folders(root, [root], _class_names(root))
-        train_pos, val_pos = stratified_split(everything.targets, val_fraction, seed)
-        return DatasetSplits(root.name, everything.subset(train_pos), everything.subset(val_pos), everything.classes)
+        train, val, test = carve_splits(everything, val_fraction=val_fraction, seed=seed, test_fraction=test_fraction)
+        return DatasetSplits(root.name, train, val, everything.classes, test, test_fraction if test is not None else None)
     if "train" not in splits:
         found = " and ".join(f"{folder.name}/" for folder in splits.values())
         raise DatasetUnavailableError(
@@ -699,12 +746,17 @@ def image_folder(root: str | Path, *, val_fraction: float = 0.2, seed: int = 0) 
         _check_same_classes(root, splits["train"], classes, other)
     train, *rest = _read_class_folders(root, [splits["train"], *others], classes)
     read = dict(zip([name for name in ("val", "test") if name in splits], rest))
+    carve = test_fraction if "test" not in read else None
     if "val" in read:
-        val = read["val"]
+        val, test = read["val"], read.get("test")
+        if carve is not None:  # train/ and val/ only: the test images come out of train/, with the fixed seed
+            _check_class_sizes_for_test(train, carve)
+            kept, held_out = stratified_split(train.targets, carve, CARVED_TEST_SEED, split="test")
+            train, test = train.subset(kept), train.subset(held_out)
     else:
-        train_pos, val_pos = stratified_split(train.targets, val_fraction, seed)
-        train, val = train.subset(train_pos), train.subset(val_pos)
-    return DatasetSplits(root.name, train, val, classes, read.get("test"))
+        train, val, test = carve_splits(train, val_fraction=val_fraction, seed=seed, test_fraction=carve)
+        test = read.get("test", test)
+    return DatasetSplits(root.name, train, val, classes, test, carve)
 
 
 def _warn_empty_split_folders(root: Path, splits: dict[str, Path], val_fraction: float) -> None:
@@ -832,33 +884,38 @@ def load_dataset(
     seed: int = 0,
     val_fraction: float = 0.2,
     samples_per_class: int | None = None,
+    test_fraction: float | None = None,
 ) -> DatasetSplits:
     """Load a registered dataset by name (downloading into ``data_root`` if needed) or an image folder by path.
 
     The default, ``"clothing"``, is the photo set bundled with tlkit (10 classes, natural long tail, with a
     test split); ``"clothing_full"`` downloads the whole set once. ``samples_per_class`` keeps at most that many training images per class (val is untouched).
+    ``test_fraction`` carves a test split out of a dataset that has none (``digits``, a folder without test/):
+    stratified, with the same fixed seed for every ``seed`` (``carve_splits``); datasets with a test split keep theirs.
     """
     dataset = check_dataset(dataset)  # an empty path would load the current folder
     seed = check_seed("seed", seed)
     _check_val_fraction(val_fraction)
     if samples_per_class is not None:
         _check_samples_per_class(samples_per_class)
+    if test_fraction is not None:
+        _check_fraction("test_fraction", test_fraction)
     data_root = user_path(data_root)
     if dataset == "clothing":
-        splits = image_folder(BUNDLED_CLOTHING, val_fraction=val_fraction, seed=seed)
+        splits = image_folder(BUNDLED_CLOTHING, val_fraction=val_fraction, seed=seed, test_fraction=test_fraction)
     elif dataset == "clothing_full":
-        splits = image_folder(_download_clothing(data_root), val_fraction=val_fraction, seed=seed)
+        splits = image_folder(_download_clothing(data_root), val_fraction=val_fraction, seed=seed, test_fraction=test_fraction)
         splits.name = "clothing_full"
     elif dataset == "digits":
         everything = digits_dataset()
-        train_pos, val_pos = stratified_split(everything.targets, val_fraction, seed)
-        splits = DatasetSplits("digits", everything.subset(train_pos), everything.subset(val_pos), everything.classes)
+        train, val, test = carve_splits(everything, val_fraction=val_fraction, seed=seed, test_fraction=test_fraction)
+        splits = DatasetSplits("digits", train, val, everything.classes, test, test_fraction)
     elif dataset == "hymenoptera":
-        splits = image_folder(_download_hymenoptera(data_root), val_fraction=val_fraction, seed=seed)
+        splits = image_folder(_download_hymenoptera(data_root), val_fraction=val_fraction, seed=seed, test_fraction=test_fraction)
     elif dataset in ("cifar10", "oxford_pets", "flowers102"):
         splits = _torchvision_splits(dataset, data_root, seed, val_fraction)
     elif user_path(dataset).is_dir():
-        splits = image_folder(dataset, val_fraction=val_fraction, seed=seed)
+        splits = image_folder(dataset, val_fraction=val_fraction, seed=seed, test_fraction=test_fraction)
     else:
         raise DatasetUnavailableError(_unknown_dataset_message(str(dataset)))
     if samples_per_class is not None:

@@ -28,7 +28,7 @@ from .train import Callback, FitState, History, fit
 BN_MODES = ("default", "train", "frozen", "recomputed")
 SCHEDULES = (None, "one_cycle")  # run_strategy's LR schedules: constant, or fastai's one cycle (tlkit.optim.OneCycle)
 STRATEGIES = (
-    "head", "last_block", "last_n_blocks", "last_tensors", "blocks", "gradual", "two_phase", "fastai_fine_tune", "full", "conv_block",
+    "head", "last_n_blocks", "last_tensors", "blocks", "gradual", "two_phase", "fastai_fine_tune", "full", "conv_block",
 )
 
 
@@ -324,14 +324,13 @@ def apply_strategy(
     """Set which parameters train at the start of ``strategy`` (one of ``STRATEGIES``; gradual, two_phase and
     fastai_fine_tune start with the head alone).
 
-    last_block / last_n_blocks: the head and the last ``n_blocks`` blocks below it; last_tensors: the last ``n_tensors``
+    last_n_blocks: the head and the last ``n_blocks`` blocks below it (1: the block just below the head, ``top`` on
+    EfficientNet-Lite0); last_tensors: the last ``n_tensors``
     parameter tensors; blocks: the blocks named in ``unfreeze`` and the head; full: every block; conv_block: a new
     conv block (``add_conv_block``) and head on the frozen backbone.
     """
     if strategy in ("head", "gradual", "two_phase", "fastai_fine_tune"):
         return freeze(model)
-    if strategy == "last_block":
-        return _train_last_blocks(model, 1)
     if strategy == "last_n_blocks":
         return _train_last_blocks(model, n_blocks)
     if strategy == "last_tensors":
@@ -343,6 +342,9 @@ def apply_strategy(
         return set_trainable(model, block_names(model), True)
     if strategy == "conv_block":
         return add_conv_block(freeze(model), conv_channels)  # the new block and head train, the backbone stays frozen
+    if strategy == "last_block":  # one name per concept: it was last_n_blocks with n_blocks=1, and its name hid what trains
+        raise ValueError("Strategy 'last_block' is now last_n_blocks with n_blocks=1 (on EfficientNet-Lite0 it trains `top`, "
+                         "the 1x1 conv below the head, not the last stage): pass strategy='last_n_blocks', n_blocks=1.")
     raise ValueError(f"Unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
 
 

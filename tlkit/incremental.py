@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from .checkpoints import model_from_checkpoint
-from .compare import Comparison
+from .compare import Comparison, paired_difference
 from .data import DatasetSplits, LabeledImages, make_loader
 from .models import TransferModel, block_names, head_linear, set_trainable
 from .prefix_cache import prefix_activations
@@ -245,8 +245,8 @@ def split_by_arrival(splits: DatasetSplits, *, old_classes: int, samples_per_cla
         raise ValueError(f"new_sample_classes ({new_sample_classes}) must be at most old_classes ({old_classes}): "
                          f"new samples arrive for some of the known classes.")
     if splits.test is None:
-        raise ValueError(f"{splits.name!r} has no test split; notebook 05 scores its methods once on one. "
-                         f"Use a dataset with its own test split (e.g. clothing) or a folder with a test/ subfolder.")
+        raise ValueError(f"{splits.name!r} has no test split; notebook 05 scores its methods once on one. Load it with "
+                         f"load_dataset(..., test_fraction=0.2), which carves one out (Lesson.splits does), or add a test/ folder.")
     return Arrivals(splits, old_classes, samples_per_class, new_sample_classes, new_samples_per_class, replay_per_class)
 
 
@@ -374,3 +374,87 @@ class ClassIncrementalScorer:
         head corrected after training); the rest (history, steps run) is the run's, as a correction trains nothing."""
         model = run.model if model is None else model
         return dataclasses.replace(run, model=model, metrics={**run.metrics, **self.scores(model)})
+
+
+# --- notebook 05: stability against plasticity (optimizer state and learning rate) --------------------------
+
+
+def grown_optimizer_state(saved: Mapping, params: Sequence[torch.Tensor]) -> dict:
+    """The optimizer state dict ``saved`` (AdamW's, one parameter group) fitted to ``params`` after the head grew:
+    a moment tensor with fewer rows than its parameter (the head's weight and bias) gets zero rows for the new classes,
+    so the old rows resume their moments and step count and the new rows start with empty ones."""
+    state = copy.deepcopy(dict(saved))
+    ids = state["param_groups"][0]["params"]
+    if len(ids) != len(params):
+        raise ValueError(f"The saved optimizer state holds {len(ids)} parameters but {len(params)} are trainable: "
+                         f"resume it with the blocks that were trainable when it was saved.")
+    for index, param in zip(ids, params):
+        for key, value in state["state"].get(index, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                if value.shape[1:] != param.shape[1:] or value.shape[0] > param.shape[0]:
+                    raise ValueError(f"Saved {key!r} of shape {tuple(value.shape)} does not fit a parameter of shape {tuple(param.shape)}.")
+                rows = value.new_zeros((param.shape[0] - value.shape[0], *value.shape[1:]))
+                state["state"][index][key] = torch.cat([value, rows])
+    return state
+
+
+def early_stopped_epoch(val_acc: Sequence[float], patience: int) -> tuple[int, int]:
+    """(epochs early stopping would have run, 0-based index of the epoch ``RestoreBest`` keeps) for a run whose
+    per-epoch validation accuracy is ``val_acc``: stop after ``patience`` epochs without a strictly higher one, keep
+    the first best. Early stopping changes no step before it stops, so one run at the full budget gives both."""
+    best, kept = float("-inf"), 0
+    for epoch, value in enumerate(val_acc):
+        if value > best:
+            best, kept = value, epoch
+        elif epoch - kept >= patience:
+            return epoch + 1, kept
+    return len(val_acc), kept
+
+
+# The settings the trade-off measures: the optimizer resumed from the checkpoint or fresh, times the stage-1 LR.
+TRADEOFF_FACTORS = (1.0, 0.3, 0.1)
+
+
+def tradeoff_arm(resumed: bool, factor: float) -> str:
+    """The arm name of one trade-off setting, e.g. "resumed, lr x0.3"."""
+    return f"{'resumed' if resumed else 'fresh'}, lr x{factor:g}"
+
+
+def tradeoff_metrics(run, groups: tuple[str, str], patience: int, steps_per_epoch: int) -> dict[str, float]:
+    """One full-budget run (``RunResult`` with per-epoch ``tracked`` group accuracies) read twice: at its last epoch
+    ("... fixed steps") and at the epoch early stopping on validation accuracy would have kept ("... early stopping")."""
+    old, new = groups
+    epochs, kept = early_stopped_epoch(run.history.val_acc, patience)
+    return {"val_acc": run.history.val_acc[kept],
+            "old acc (fixed steps)": run.tracked[old][-1], "new acc (fixed steps)": run.tracked[new][-1],
+            "old acc (early stopping)": run.tracked[old][kept], "new acc (early stopping)": run.tracked[new][kept],
+            "steps (early stopping)": float(epochs * steps_per_epoch), "kept epoch (early stopping)": float(kept + 1)}
+
+
+def tradeoff_results(comparison: Comparison, stage: str = "", factors: Sequence[float] = TRADEOFF_FACTORS) -> dict[str, float]:
+    """Results keys ``old_acc_<stage><fresh|resumed>_lr<factor>`` and ``new_acc_...`` (early stopping) and the same with
+    ``_fixed`` (the fixed step budget), each with ``_std``: means and stds over seeds."""
+    summary, out = comparison.summary(), {}
+    for resumed in (False, True):
+        for factor in factors:
+            arm = tradeoff_arm(resumed, factor)
+            for group in ("old", "new"):
+                for budget, suffix in (("early stopping", ""), ("fixed steps", "_fixed")):
+                    key = f"{group}_acc_{stage}{'resumed' if resumed else 'fresh'}_lr{factor:g}{suffix}"
+                    out[key] = float(summary.loc[arm, f"{group} acc ({budget})"])
+                    out[f"{key}_std"] = float(summary.loc[arm, f"{group} acc ({budget}) std"])
+    return out
+
+
+def tradeoff_sentences(comparison: Comparison, factors: Sequence[float] = TRADEOFF_FACTORS) -> list[str]:
+    """What each knob buys, paired over seeds, on the old and on the new classes: at each budget, resumed minus fresh
+    at the middle LR and the lowest LR minus the highest with the resumed optimizer; then, for the resumed optimizer at
+    the middle LR, early stopping minus the fixed step budget (the same runs, read at two epochs)."""
+    middle, low, high = sorted(factors)[len(factors) // 2], min(factors), max(factors)
+    pairs = [(tradeoff_arm(True, middle), tradeoff_arm(False, middle)), (tradeoff_arm(True, low), tradeoff_arm(True, high))]
+    sentences = [paired_difference(comparison.rows, "arm", a, b, f"{group} acc ({budget})").sentence()
+                 for budget in ("fixed steps", "early stopping") for a, b in pairs for group in ("old", "new")]
+    arm = tradeoff_arm(True, middle)
+    budgets = [{"arm": f"{arm}, {budget}", "seed": row["seed"], **{f"{g} acc": row[f"{g} acc ({budget})"] for g in ("old", "new")}}
+               for row in comparison.rows if row["arm"] == arm for budget in ("early stopping", "fixed steps")]
+    return sentences + [paired_difference(budgets, "arm", f"{arm}, early stopping", f"{arm}, fixed steps", f"{g} acc").sentence() for g in ("old", "new")]

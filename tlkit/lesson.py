@@ -39,13 +39,17 @@ class Lesson:
     dataset: str = "clothing"
     data_root: Path = Path("data")
     samples_per_class: int | None = None
+    # A dataset without a test split (a plain folder of class folders, digits) gets one carved out: this share of each
+    # class, drawn with a fixed seed (tlkit.data.carve_splits), so every notebook can report on a test split.
+    test_fraction: float = 0.2
 
     def splits(self, seed: int | None = None, samples_per_class: int | None | str = "default") -> DatasetSplits:
         """The notebook's dataset split by ``seed`` (default: the config's), with ``samples_per_class`` training
-        images per class (default: the notebook's parameter; None keeps them all)."""
+        images per class (default: the notebook's parameter; None keeps them all). A dataset without a test split gets
+        ``test_fraction`` of each class as one, the same images for every seed (``splits.test_source`` says so)."""
         per_class = self.samples_per_class if samples_per_class == "default" else samples_per_class
         return load_dataset(self.dataset, data_root=self.data_root, seed=self.config.seed if seed is None else seed,
-                            samples_per_class=per_class)
+                            samples_per_class=per_class, test_fraction=self.test_fraction)
 
     def save(self, fig: Figure, name: str) -> None:
         """Save ``fig`` as ``name`` in this notebook's figures folder (atomically). Returns nothing, so that a cell

@@ -137,6 +137,29 @@ def unfreeze_into(
     return added
 
 
+def decay_towards_start(optimizer: torch.optim.Optimizer, strength: float, *, skip: Iterable[str] = ("head",)):
+    """L2-SP (Li et al. 2018: penalise ``strength / 2 * ||w - w0||^2``, w0 the pretrained weights), decoupled as AdamW
+    decouples weight decay: before every step each parameter moves ``lr * strength`` of the way back to w0, its value at
+    its first step (so blocks that join later keep their own w0). Groups named in ``skip`` are left alone: the new head
+    has no pretrained value to return to (plain ``weight_decay`` is its regulariser). Returns the hook's handle
+    (``.remove()`` stops it)."""
+    strength = check_weight_decay("strength", strength)
+    skipped = set(skip)
+    start: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def pull_back(opt: torch.optim.Optimizer, *_: object) -> None:
+        for group in opt.param_groups:
+            if group.get("name") in skipped:
+                continue
+            for p in group["params"]:
+                if id(p) not in start:
+                    start[id(p)] = p.detach().clone()  # w0: its value before its first step
+                else:
+                    p.sub_(p - start[id(p)], alpha=min(1.0, group["lr"] * strength))  # never past w0
+
+    return optimizer.register_step_pre_hook(pull_back)
+
 
 # --- one-cycle schedule, a fit callback -----------------------------------------------------------------
 

@@ -581,3 +581,32 @@ def plot_block_bars(comparisons: Mapping[str, Comparison], metric: str, *, refer
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def plot_stability_plasticity(panels: Mapping[str, pd.DataFrame], *, labels: tuple[str, str] = ("classes without new images", "classes with new images"),
+                              budgets: Sequence[str] = ("fixed steps", "early stopping"), title: str = "") -> Figure:
+    """Old-class accuracy (stability) against new-class accuracy (plasticity), one panel per ``panels`` entry (a
+    trade-off comparison's ``summary()``), one point per setting and budget: mean ± std over seeds of
+    ``"old acc (<budget>)"`` and ``"new acc (<budget>)"``. A filled marker is the fixed step budget, a hollow one early
+    stopping; the optimizer's state (fresh or resumed) sets the colour, the LR factor the marker."""
+    if not panels:
+        raise ValueError("plot_stability_plasticity needs at least one panel, e.g. {'stage 2': comparison.summary()}.")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    markers, colours = ["o", "s", "^", "D", "v", "P"], {"fresh": "tab:blue", "resumed": "tab:orange"}
+    for ax, (name, summary) in zip(axes[0], panels.items()):
+        factors = list(dict.fromkeys(str(arm).split("lr ")[-1] for arm in summary.index))
+        for arm, row in summary.iterrows():
+            colour = colours.get(str(arm).split(",")[0], "tab:grey")
+            marker = markers[factors.index(str(arm).split("lr ")[-1]) % len(markers)]
+            for k, budget in enumerate(budgets):
+                x, y = row[f"new acc ({budget})"], row[f"old acc ({budget})"]
+                ax.errorbar([x], [y], xerr=[row[f"new acc ({budget}) std"]], yerr=[row[f"old acc ({budget}) std"]], fmt=marker, color=colour,
+                            mfc=colour if k == 0 else "white", capsize=3, alpha=0.9, label=f"{arm}, {budget}")
+        ax.set_xlabel(f"{labels[1]}: val accuracy (plasticity)")
+        ax.set_ylabel(f"{labels[0]}: val accuracy (stability)")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(title or f"mean ± std over {int(next(iter(panels.values()))['seeds'].min())} seeds; filled: the fixed step budget, hollow: early stopping")
+    fig.tight_layout()
+    return fig

@@ -47,7 +47,17 @@ from .finetune import (
     recompute_batchnorm,
 )
 from .imbalance import adjust_probabilities, label_counts, long_tail_scores, make_remedy, posthoc_run
-from .incremental import AccuracyTracker, ClassIncrementalScorer, DistillationLoss, expand_head, group_accuracy
+from .incremental import (
+    TRADEOFF_FACTORS,
+    AccuracyTracker,
+    ClassIncrementalScorer,
+    DistillationLoss,
+    expand_head,
+    group_accuracy,
+    grown_optimizer_state,
+    tradeoff_arm,
+    tradeoff_metrics,
+)
 from .models import (
     TransferModel,
     below_head_frozen,
@@ -61,8 +71,8 @@ from .models import (
     set_trainable,
     unfreeze,
 )
-from .optim import make_optimizer, one_cycle
-from .params import check_int, run_setting_checks
+from .optim import decay_towards_start, make_optimizer, one_cycle
+from .params import check_int, check_weight_decay, run_setting_checks
 from .prefix_cache import PrefixBatches, PrefixCache, PrefixCacheStats, Suffix, evaluate_from_prefix, prefix_cache_allowed
 from .train import Callback, EarlyStopping, FitState, History, RestoreBest, SaveCheckpoint, evaluate, fit, fit_head, get_device, predict, set_seed
 from .transforms import IMAGENET_NORM, check_preset, eval_transform, is_deterministic, train_transform
@@ -423,6 +433,8 @@ def run_strategy(
     conv_channels: int = 128,
     bn: str = "default",
     schedule: str | None = None,
+    weight_decay: float = 0.0,
+    l2_sp: float = 0.0,
     train_transform: Callable | None = None,
     prefix_cache: bool = False,
     max_bytes: float | None = None,
@@ -440,6 +452,10 @@ def run_strategy(
     ``config.lr / 200`` to ``config.lr / 2``);
     ``layer_decay``, ``lr_mult`` and ``schedule`` do not apply to it.
 
+    Regularisers (0: off): ``weight_decay`` is AdamW's decoupled decay towards 0, every group; ``l2_sp`` pulls the
+    pretrained blocks back towards their ImageNet weights (``tlkit.optim.decay_towards_start``; the head is not pulled).
+    Both act through the optimizer the run builds, so not for two_phase and fastai_fine_tune.
+
     ``bn`` (see ``BN_MODES``): "default" keeps BatchNorm of fully frozen blocks in eval mode while
     trainable blocks update theirs; "train" lets frozen blocks' BatchNorm train too; "frozen" fixes
     every BatchNorm of the backbone (statistics and scale/shift, ``freeze_batchnorm``); "recomputed" first
@@ -451,7 +467,7 @@ def run_strategy(
     ``prefix_cache=True`` computes the activations below the first trainable block once (``tlkit.PrefixCache``;
     on disk in ``config.cache_dir`` if given, refused over ``max_bytes``) and trains the rest of the network on them:
     the same batches and, up to float noise, the same numbers, faster. It applies where the trainable part sits
-    above frozen blocks in eval mode (head, last_block, last_n_blocks, blocks, gradual, conv_block, last_tensors);
+    above frozen blocks in eval mode (head, last_n_blocks, blocks, gradual, conv_block, last_tensors);
     full, two_phase, fastai_fine_tune and bn="train" run as without it, and a random ``train_transform`` turns it off with an
     ``AugmentationDisablesCacheWarning``. The result's ``prefix_cache`` then says
     what the cache did (None where it did not apply).
@@ -463,6 +479,10 @@ def run_strategy(
         raise ValueError(f"Unknown bn mode {bn!r}; choose one of {', '.join(BN_MODES)}.")
     if schedule not in SCHEDULES:
         raise ValueError(f"Unknown schedule {schedule!r}; choose one of {', '.join(map(repr, SCHEDULES))}.")
+    weight_decay, l2_sp = check_weight_decay("weight_decay", weight_decay), check_weight_decay("l2_sp", l2_sp)
+    if (weight_decay or l2_sp) and strategy in ("two_phase", "fastai_fine_tune"):
+        raise ValueError(f"weight_decay and l2_sp act on the optimizer run_strategy builds; {strategy} builds its own. "
+                         "Use strategy='gradual' or 'last_n_blocks' to regularise, or leave them at 0.")
     set_seed(seed)
     model = create_model(config.backbone, len(splits.classes), config.weights, eval_frozen_blocks=bn != "train")
     apply_strategy(model, strategy, n_blocks=n_blocks, n_tensors=n_tensors, unfreeze=unfreeze, conv_channels=conv_channels)
@@ -487,7 +507,9 @@ def run_strategy(
         history = fine_tune(model, train_loader, val_loader, head_epochs=head_epochs, epochs=epochs - head_epochs, lr=lr,
                             schedule=scheduler, callbacks=callbacks, device=device, progress=config.progress, **decay)
     else:
-        optimizer = make_optimizer(model, lr, **decay)
+        optimizer = make_optimizer(model, lr, weight_decay=weight_decay, **decay)
+        if l2_sp:
+            decay_towards_start(optimizer, l2_sp)
         if strategy == "gradual":
             # unfreeze only blocks that get at least one epoch of training (none after the last epoch)
             order = blocks_below_head(model)[::-1][: (epochs - 1) // unfreeze_every]
@@ -800,11 +822,11 @@ def continue_training(
 
     ``config``'s epochs, LR, batch size, seed, device, progress and cache folder apply; the checkpoint gives the
     backbone and weights, ``transform`` the images' size and scaling. ``optimizer``: "adamw" or "sgd" (momentum 0.9,
-    ``CONTINUE_OPTIMIZERS``). ``resume_optimizer`` reloads the saved (AdamW) optimizer state (same classes and blocks
-    only) and then sets ``config.lr``; ``distill`` adds LwF distillation on the old classes' logits. A grown head's new
-    rows start as ``head_init`` says (``incremental.HEAD_INITS``); ``head_dropout`` > 0 puts dropout before the head
-    while it trains (taken out afterwards, so the returned model saves and reloads as the checkpoint's did: dropout
-    does nothing at inference).
+    ``CONTINUE_OPTIMIZERS``). ``resume_optimizer`` reloads the saved (AdamW) optimizer state (same blocks only; a
+    grown head's new rows start with zero moments, ``grown_optimizer_state``) and then sets ``config.lr``; ``distill``
+    adds LwF distillation on the old classes' logits. A grown head's new rows start as ``head_init`` says
+    (``incremental.HEAD_INITS``); ``head_dropout`` > 0 puts dropout before the head while it trains (taken out
+    afterwards, so the returned model saves and reloads as the checkpoint's did: dropout does nothing at inference).
 
     Budget: ``steps_per_epoch=None`` makes an epoch one pass over ``train_set`` (a small set gets few optimizer steps);
     an int makes every epoch exactly that many optimizer steps of ``config.batch_size`` items (full batches), drawn by
@@ -837,9 +859,9 @@ def continue_training(
     # one group, as fit's default optimizer that wrote the checkpoint: resume_optimizer loads its state into this one
     optimizer = make_optimizer(model, lr, kind=optimizer, weight_decay=_CONTINUE_WEIGHT_DECAY[optimizer], per_block=False)
     if resume_optimizer:
-        if ckpt.optimizer is None or len(classes) != len(ckpt.classes):
-            raise ValueError("resume_optimizer needs a checkpoint with optimizer state and the same classes.")
-        optimizer.load_state_dict(ckpt.optimizer)
+        if ckpt.optimizer is None:
+            raise ValueError("resume_optimizer needs a checkpoint with optimizer state (SaveCheckpoint writes it).")
+        optimizer.load_state_dict(grown_optimizer_state(ckpt.optimizer, [p for p in model.parameters() if p.requires_grad]))
         for group in optimizer.param_groups:
             group["lr"] = lr
     if head_dropout > 0:
@@ -948,6 +970,23 @@ class Continuation:
             return result
 
         return run
+
+
+def tradeoff_arms(continuation: Continuation, data: str, groups: tuple[str, str], *, lr: float, patience: int,
+                  factors: Sequence[float] = TRADEOFF_FACTORS) -> dict[str, Callable[[int], dict[str, float]]]:
+    """Arms for ``compare_arms``: the optimizer fresh or resumed from the checkpoint, times each LR ``factor`` of ``lr``,
+    each continuing on training set ``data`` for the full step budget (no early stopping), scored by ``tradeoff_metrics``
+    on the two ``groups`` (stable, plastic) at the last epoch and at the epoch early stopping with ``patience`` keeps."""
+    per_epoch = continuation.options.get("steps_per_epoch")
+    if per_epoch is None:
+        raise ValueError("tradeoff_arms needs a Continuation with steps_per_epoch set, so that every setting gets the same steps.")
+
+    def arm(resumed: bool, factor: float) -> Callable[[int], dict[str, float]]:
+        run = continuation.arm(data, config=continuation.config.replace(lr=lr * factor), resume_optimizer=resumed,
+                               early_stopping_patience=None, restore_best=False, test_set=None)
+        return lambda seed: tradeoff_metrics(run(seed), groups, patience, per_epoch)
+
+    return {tradeoff_arm(resumed, factor): arm(resumed, factor) for resumed in (False, True) for factor in factors}
 
 
 def nearest_mean_update(scorer: ClassIncrementalScorer, checkpoint: str | Path, seed: int, *, name: str = "nearest class mean") -> RunResult:
