@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: course test test-fast lab bench reference clean-venv
+.PHONY: course test test-fast lab bench reference reference-cl clean-venv
 
 # (Re)install when requirements or the package metadata change.
 $(STAMP): requirements.txt pyproject.toml
@@ -46,6 +46,13 @@ reference: $(STAMP)
 	$(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['reference']))" > $(VENV)/reference.txt
 	$(PY) -m pip install --quiet --no-deps -r $(VENV)/reference.txt
 	$(PY) -c "import fastai, fastai.vision.all, torch; print('installed: fastai', fastai.__version__, 'with torch', torch.__version__)"
+
+# Avalanche for bench/avalanche_reference.py only (optional, as `reference`): the pins of pyproject.toml's `reference-cl`
+# extra, --no-deps so that torch, numpy and the rest stay as requirements.txt has them; the last line checks the import.
+reference-cl: $(STAMP)
+	$(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['reference-cl']))" > $(VENV)/reference-cl.txt
+	$(PY) -m pip install --quiet --no-deps -r $(VENV)/reference-cl.txt
+	$(PY) -W ignore -c "import avalanche, avalanche.training, torch; print('installed: avalanche', avalanche.__version__, 'with torch', torch.__version__)"
 
 clean-venv:
 	rm -rf $(VENV)

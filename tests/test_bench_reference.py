@@ -1,5 +1,6 @@
-"""bench/fastai_reference.py: fastai stays optional (pinned in the `reference` extra, installed by make reference), and
-the bench says how to install it when it is missing."""
+"""bench/fastai_reference.py and bench/avalanche_reference.py: fastai and Avalanche stay optional (pinned in the
+`reference` and `reference-cl` extras, installed by make reference / make reference-cl), and each bench says how to
+install its library when it is missing."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("fastai_reference", ROOT / "bench" / "fastai_reference.py")
+def load_bench(name: str = "fastai_reference"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -37,3 +38,23 @@ def test_the_reference_extra_is_pinned_and_make_reference_installs_it_without_de
     assert all("==" in requirement for requirement in extra), extra  # --no-deps: only the pins guard the versions
     target = re.search(r"^reference:.*?(?=^\S|\Z)", (ROOT / "Makefile").read_text(), re.M | re.S)
     assert target and "--no-deps" in target.group(0) and "'reference'" in target.group(0)
+
+
+def test_without_avalanche_the_bench_loads_and_exits_saying_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "avalanche", None)  # what an environment without Avalanche gives: ImportError
+    bench = load_bench("avalanche_reference")  # importing the bench must not import avalanche
+    with pytest.raises(SystemExit) as stop:
+        bench.import_avalanche()
+    message = str(stop.value.code)
+    assert "Avalanche library, which is not importable here" in message
+    assert "make reference-cl" in message and "'reference-cl' extra" in message
+
+
+def test_the_reference_cl_extra_is_pinned_leaves_the_course_stack_alone_and_make_reference_cl_installs_it_without_dependencies():
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["reference-cl"]
+    assert "avalanche-lib==0.6.0" in extra
+    assert all("==" in requirement for requirement in extra), extra  # --no-deps: only the pins guard the versions
+    names = {re.split(r"[=<>]", requirement)[0].lower() for requirement in extra}
+    assert not names & {"torch", "torchvision", "numpy", "timm", "torchmetrics", "scikit-learn"}, names  # the course's pins rule those
+    target = re.search(r"^reference-cl:.*?(?=^\S|\Z)", (ROOT / "Makefile").read_text(), re.M | re.S)
+    assert target and "--no-deps" in target.group(0) and "'reference-cl'" in target.group(0)
