@@ -22,14 +22,18 @@ def load_bench(name: str = "fastai_reference"):
     return module
 
 
-def test_without_fastai_the_bench_loads_and_exits_saying_how_to_install_it(monkeypatch):
-    monkeypatch.setitem(sys.modules, "fastai", None)  # what an environment without fastai gives: ImportError
-    bench = load_bench()  # importing the bench must not import fastai
+@pytest.mark.parametrize("library, bench_name, importer, message, extra", [
+    ("fastai", "fastai_reference", "import_fastai", "fastai package, which is not importable here", "reference"),
+    ("avalanche", "avalanche_reference", "import_avalanche", "Avalanche library, which is not importable here", "reference-cl"),
+])
+def test_without_its_library_a_bench_loads_and_exits_saying_how_to_install_it(monkeypatch, library, bench_name, importer, message, extra):
+    monkeypatch.setitem(sys.modules, library, None)  # what an environment without the library gives: ImportError
+    bench = load_bench(bench_name)  # importing the bench must not import the library
     with pytest.raises(SystemExit) as stop:
-        bench.import_fastai()
-    message = str(stop.value.code)
-    assert "fastai package, which is not importable here" in message
-    assert "make reference" in message and "'reference' extra" in message
+        getattr(bench, importer)()
+    said = str(stop.value.code)
+    assert message in said
+    assert f"make {extra}" in said and f"'{extra}' extra" in said
 
 
 def test_the_reference_extra_is_pinned_and_make_reference_installs_it_without_dependencies():
@@ -38,16 +42,6 @@ def test_the_reference_extra_is_pinned_and_make_reference_installs_it_without_de
     assert all("==" in requirement for requirement in extra), extra  # --no-deps: only the pins guard the versions
     target = re.search(r"^reference:.*?(?=^\S|\Z)", (ROOT / "Makefile").read_text(), re.M | re.S)
     assert target and "--no-deps" in target.group(0) and "'reference'" in target.group(0)
-
-
-def test_without_avalanche_the_bench_loads_and_exits_saying_how_to_install_it(monkeypatch):
-    monkeypatch.setitem(sys.modules, "avalanche", None)  # what an environment without Avalanche gives: ImportError
-    bench = load_bench("avalanche_reference")  # importing the bench must not import avalanche
-    with pytest.raises(SystemExit) as stop:
-        bench.import_avalanche()
-    message = str(stop.value.code)
-    assert "Avalanche library, which is not importable here" in message
-    assert "make reference-cl" in message and "'reference-cl' extra" in message
 
 
 def test_the_reference_cl_extra_is_pinned_leaves_the_course_stack_alone_and_make_reference_cl_installs_it_without_dependencies():
